@@ -1,0 +1,1 @@
+"""Raw readers, preprocessing and the processed-dataset format."""
