@@ -29,6 +29,7 @@ DROP_REASONS: dict[str, str] = {
     "timestamp_out_of_range": "the timestamp is before 1970 or after 2100",
     "unrated_shelf": "GoodReads rating 0: shelved without a rating, not a negative",
     "duplicate_row": "same user, item and timestamp as an earlier row (the first is kept)",
+    "duplicate_id": "the id appears on an earlier line of the metadata file (the first is kept)",
     "unknown_item": "the item id is not in the item metadata file",
     "unknown_user": "the user id is not in the user metadata file",
     "kcore": "removed by the k-core filter (user or item with fewer than k rows)",

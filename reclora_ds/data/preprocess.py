@@ -228,7 +228,8 @@ def prepare(
     inter = global_order(inter, drops, names)
     inter = kcore_filter(inter, kcore, drops, names)
     if len(inter) == 0:
-        raise ValueError("no interactions left after validation and filtering; see the drop counts")
+        counts = ", ".join(f"{r}: {d['count']} (e.g. {', '.join(d['examples'][:2])})" for r, d in drops.to_json().items())
+        raise ValueError(f"no interactions left after validation and filtering; dropped rows by reason: {counts}")
 
     users_raw, user_index = np.unique(inter.user, return_inverse=True)
     items_raw, item_index = np.unique(inter.item, return_inverse=True)

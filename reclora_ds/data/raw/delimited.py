@@ -2,8 +2,11 @@
 
 Files are read with the ``text`` builder in streaming mode and Arrow format, so memory is bounded by one
 batch and every row keeps its exact 1-based line number (blank lines are skipped and not counted as rows).
-Each line is split on the delimiter with Arrow compute; lines with the wrong number of fields are dropped
-and counted, and a file whose first data lines all have the wrong count is rejected as a wrong delimiter.
+Each line is split on the delimiter with Arrow compute (or, for quoted csv, matched against a regex with
+one named group per field); lines with the wrong number of fields are dropped and counted, and a file whose
+first data lines all have the wrong count is rejected as a wrong delimiter. A UTF-8 byte order mark at the
+start of the file is removed (also when the file is decoded as ISO-8859-1). Lines end with LF or CRLF; the
+text builder opens files with universal newlines, so a lone CR also ends a line.
 
 Measured on this 2-core machine (5M-row ratings.csv, ``benchmarks/bench_read_raw.py``): the csv builder
 with string columns took 10.5 s, the text builder + Arrow split + cast 4.4 s, the csv builder with typed
@@ -13,6 +16,7 @@ columns 1.1 s but it cannot say which line failed; the text builder is used.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +31,9 @@ from reclora_ds.data.errors import DropLog, RawDataError
 log = logging.getLogger(__name__)
 
 _INT_RE = r"^\s*[+-]?\d+\s*$"
+_INT64_MAX = str(np.iinfo(np.int64).max)
+# A UTF-8 byte order mark, as decoded from UTF-8 and as decoded from ISO-8859-1 (movies.dat).
+_BOMS = ("\ufeff", "\u00ef\u00bb\u00bf")
 _FLOAT_RE = r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$"
 
 
@@ -71,6 +78,7 @@ def read_delimited(
     encoding: str = "utf-8",
     batch_rows: int = 1_000_000,
     display_name: str | None = None,
+    pattern: str | None = None,
 ) -> Iterator[DelimitedBatch]:
     """Stream ``path`` as rows of ``fields`` separated by ``delimiter`` (no quoting).
 
@@ -78,6 +86,9 @@ def read_delimited(
         header: expected first line, split into names; ``None`` for header-less files (MovieLens .dat).
             The header must match exactly, otherwise a RawDataError names the difference.
         display_name: name used in drop examples (defaults to the file name).
+        pattern: instead of splitting on ``delimiter``, match each line against this RE2 regex with one
+            named group per field (see :func:`csv_line_pattern` for quoted csv); lines that do not match
+            are malformed. Quotes are kept in the columns (:func:`unquote_csv` removes them).
     Raises:
         RawDataError: missing or empty file, wrong header, wrong delimiter, text not in ``encoding``.
     """
@@ -93,7 +104,11 @@ def read_delimited(
         for batch in _stream_lines(path, encoding, batch_rows):
             lines = np.arange(line_offset + 1, line_offset + 1 + len(batch), dtype=np.int64)
             line_offset += len(batch)
-            if header is not None and lines[0] == 1:
+            if len(batch) and lines[0] == 1 and batch[0].is_valid and batch[0].as_py().startswith(_BOMS):
+                first = batch[0].as_py()
+                first = first[len(next(b for b in _BOMS if first.startswith(b))) :]
+                batch = pa.concat_arrays([pa.array([first], batch.type), batch.slice(1)])
+            if header is not None and len(batch) and lines[0] == 1:
                 _check_header(path, batch[0].as_py(), header, delimiter)
                 batch, lines = batch.slice(1), lines[1:]
             nonblank = pc.not_equal(pc.utf8_trim_whitespace(batch), "").to_numpy(zero_copy_only=False)
@@ -101,8 +116,12 @@ def read_delimited(
                 batch, lines = batch.filter(pa.array(nonblank)), lines[nonblank]
             if len(batch) == 0:
                 continue
-            parts = pc.split_pattern(batch, delimiter)
-            ok = pc.equal(pc.list_value_length(parts), width).to_numpy(zero_copy_only=False)
+            if pattern is None:
+                parts = pc.split_pattern(batch, delimiter)
+                ok = pc.equal(pc.list_value_length(parts), width).to_numpy(zero_copy_only=False)
+            else:
+                parts = pc.extract_regex(batch, pattern)
+                ok = pc.is_valid(parts).to_numpy(zero_copy_only=False)
             if not ok.any() and not seen_data:
                 got = len(batch[0].as_py().split(delimiter))
                 raise RawDataError(
@@ -117,11 +136,14 @@ def read_delimited(
                 bad = ~ok
                 drops.add("malformed_line", int(bad.sum()), [f"{name}:{int(n)}" for n in lines[bad][:5]])
                 parts, lines = parts.filter(pa.array(ok)), lines[ok]
-            flat = pc.list_flatten(parts)
-            columns = {
-                f: pc.utf8_trim_whitespace(flat.take(pa.array(np.arange(i, len(flat), width))))
-                for i, f in enumerate(fields)
-            }
+            if pattern is None:
+                flat = pc.list_flatten(parts)
+                columns = {
+                    f: pc.utf8_trim_whitespace(flat.take(pa.array(np.arange(i, len(flat), width))))
+                    for i, f in enumerate(fields)
+                }
+            else:
+                columns = {f: pc.utf8_trim_whitespace(parts.field(f)) for f in fields}
             yield DelimitedBatch(columns, lines, raw_count)
     except UnicodeDecodeError as exc:
         line, where = first_bad_utf8_line(path)
@@ -136,10 +158,29 @@ def read_delimited(
         raise RawDataError(path, "file has no data rows")
 
 
+def csv_line_pattern(fields: list[str], delimiter: str = ",") -> str:
+    """RE2 regex matching one csv line of ``fields``: each field is empty, unquoted (no delimiter, not
+    starting with a quote) or double-quoted with ``""`` for a quote inside (RFC 4180, one line)."""
+    if len(delimiter) != 1 or delimiter == '"':
+        raise ValueError(f"csv delimiter must be one character other than a quote, got {delimiter!r}")
+    d = re.escape(delimiter)
+    field = f'(?:"(?:[^"]|"")*"|[^"{d}][^{d}]*|)'
+    return "^" + d.join(f"\\s*(?P<{f}>{field})\\s*" for f in fields) + "$"
+
+
+def unquote_csv(col: pa.Array) -> pa.Array:
+    """Remove the quotes of double-quoted csv fields and undouble the ``""`` inside them."""
+    quoted = pc.and_(pc.starts_with(col, '"'), pc.greater_equal(pc.utf8_length(col), 2))
+    inner = pc.replace_substring(pc.utf8_slice_codeunits(col, 1, -1), '""', '"')
+    return pc.if_else(quoted, inner, col)
+
+
 def _check_header(path: Path, first_line: str, expected: list[str], delimiter: str) -> None:
     found = [c.strip().lstrip("\ufeff") for c in first_line.split(delimiter)]
     if found == expected:
         return
+    if not first_line.strip():
+        raise RawDataError(path, f"line 1 is blank; expected the header {delimiter.join(expected)}", 1)
     missing = [c for c in expected if c not in found]
     extra = [c for c in found if c not in expected]
     hint = ""
@@ -160,21 +201,29 @@ def parse_int(col: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     try:
         return pc.cast(col, pa.int64()).to_numpy(zero_copy_only=False), np.ones(len(col), dtype=bool)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        valid = pc.match_substring_regex(col, _INT_RE).fill_null(False)
-        values = pc.cast(pc.if_else(valid, col, "0"), pa.int64())
+        # Slow path (some entry is bad): Arrow's cast rejects "+5", " 5" and values beyond int64, so the
+        # entries the regex accepts are normalised and range-checked before casting.
+        text = pc.replace_substring_regex(pc.utf8_trim_whitespace(col), r"^\+", "")
+        digits = pc.utf8_ltrim(text, "+-0")
+        n = pc.utf8_length(digits)
+        fits = pc.or_(pc.less(n, 19), pc.and_(pc.equal(n, 19), pc.less_equal(digits, _INT64_MAX)))
+        valid = pc.and_(pc.match_substring_regex(col, _INT_RE), fits).fill_null(False)
+        values = pc.cast(pc.if_else(valid, text, "0"), pa.int64())
         return values.to_numpy(zero_copy_only=False), valid.to_numpy(zero_copy_only=False)
 
 
 def parse_float(col: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Strings -> (float64 values, valid mask, missing mask). Empty and NaN count as missing."""
+    """Strings -> (float64 values, valid mask, missing mask). Empty and NaN count as missing; infinite
+    values are not valid (whatever the other entries of the batch are)."""
     lowered = pc.utf8_lower(col)
     missing = pc.or_(pc.equal(lowered, ""), pc.is_in(lowered, pa.array(["nan", "na", "null", "none"])))
     missing_np = missing.to_numpy(zero_copy_only=False)
     try:
         values = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
-        valid = ~np.isnan(values)
+        valid = np.isfinite(values)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         ok = pc.match_substring_regex(col, _FLOAT_RE).fill_null(False)
-        values = pc.cast(pc.if_else(ok, col, "0"), pa.float64()).to_numpy(zero_copy_only=False)
-        valid = ok.to_numpy(zero_copy_only=False) & ~np.isnan(values)
+        text = pc.utf8_trim_whitespace(col)  # Arrow's cast rejects surrounding blanks
+        values = pc.cast(pc.if_else(ok, text, "0"), pa.float64()).to_numpy(zero_copy_only=False)
+        valid = ok.to_numpy(zero_copy_only=False) & np.isfinite(values)
     return values, valid & ~missing_np, missing_np

@@ -3,23 +3,22 @@
 ML-25M: ``ratings.csv`` (userId,movieId,rating,timestamp; half stars 0.5..5.0) and ``movies.csv``
 (movieId,title,genres; quoted titles with commas, genres separated by ``|``).
 ML-1M: ``ratings.dat`` (UserID::MovieID::Rating::Timestamp), ``users.dat``
-(UserID::Gender::Age::Occupation::Zip-code) and ``movies.dat`` (MovieID::Title::Genres, ISO-8859-1).
+(UserID::Gender::Age::Occupation::Zip-code) and ``movies.dat`` (MovieID::Title::Genres, ISO-8859-1; a copy
+re-saved as UTF-8 is detected and read as UTF-8).
 The item field ``genre`` is the first listed genre (as in the paper's field lists).
 """
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
-import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from reclora_ds.data.errors import DropLog, RawDataError
 from reclora_ds.data.raw.base import InteractionBuffer, RawData
-from reclora_ds.data.raw.delimited import parse_int, read_delimited
+from reclora_ds.data.raw.delimited import csv_line_pattern, parse_int, read_delimited, unquote_csv
 from reclora_ds.data.raw.ratings import read_rating_rows
 from reclora_ds.data.specs import ML_1M, ML_25M
 
@@ -52,52 +51,40 @@ def _dedupe_items(table: pa.Table, key: str, lines: np.ndarray, name: str, meta_
     if len(first) < len(ids):
         dup = np.ones(len(ids), dtype=bool)
         dup[first] = False
-        meta_drops.add("duplicate_row", int(dup.sum()), [f"{name}:{int(n)}" for n in lines[dup][:5]])
+        meta_drops.add("duplicate_id", int(dup.sum()), [f"{name}:{int(n)}" for n in lines[dup][:5]])
         table = table.take(pa.array(np.sort(first)))
     return table
 
 
 def _read_ml25m_movies(path: Path, meta_drops: DropLog) -> pa.Table:
-    """movies.csv -> table(item, title, genres, genre). Quoted titles are parsed by the csv builder."""
-    with open(path, newline="", encoding="utf-8", errors="replace") as f:
-        header = next(csv.reader(f), None)
-    if header is None:
-        raise RawDataError(path, "file is empty")
-    header = [h.strip().lstrip("\ufeff") for h in header]
-    if header != ML25M_MOVIES_HEADER:
-        missing = [c for c in ML25M_MOVIES_HEADER if c not in header]
-        raise RawDataError(
-            path, f"header {header} does not match {ML25M_MOVIES_HEADER}; missing {missing}", 1
-        )
-    features = datasets.Features({c: datasets.Value("string") for c in ML25M_MOVIES_HEADER})
-    try:
-        ds = datasets.load_dataset(
-            "csv",
-            data_files=str(path),
-            split="train",
-            streaming=True,
-            features=features,
-            keep_default_na=False,
-        ).with_format("arrow")
-        table = pa.concat_tables(list(ds.iter(batch_size=100_000)))
-    except UnicodeDecodeError as exc:
-        from reclora_ds.data.raw.delimited import first_bad_utf8_line
+    """movies.csv -> table(item, title, genres, genre).
 
-        line, where = first_bad_utf8_line(path)
-        raise RawDataError(path, f"not valid UTF-8 text ({where}): {exc.reason}", line) from None
-    except Exception as exc:  # the csv builder wraps pandas parser errors in its own types
-        raise RawDataError(path, f"cannot parse as csv: {exc}") from None
-    if table.num_rows == 0:
-        raise RawDataError(path, "file has no data rows")
-    lines = np.arange(2, table.num_rows + 2, dtype=np.int64)  # header is line 1; titles hold no newlines
-    ids, ok = parse_int(table.column("movieId").combine_chunks())
+    Lines are matched against a one-line csv regex (quoted titles may hold commas and doubled quotes), so
+    every row keeps its exact line number: a line that is not three csv fields is a ``malformed_line`` in
+    the metadata drops (MovieLens titles never span lines).
+    """
+    cols, lines = _read_table(
+        path,
+        ["item", "title", "genres"],
+        meta_drops,
+        delimiter=",",
+        header=ML25M_MOVIES_HEADER,
+        pattern=csv_line_pattern(["item", "title", "genres"]),
+    )
+    return _items_table(path, {f: unquote_csv(c) for f, c in cols.items()}, lines, meta_drops)
+
+
+def _items_table(path: Path, cols: dict[str, pa.Array], lines: np.ndarray, meta_drops: DropLog) -> pa.Table:
+    """Columns item, title, genres (strings) -> table(item, title, genres, genre) without bad or repeated ids."""
+    ids, ok = parse_int(cols["item"])
     if not ok.all():
         meta_drops.add("item_id_invalid", int((~ok).sum()), [f"{path.name}:{int(n)}" for n in lines[~ok][:5]])
-    genres = table.column("genres").combine_chunks().filter(pa.array(ok))
+    mask = pa.array(ok)
+    genres = cols["genres"].filter(mask)
     items = pa.table(
         {
             "item": pa.array(ids[ok], pa.int64()),
-            "title": table.column("title").combine_chunks().filter(pa.array(ok)),
+            "title": cols["title"].filter(mask),
             "genres": genres,
             "genre": first_genre(genres),
         }
@@ -132,16 +119,39 @@ def read_ml25m(raw_dir: Path, drops: DropLog, meta_drops: DropLog, batch_rows: i
     )
 
 
-def _read_dat_table(
-    path: Path, fields: list[str], meta_drops: DropLog, encoding: str
+def _read_table(
+    path: Path,
+    fields: list[str],
+    meta_drops: DropLog,
+    *,
+    delimiter: str = "::",
+    encoding: str = "utf-8",
+    header: list[str] | None = None,
+    pattern: str | None = None,
 ) -> tuple[dict[str, pa.Array], np.ndarray]:
+    """A whole (small) metadata file as string columns plus the line number of each row."""
     cols: dict[str, list[pa.Array]] = {f: [] for f in fields}
     lines = []
-    for batch in read_delimited(path, fields, "::", meta_drops, encoding=encoding):
+    for batch in read_delimited(
+        path, fields, delimiter, meta_drops, header=header, encoding=encoding, pattern=pattern
+    ):
         for f in fields:
             cols[f].append(batch.columns[f])
         lines.append(batch.lines)
     return {f: pa.concat_arrays(v) for f, v in cols.items()}, np.concatenate(lines)
+
+
+def movies_dat_encoding(path: Path) -> str:
+    """ML-1M ships movies.dat in ISO-8859-1; a copy re-saved as UTF-8 (valid UTF-8 bytes) is read as UTF-8.
+
+    ISO-8859-1 accents (e.g. 0xe9 followed by ASCII) are never valid UTF-8, and pure ASCII reads the same
+    either way, so the check cannot turn a real ML-1M title into mojibake.
+    """
+    try:
+        path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        return "iso-8859-1"
+    return "utf-8"
 
 
 def read_ml1m(raw_dir: Path, drops: DropLog, meta_drops: DropLog, batch_rows: int) -> RawData:
@@ -149,26 +159,12 @@ def read_ml1m(raw_dir: Path, drops: DropLog, meta_drops: DropLog, batch_rows: in
     ratings_path, users_path, movies_path = require_files(
         raw_dir, ["ratings.dat", "users.dat", "movies.dat"], "MovieLens-1M"
     )
-    mcols, mlines = _read_dat_table(movies_path, ["item", "title", "genres"], meta_drops, "iso-8859-1")
-    ids, ok = parse_int(mcols["item"])
-    if not ok.all():
-        meta_drops.add(
-            "item_id_invalid", int((~ok).sum()), [f"{movies_path.name}:{int(n)}" for n in mlines[~ok][:5]]
-        )
-    mask = pa.array(ok)
-    items = pa.table(
-        {
-            "item": pa.array(ids[ok], pa.int64()),
-            "title": mcols["title"].filter(mask),
-            "genres": mcols["genres"].filter(mask),
-            "genre": first_genre(mcols["genres"].filter(mask)),
-        }
+    mcols, mlines = _read_table(
+        movies_path, ["item", "title", "genres"], meta_drops, encoding=movies_dat_encoding(movies_path)
     )
-    items = _dedupe_items(items, "item", mlines[ok], movies_path.name, meta_drops)
+    items = _items_table(movies_path, mcols, mlines, meta_drops)
 
-    ucols, ulines = _read_dat_table(
-        users_path, ["user", "gender", "age", "occupation", "zipcode"], meta_drops, "utf-8"
-    )
+    ucols, ulines = _read_table(users_path, ["user", "gender", "age", "occupation", "zipcode"], meta_drops)
     uids, uok = parse_int(ucols["user"])
     if not uok.all():
         meta_drops.add(

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from reclora_ds.data.errors import DropLog
+from reclora_ds.data.errors import DropLog, RawDataError
 from reclora_ds.data.raw.base import MAX_TIMESTAMP, InteractionBuffer
 from reclora_ds.data.raw.delimited import parse_float, parse_int, read_delimited
 from reclora_ds.data.specs import DatasetSpec
@@ -32,9 +32,16 @@ def read_rating_rows(
     stands in for the time, which the caller documents.
     Row checks, first failing reason counted: user id, item id, rating missing, rating not a number,
     rating off the scale, timestamp not an integer, timestamp out of range.
+
+    Raises:
+        RawDataError: besides :func:`read_delimited`'s file errors, when not one data row of the file is
+            usable (another scale, quoted fields, millisecond timestamps, ...): the message gives the drop
+            counts of this file and the first line of each reason.
     """
     fields = ["user", "item", "rating", "timestamp"] if timestamps else ["user", "item", "rating"]
     name = path.name
+    rows_before, kept = buffer.rows_read, 0
+    file_drops: dict[str, list] = {}  # reason -> [count, first line]
     with tqdm(desc=f"read {name}", unit=" rows", unit_scale=True, leave=False) as bar:
         for batch in read_delimited(path, fields, delimiter, drops, header=header, batch_rows=batch_rows):
             buffer.rows_read += batch.raw_count
@@ -62,6 +69,9 @@ def read_rating_rows(
                 if bad.any():
                     drops.add(reason, int(bad.sum()), [f"{name}:{int(n)}" for n in lines[bad][:5]])
                     keep &= ~bad
+                    entry = file_drops.setdefault(reason, [0, int(lines[bad][0])])
+                    entry[0] += int(bad.sum())
+            kept += int(keep.sum())
             buffer.append(
                 user=user[keep],
                 item=item[keep],
@@ -70,3 +80,13 @@ def read_rating_rows(
                 file_index=file_index,
                 line=lines[keep],
             )
+    rows = buffer.rows_read - rows_before
+    if rows and not kept:
+        found = "; ".join(
+            f"{reason} {count:,} (first at line {line})" for reason, (count, line) in file_drops.items()
+        )
+        raise RawDataError(
+            path,
+            f"none of its {rows:,} data rows is usable ({found or 'every line malformed'}): "
+            "wrong scale, quoting or units, or not this dataset's layout?",
+        )
