@@ -43,7 +43,12 @@ def write_ratings(path: Path, rows: int) -> None:
 
 def csv_typed(path: Path) -> int:
     features = datasets.Features(
-        {"userId": datasets.Value("int64"), "movieId": datasets.Value("int64"), "rating": datasets.Value("float64"), "timestamp": datasets.Value("int64")}
+        {
+            "userId": datasets.Value("int64"),
+            "movieId": datasets.Value("int64"),
+            "rating": datasets.Value("float64"),
+            "timestamp": datasets.Value("int64"),
+        }
     )
     ds = datasets.load_dataset("csv", data_files=str(path), split="train", streaming=True, features=features)
     return sum(b.num_rows for b in ds.with_format("arrow").iter(batch_size=1_000_000))
@@ -62,7 +67,9 @@ def csv_strings(path: Path) -> int:
 
 def text_split(path: Path) -> int:
     n = 0
-    for batch in read_delimited(path, ["user", "item", "rating", "timestamp"], ",", DropLog(), header=COLUMNS):
+    for batch in read_delimited(
+        path, ["user", "item", "rating", "timestamp"], ",", DropLog(), header=COLUMNS
+    ):
         parse_int(batch.columns["user"]), parse_int(batch.columns["item"])
         parse_float(batch.columns["rating"]), parse_int(batch.columns["timestamp"])
         n += len(batch)
@@ -81,8 +88,11 @@ def main() -> None:
     if not path.exists():
         write_ratings(path, args.rows)
     print(f"{'reader':<44} {'rows':>10} {'seconds':>8} {'rows/s':>12}")
-    for name, fn in [("csv builder, typed columns", csv_typed), ("csv builder, string columns + casts", csv_strings),
-                     ("text builder + split + casts (reclora_ds)", text_split)]:
+    for name, fn in [
+        ("csv builder, typed columns", csv_typed),
+        ("csv builder, string columns + casts", csv_strings),
+        ("text builder + split + casts (reclora_ds)", text_split),
+    ]:
         t0 = time.perf_counter()
         n = fn(path)
         dt = time.perf_counter() - t0

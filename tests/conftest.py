@@ -35,5 +35,7 @@ def ml_small_prepared(tmp_path_factory, ml_small_dir):
 @pytest.fixture(scope="session")
 def ml1m_prepared(tmp_path_factory, ml1m_dir):
     out = tmp_path_factory.mktemp("ml1m_prepared")
-    cfg = PrepareConfig(dataset="ml-1m", raw_dir=str(ml1m_dir), output_dir=str(out), few_shot_size=1000, shards_per_split=4)
+    cfg = PrepareConfig(
+        dataset="ml-1m", raw_dir=str(ml1m_dir), output_dir=str(out), few_shot_size=1000, shards_per_split=4
+    )
     return prepare_dataset(cfg)

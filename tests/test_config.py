@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from reclora_ds.config import ConfigError, PrepareConfig, config_to_dict, field_paths, load_config, save_config
+from reclora_ds.config import (
+    ConfigError,
+    PrepareConfig,
+    config_to_dict,
+    field_paths,
+    load_config,
+    save_config,
+)
 
 CONFIGS = Path(__file__).parents[1] / "launch" / "configs"
 
@@ -15,7 +22,12 @@ CONFIGS = Path(__file__).parents[1] / "launch" / "configs"
 def test_defaults_and_dotted_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("prepare:\n  dataset: ml-1m\n  min_history: 3\n")
-    cfg = load_config(PrepareConfig, path, ["kcore=5", "prepare.seed=7", "goodreads.timestamp_field=date_updated", "split=[0.7, 0.2, 0.1]"], section="prepare")
+    cfg = load_config(
+        PrepareConfig,
+        path,
+        ["kcore=5", "prepare.seed=7", "goodreads.timestamp_field=date_updated", "split=[0.7, 0.2, 0.1]"],
+        section="prepare",
+    )
     assert (cfg.dataset, cfg.min_history, cfg.kcore, cfg.seed) == ("ml-1m", 3, 5, 7)
     assert cfg.goodreads.timestamp_field == "date_updated"
     assert cfg.split == (0.7, 0.2, 0.1)
@@ -28,8 +40,15 @@ def test_all_problems_reported_together_with_valid_keys(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(PrepareConfig, path, ["seed=1.5", "strict=maybe"], section="prepare")
     msg = str(info.value)
-    for expected in ("unknown key 'min_histroy'", "kcore: expected int", "unknown key 'goodreads.colour'",
-                     "seed: expected int", "strict: expected bool", "valid keys:", "goodreads.books_glob"):
+    for expected in (
+        "unknown key 'min_histroy'",
+        "kcore: expected int",
+        "unknown key 'goodreads.colour'",
+        "seed: expected int",
+        "strict: expected bool",
+        "valid keys:",
+        "goodreads.books_glob",
+    ):
         assert expected in msg, msg
     assert str(path) in msg
 

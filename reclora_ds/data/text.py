@@ -88,5 +88,10 @@ def text_views(ds, split: str, sample_ids, history_length: int = 10) -> dict[int
         if ds.metadata["dataset"] == "ml-1m":
             profile = ml1m_profile(users["gender"][u], users["age"][u], users["occupation"][u])
         hist = [(titles[tl.item_index[r]], float(tl.rating[r])) for r, ok in zip(rows_idx[j], valid[j]) if ok]
-        out[sid] = {"profile": profile, "history": hist, "target": titles[rows["item_index"][j]], "label": rows["label"][j]}
+        out[sid] = {
+            "profile": profile,
+            "history": hist,
+            "target": titles[rows["item_index"][j]],
+            "label": rows["label"][j],
+        }
     return out

@@ -40,7 +40,11 @@ def read_ml25m_ratings(path: Path):
 
 def read_ml1m_ratings(path: Path):
     with open(path) as f:
-        return [tuple(conv(x) for conv, x in zip((int, int, float, int), line.strip().split("::"))) for line in f if line.strip()]
+        return [
+            tuple(conv(x) for conv, x in zip((int, int, float, int), line.strip().split("::")))
+            for line in f
+            if line.strip()
+        ]
 
 
 def split_rows(result, split):
@@ -54,12 +58,24 @@ def split_rows(result, split):
 @pytest.mark.parametrize("name", ["ml_small", "ml1m"])
 def test_recipe_matches_independent_reference(name, request, ml_small_dir, ml1m_dir):
     result = request.getfixturevalue(f"{name}_prepared")
-    raw = read_ml25m_ratings(ml_small_dir / "ratings.csv") if name == "ml_small" else read_ml1m_ratings(ml1m_dir / "ratings.dat")
+    raw = (
+        read_ml25m_ratings(ml_small_dir / "ratings.csv")
+        if name == "ml_small"
+        else read_ml1m_ratings(ml1m_dir / "ratings.dat")
+    )
     ref = reference_recipe(raw)
     threshold = (lambda r: r > 3.0) if name == "ml_small" else (lambda r: r >= 4)
     for split, expected in ref.items():
         ds, t, users, items = split_rows(result, split)
-        got = list(zip(users.tolist(), items.tolist(), t.column("timestamp").to_pylist(), t.column("rating").to_pylist(), t.column("hist_len").to_pylist()))
+        got = list(
+            zip(
+                users.tolist(),
+                items.tolist(),
+                t.column("timestamp").to_pylist(),
+                t.column("rating").to_pylist(),
+                t.column("hist_len").to_pylist(),
+            )
+        )
         assert got == [(u, i, ts, pytest.approx(r), h) for u, i, ts, r, h in expected]
         assert t.column("label").to_pylist() == [int(threshold(r)) for *_, r, _h in expected]
     assert result.metadata["accounting"]["raw_rows"] == len(raw)
@@ -76,7 +92,9 @@ def test_no_history_item_at_or_after_its_sample(ml_small_prepared):
     tl = ds.timelines
     for split in ("train", "valid", "test"):
         t = ds.read_split(split)
-        for sid, u, h, ts in zip(*(t.column(c).to_numpy() for c in ("sample_id", "user_index", "hist_len", "timestamp"))):
+        for sid, u, h, ts in zip(
+            *(t.column(c).to_numpy() for c in ("sample_id", "user_index", "hist_len", "timestamp"))
+        ):
             hist = tl.history(u, h)
             assert (tl.sample_id[hist] < sid).all()
             assert (tl.timestamp[hist] <= ts).all()
@@ -126,32 +144,54 @@ def test_fewshot_is_seeded_subset_of_train(tmp_path, ml_small_dir, ml_small_prep
     assert len(few) == 5000 and len(np.unique(few)) == 5000 and np.isin(few, train).all()
     # Uniform over train: the subset's mean position is near the middle of train.
     assert abs(np.searchsorted(train, few).mean() / len(train) - 0.5) < 0.03
-    other = prepare_dataset(PrepareConfig(raw_dir=str(ml_small_dir), output_dir=str(tmp_path), few_shot_size=5000, seed=43))
+    other = prepare_dataset(
+        PrepareConfig(raw_dir=str(ml_small_dir), output_dir=str(tmp_path), few_shot_size=5000, seed=43)
+    )
     few43 = ProcessedDataset(other.output_dir).read_split("fewshot").column("sample_id").to_numpy()
     assert not np.array_equal(few, few43)
-    everything = prepare_dataset(PrepareConfig(raw_dir=str(ml_small_dir), output_dir=str(tmp_path / "all"), few_shot_size=200_000))
+    everything = prepare_dataset(
+        PrepareConfig(raw_dir=str(ml_small_dir), output_dir=str(tmp_path / "all"), few_shot_size=200_000)
+    )
     assert everything.metadata["splits"]["fewshot"]["rows"] == everything.metadata["splits"]["train"]["rows"]
 
 
 def _digest(folder: Path) -> dict[str, str]:
     return {
         str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "run_info.json"
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != "run_info.json"
     }
 
 
 def test_same_config_and_seed_give_byte_identical_outputs(tmp_path, ml1m_dir):
-    cfg = PrepareConfig(dataset="ml-1m", raw_dir=str(ml1m_dir), output_dir=str(tmp_path / "out"), few_shot_size=500)
+    cfg = PrepareConfig(
+        dataset="ml-1m", raw_dir=str(ml1m_dir), output_dir=str(tmp_path / "out"), few_shot_size=500
+    )
     prepare_dataset(cfg)
     first = _digest(tmp_path / "out")
     prepare_dataset(cfg)
     assert _digest(tmp_path / "out") == first
-    assert {"metadata.json", "config.yaml", "timelines.parquet", "users.parquet", "items.parquet", "vocabs.json"} <= set(first)
+    assert {
+        "metadata.json",
+        "config.yaml",
+        "timelines.parquet",
+        "users.parquet",
+        "items.parquet",
+        "vocabs.json",
+    } <= set(first)
 
 
 @pytest.mark.parametrize("shards", [4, 3])
 def test_two_ranks_see_disjoint_samples_covering_the_split(tmp_path, ml1m_dir, shards):
-    out = prepare_dataset(PrepareConfig(dataset="ml-1m", raw_dir=str(ml1m_dir), output_dir=str(tmp_path), shards_per_split=shards, few_shot_size=500))
+    out = prepare_dataset(
+        PrepareConfig(
+            dataset="ml-1m",
+            raw_dir=str(ml1m_dir),
+            output_dir=str(tmp_path),
+            shards_per_split=shards,
+            few_shot_size=500,
+        )
+    )
     ds = ProcessedDataset(out.output_dir)
     for split in ("train", "test", "fewshot"):
         per_rank = [[row["sample_id"] for row in ds.stream(split, rank, 2)] for rank in range(2)]
@@ -196,6 +236,8 @@ def test_text_view_joins_by_sample_id(ml1m_prepared, ml1m_dir):
         user = users[t.column("user_index")[row].as_py()]
         ts = t.column("timestamp")[row].as_py()
         assert views[sid]["target"] == titles[item]
-        earlier = sorted((r for r in raw if r[0] == user and (r[3], r[1]) < (ts, item)), key=lambda r: (r[3], r[1]))[-10:]
+        earlier = sorted(
+            (r for r in raw if r[0] == user and (r[3], r[1]) < (ts, item)), key=lambda r: (r[3], r[1])
+        )[-10:]
         assert views[sid]["history"] == [(titles[r[1]], r[2]) for r in earlier]
         assert views[sid]["profile"].startswith("The user is a ")
