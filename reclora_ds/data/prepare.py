@@ -151,6 +151,7 @@ def build_metadata(
             {"name": str(f.relative_to(raw_dir)), "bytes": f.stat().st_size, "sha256": sha256_file(f)}
             for f in raw_files
         ],
+        "raw_dir": str(raw_dir),
         "config": config_to_dict(cfg),
     }
 
@@ -170,6 +171,7 @@ def prepare_dataset(cfg: PrepareConfig) -> PrepareResult:
     timings["read"] = time.perf_counter() - t0
     log.info("read %d raw rows from %s", raw.raw_rows, raw_dir)
 
+    log.info("ordering, filtering, splitting and encoding %d interactions", len(raw.interactions))
     t0 = time.perf_counter()
     p = prepare(
         raw,
@@ -182,6 +184,7 @@ def prepare_dataset(cfg: PrepareConfig) -> PrepareResult:
     )
     timings["process"] = time.perf_counter() - t0
 
+    log.info("writing %s", out)
     t0 = time.perf_counter()
     metadata = build_metadata(cfg, spec, p, raw.raw_rows, drops, meta_drops, raw.files, raw_dir)
     out.mkdir(parents=True, exist_ok=True)

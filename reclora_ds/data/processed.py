@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm.auto import tqdm
 
 from reclora_ds.data.preprocess import SPLITS, Prepared
 from reclora_ds.data.specs import DatasetSpec
@@ -84,12 +85,13 @@ def write_processed(
     for stale in (out / "samples").glob("*.parquet"):
         stale.unlink()
     shards: dict[str, list[str]] = {}
+    plan = []
     for split in ALL_SPLITS:
         ids = p.fewshot_ids if split == "fewshot" else p.split_ids(split)
-        names = shard_names(split, len(ids), shards_per_split)
-        for name, block in zip(names, np.array_split(ids, len(names))):
-            pq.write_table(sample_table(p, block, spec), out / "samples" / name, **PARQUET_OPTIONS)
-        shards[split] = names
+        shards[split] = shard_names(split, len(ids), shards_per_split)
+        plan += list(zip(shards[split], np.array_split(ids, len(shards[split]))))
+    for name, block in tqdm(plan, desc="write shards", unit=" shard", leave=False):
+        pq.write_table(sample_table(p, block, spec), out / "samples" / name, **PARQUET_OPTIONS)
     order = p.timeline_order
     timelines = pa.table(
         {
