@@ -1,0 +1,243 @@
+"""Process-group setup and collective helpers; the only module that reads the launcher's environment.
+
+Launchers (``torchrun``, ``deepspeed``, ``srun`` with exported variables, see machine-facts) describe a
+process by ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE`` (plus ``MASTER_ADDR``/``MASTER_PORT`` for the
+rendezvous). Every other module asks :func:`dist_info` or the process group, so a plain ``python script.py``
+runs as rank 0 of 1 without any environment and without a process group.
+
+Backends: ``nccl`` when CUDA is available, ``gloo`` otherwise (CPU tests use 2-process gloo groups).
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import logging
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+# Variables a launcher sets; without RANK + MASTER_ADDR + MASTER_PORT no rendezvous is possible.
+RANK_ENV, LOCAL_RANK_ENV, WORLD_SIZE_ENV = "RANK", "LOCAL_RANK", "WORLD_SIZE"
+MASTER_ADDR_ENV, MASTER_PORT_ENV = "MASTER_ADDR", "MASTER_PORT"
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job.
+
+    Attributes:
+        rank: global rank, 0 .. world_size - 1.
+        local_rank: rank on this node; picks the CUDA device.
+        world_size: number of processes in the job.
+    """
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size or self.local_rank < 0:
+            raise ValueError(f"inconsistent distributed info {self}")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    try:
+        return int(value) if value != "" else default
+    except ValueError as e:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from e
+
+
+def dist_info() -> DistInfo:
+    """This process's rank, local rank and world size.
+
+    From the initialised process group when there is one (rank and world size), otherwise from the
+    environment; absent variables give rank 0 / local rank 0 / world size 1 (a plain single process).
+    """
+    local_rank = _env_int(LOCAL_RANK_ENV, 0)
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), local_rank, dist.get_world_size())
+    return DistInfo(_env_int(RANK_ENV, 0), local_rank, _env_int(WORLD_SIZE_ENV, 1))
+
+
+def launched() -> bool:
+    """True when a launcher (torchrun, deepspeed, srun with exports) set up a rendezvous for this process."""
+    return all(k in os.environ for k in (RANK_ENV, WORLD_SIZE_ENV, MASTER_ADDR_ENV, MASTER_PORT_ENV))
+
+
+def default_backend() -> str:
+    """``nccl`` on a CUDA machine, ``gloo`` on CPU."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (for single-node rendezvous in tests and 1-process groups)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(
+    backend: str | None = None,
+    *,
+    single_process_group: bool = False,
+    timeout_s: float | None = None,
+) -> DistInfo:
+    """Initialise ``torch.distributed`` if this process is part of a multi-process job; return its place.
+
+    A process group is created when ``WORLD_SIZE > 1`` or when a launcher set the rendezvous variables
+    (``torchrun --nproc_per_node 1`` included). A plain ``python`` run gets no group and rank 0 of 1,
+    unless ``single_process_group`` asks for a 1-rank group on 127.0.0.1 (DeepSpeed needs a group; without
+    one it falls back to MPI). Calling it again once a group exists is a no-op.
+
+    On CUDA the device is set from ``local_rank`` before the group is created.
+
+    Args:
+        backend: ``"nccl"`` or ``"gloo"``; ``None`` picks :func:`default_backend`.
+        single_process_group: create a 1-rank group even without a launcher.
+        timeout_s: collective timeout; ``None`` keeps torch's default.
+    """
+    info = dist_info()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+    if dist.is_initialized():
+        return info
+    kwargs: dict[str, Any] = {"backend": backend or default_backend()}
+    if timeout_s is not None:
+        kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
+    if info.world_size > 1 or launched():
+        if not launched():
+            raise RuntimeError(
+                f"WORLD_SIZE={info.world_size} but {MASTER_ADDR_ENV}/{MASTER_PORT_ENV}/{RANK_ENV} are not all "
+                "set: start the job with torchrun, deepspeed or srun exporting them"
+            )
+        dist.init_process_group(**kwargs)  # env:// rendezvous
+    elif single_process_group:
+        # DeepSpeed and some libraries read these; set them only when no launcher did.
+        os.environ.setdefault(RANK_ENV, "0")
+        os.environ.setdefault(LOCAL_RANK_ENV, "0")
+        os.environ.setdefault(WORLD_SIZE_ENV, "1")
+        os.environ.setdefault(MASTER_ADDR_ENV, "127.0.0.1")
+        os.environ.setdefault(MASTER_PORT_ENV, str(free_port()))
+        dist.init_process_group(**kwargs, rank=0, world_size=1)
+    else:
+        return info
+    info = dist_info()
+    log.info(
+        "process group %s: rank %d/%d (local %d)",
+        kwargs["backend"],
+        info.rank,
+        info.world_size,
+        info.local_rank,
+    )
+    return info
+
+
+def is_distributed() -> bool:
+    """True when a process group with more than one rank is initialised."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_main_process() -> bool:
+    """True on global rank 0 (and in a plain single process)."""
+    return dist_info().rank == 0
+
+
+def barrier() -> None:
+    """Wait for every rank; a no-op without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def destroy() -> None:
+    """Tear down the process group if there is one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def main_process_only(fn: Callable[..., T]) -> Callable[..., T | None]:
+    """Decorator: run ``fn`` on rank 0 only (file writers, TensorBoard); other ranks get ``None``.
+
+    It does not synchronise: call :func:`barrier` afterwards when other ranks read what rank 0 wrote.
+
+    Example::
+
+        @main_process_only
+        def save_config(cfg, path): ...
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T | None:
+        return fn(*args, **kwargs) if is_main_process() else None
+
+    return wrapper
+
+
+def _comm_device(tensor: torch.Tensor) -> torch.device:
+    """Device a collective must run on: CUDA for nccl, CPU for gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_gather_variable(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate, in rank order, a tensor whose first dimension differs between ranks.
+
+    Every rank passes a tensor with the same number of dimensions, trailing sizes and dtype; the
+    lengths along dim 0 may differ (0 included). Each rank pads its part to the longest, the parts and
+    their lengths are all-gathered, and the padding is cut off again. Every rank gets the result, on
+    the device of its input. Without a process group (or with one rank) the input is returned.
+
+    Shapes: [n_r] -> [sum_r n_r], or [n_r, C] -> [sum_r n_r, C].
+    """
+    if not is_distributed():
+        return tensor
+    if tensor.dim() == 0:
+        raise ValueError("all_gather_variable needs a tensor with at least one dimension")
+    world = dist.get_world_size()
+    device = _comm_device(tensor)
+    shape = torch.tensor(tensor.shape, dtype=torch.int64, device=device)  # [ndim]
+    shapes = [torch.empty_like(shape) for _ in range(world)]
+    dist.all_gather(shapes, shape)
+    shapes_l = [tuple(s.tolist()) for s in shapes]
+    if any(s[1:] != shapes_l[0][1:] for s in shapes_l):
+        raise ValueError(f"all_gather_variable: trailing shapes differ between ranks: {shapes_l}")
+    lengths = [s[0] for s in shapes_l]
+    longest = max(lengths)
+    if longest == 0:
+        return tensor.new_empty((0, *tensor.shape[1:]))
+    # gloo has no bool collectives: carry bools as uint8.
+    part = tensor.to(device=device, dtype=torch.uint8 if tensor.dtype == torch.bool else tensor.dtype)
+    padded = part.new_zeros((longest, *part.shape[1:]))
+    padded[: part.shape[0]] = part
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    out = torch.cat([p[:n] for p, n in zip(parts, lengths)])
+    return out.to(device=tensor.device, dtype=tensor.dtype)
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """Rank ``src``'s picklable ``obj`` on every rank (the input elsewhere is ignored)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
