@@ -1,0 +1,423 @@
+"""Shared pieces of the stage-1 conventional recommenders (CRM): config, features, DIN unit, tower.
+
+Shape legend:
+    B    batch (samples)
+    L    history length given to the model (SIM: the lifelong window; DIN: the most recent K)
+    K    behaviours kept by SIM's general search unit (``top_k``)
+    F    categorical fields of a sample (``metadata["fields"]``: user_id, ..., item_id, genre, ...)
+    E    embedding width of one field (``embedding_dim``)
+    D    width of an item / behaviour: ``E * len(behaviour_fields)`` (the item-side embeddings, concatenated)
+    H    hidden width of the attention MLP (``attention_hidden``)
+    d_c  width of the CRM state, the tower's last hidden layer (256), which drives the PLoRA gates
+
+The models (:class:`reclora_ds.models.din.DIN`, :class:`reclora_ds.models.sim.SIM`,
+:class:`reclora_ds.models.logreg.LogisticRegression`) take the loader's batch (a dict of tensors, see
+:mod:`reclora_ds.data.loader`) and return one :class:`CRMOutput` ``(logit [B], hidden [B, d_c])``.
+
+Embeddings: **one table per field** (:class:`FieldEmbeddings`), plus one table for the rating bucket. The
+authors' code uses one shared table with per-field offsets; the two are the same model (each id only ever
+reads its own rows), but separate tables keep vocabularies readable in a state dict and let a history
+field read the very table its target field reads (``hist_item`` and ``item_id`` share ``item_id``'s rows),
+which is what makes ``t - h``, ``t * h`` and SIM's inner-product search meaningful.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import nn
+
+SEARCHES = ("soft", "hard", "precomputed")
+FIELD_SOURCES = ("user", "item")
+
+# Loader contract (reclora_ds.data.loader): ``hist_rating`` = round(2 * rating), 1..10 for 0.5..5 stars,
+# 0 = pad, so 11 buckets.
+RATING_VOCAB_SIZE = 11
+# Encoded categorical ids: 0 = PAD, 1 = OOV, known values from 2 (reclora_ds.data.preprocess).
+PAD_ID = 0
+FIRST_KNOWN_ID = 2
+# Std of the normal init of every embedding table (small, so the first attention weights and inner
+# products start near zero instead of at the O(E) scale nn.Embedding's N(0, 1) gives).
+EMBEDDING_INIT_STD = 0.01
+
+# Per-dataset settings of the authors' runs (reclora-facts section 2); everything else keeps its default.
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ml-25m": {"embedding_dim": 64, "attention_layers": 3},
+    "ml-1m": {"embedding_dim": 64, "attention_layers": 1},
+    "goodreads": {"embedding_dim": 32, "attention_layers": 1},
+}
+
+
+def history_key(field_name: str) -> str:
+    """Batch key of an item-side field over the history: ``hist_item`` for item_id, else ``hist_<field>``."""
+    return "hist_item" if field_name == "item_id" else f"hist_{field_name}"
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+@dataclass
+class CRMConfig:
+    """Settings of the stage-1 CRM (SIM, DIN, logistic regression); defaults are ML-1M's (paper App. B.1).
+
+    Use :meth:`for_dataset` for the per-dataset settings of the authors' runs.
+    """
+
+    embedding_dim: int = 64
+    """E, the embedding width of every field (paper search range {32, 64}; GoodReads 32)."""
+    attention_layers: int = 1
+    """Hidden layers of the DIN attention MLP (authors' ``num_attn_layers``: 1 for ML-1M and GoodReads,
+    3 for ML-25M). Each is ``Linear(H) + ReLU + Dropout``; a ``Linear(H -> 1)`` follows."""
+    attention_hidden: int = 256
+    """H, width of each hidden layer of the attention MLP (the authors' code uses the tower width)."""
+    tower: tuple[int, ...] = (256, 256, 256)
+    """Widths of the MLP tower's ``Linear + ReLU + Dropout`` layers; the last one is the CRM state d_c."""
+    dropout: float = 0.0
+    """Dropout after every ReLU of the tower and of the attention MLP (paper range {0, 0.1, 0.2})."""
+    behaviour_fields: tuple[str, ...] | None = None
+    """Item-side fields that describe an item, target and history alike (their embeddings are
+    concatenated, so D = E * len). None: ``("item_id", category_field)``, the DIN / FuxiCTR convention
+    (item id + category). ``("item_id",)`` is the authors' code (a behaviour = Linear(2E -> E))."""
+    search: Literal["soft", "hard", "precomputed"] = "soft"
+    """SIM only. The general search unit: ``soft`` = top-K behaviours by inner product with the target
+    item's embedding, ``hard`` = the K most recent behaviours of the target's category, ``precomputed`` =
+    the batch's history is already the retrieved top-K (e.g. the semantic retrieval), no search."""
+    top_k: int = 60
+    """SIM only. K, the number of behaviours the general search unit keeps (ignored by ``precomputed``)."""
+
+    def __post_init__(self) -> None:
+        for name in ("embedding_dim", "attention_layers", "attention_hidden", "top_k"):
+            value = getattr(self, name)
+            if not _positive_int(value):
+                raise ValueError(f"CRMConfig.{name} must be a positive int, got {value!r}")
+        if isinstance(self.tower, int | str) or not self.tower:
+            raise ValueError(f"CRMConfig.tower must be a non-empty sequence of widths, got {self.tower!r}")
+        self.tower = tuple(self.tower)
+        if not all(_positive_int(width) for width in self.tower):
+            raise ValueError(f"CRMConfig.tower must hold positive ints, got {self.tower!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, int | float):
+            raise ValueError(f"CRMConfig.dropout must be a float in [0, 1), got {self.dropout!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"CRMConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.search not in SEARCHES:
+            raise ValueError(f"CRMConfig.search must be one of {SEARCHES}, got {self.search!r}")
+        if self.behaviour_fields is not None:
+            if isinstance(self.behaviour_fields, str):
+                raise ValueError(
+                    "CRMConfig.behaviour_fields must be a sequence of field names, "
+                    f"got the str {self.behaviour_fields!r}"
+                )
+            self.behaviour_fields = tuple(self.behaviour_fields)
+            names = self.behaviour_fields
+            if not names or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+                raise ValueError(
+                    f"CRMConfig.behaviour_fields must be distinct non-empty names, got {self.behaviour_fields!r}"
+                )
+
+    @property
+    def hidden_dim(self) -> int:
+        """d_c, the width of the CRM state (the tower's last layer); PLoRAConfig.crm_dim must match it."""
+        return self.tower[-1]
+
+    @classmethod
+    def for_dataset(cls, dataset: str, **overrides: Any) -> CRMConfig:
+        """The authors' settings for ``dataset`` (ml-25m, ml-1m, goodreads), then ``overrides``."""
+        if dataset not in DATASET_DEFAULTS:
+            raise ValueError(f"no CRM defaults for dataset {dataset!r}; known: {sorted(DATASET_DEFAULTS)}")
+        return cls(**{**DATASET_DEFAULTS[dataset], **overrides})
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One categorical field: its name, whether it describes the user or the item, its vocabulary size
+    (PAD and OOV included)."""
+
+    name: str
+    source: Literal["user", "item"]
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """The categorical features a CRM embeds, read from a processed dataset's ``metadata.json``.
+
+    Attributes:
+        fields: every field of ``metadata["fields"]``, in its order (one int64 [B] batch tensor each).
+        category_field: the item field SIM's hard search matches on (``metadata["category_field"]``).
+        rating_vocab_size: number of rating buckets of ``hist_rating`` (11: pad + 10 half stars).
+    """
+
+    fields: tuple[FieldSpec, ...]
+    category_field: str | None = None
+    rating_vocab_size: int = RATING_VOCAB_SIZE
+    _by_name: dict[str, FieldSpec] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        names = [f.name for f in self.fields]
+        if len(set(names)) != len(names):
+            raise ValueError(f"FeatureSpec.fields has duplicate names: {names}")
+        for f in self.fields:
+            if f.source not in FIELD_SOURCES:
+                raise ValueError(
+                    f"FeatureSpec field {f.name!r}: source must be one of {FIELD_SOURCES}, got {f.source!r}"
+                )
+            if not _positive_int(f.vocab_size):
+                raise ValueError(
+                    f"FeatureSpec field {f.name!r}: vocab_size must be a positive int, got {f.vocab_size!r}"
+                )
+        by_name = {f.name: f for f in self.fields}
+        if "item_id" not in by_name or by_name["item_id"].source != "item":
+            raise ValueError(f"FeatureSpec.fields must hold an item-side 'item_id' field, got {names}")
+        if self.category_field is not None and (
+            self.category_field not in by_name or by_name[self.category_field].source != "item"
+        ):
+            raise ValueError(
+                f"FeatureSpec.category_field {self.category_field!r} is not an item-side field of {names}"
+            )
+        if not _positive_int(self.rating_vocab_size):
+            raise ValueError(
+                f"FeatureSpec.rating_vocab_size must be a positive int, got {self.rating_vocab_size!r}"
+            )
+        object.__setattr__(self, "_by_name", by_name)
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, Any]) -> FeatureSpec:
+        """Fields, sources and vocab sizes from ``metadata["fields"]``; ``category_field`` if present."""
+        fields = tuple(
+            FieldSpec(name, info["source"], int(info["vocab_size"]))
+            for name, info in metadata["fields"].items()
+        )
+        return cls(fields=fields, category_field=metadata.get("category_field"))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.fields)
+
+    @property
+    def item_fields(self) -> tuple[str, ...]:
+        """Item-side field names, in metadata order."""
+        return tuple(f.name for f in self.fields if f.source == "item")
+
+    def __getitem__(self, name: str) -> FieldSpec:
+        return self._by_name[name]
+
+    def behaviour_fields(self, config: CRMConfig) -> tuple[str, ...]:
+        """The item-side fields that describe an item for ``config`` (see ``CRMConfig.behaviour_fields``)."""
+        if config.behaviour_fields is None:
+            if self.category_field is None or self.category_field == "item_id":
+                return ("item_id",)
+            return ("item_id", self.category_field)
+        for name in config.behaviour_fields:
+            if name not in self._by_name or self._by_name[name].source != "item":
+                raise ValueError(
+                    f"CRMConfig.behaviour_fields: {name!r} is not an item-side field; item fields: {self.item_fields}"
+                )
+        return config.behaviour_fields
+
+
+class CRMOutput(NamedTuple):
+    """What every CRM's forward returns.
+
+    ``logit`` [B] is the pre-sigmoid score (train with ``BCEWithLogitsLoss``); ``hidden`` [B, d_c] is the
+    input of the model's ``head`` (``logit == head(hidden).squeeze(-1)``): the CRM state for the gates.
+    """
+
+    logit: torch.Tensor
+    hidden: torch.Tensor
+
+
+def require(batch: Mapping[str, torch.Tensor], keys: tuple[str, ...] | list[str]) -> None:
+    """Raise a KeyError naming the batch keys a model needs but did not get."""
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise KeyError(f"the CRM batch lacks {missing}; it has {sorted(batch)}")
+
+
+@dataclass
+class Behaviours:
+    """A history as the attention sees it: item-side ids per behaviour field, rating bucket and mask.
+
+    ``ids[f]`` [B, L] (item field ``f``), ``rating`` [B, L], ``mask`` [B, L] bool (True = real behaviour).
+    Ids under a False mask are set to PAD, so whatever a batch holds there can never reach a model.
+    """
+
+    ids: dict[str, torch.Tensor]
+    rating: torch.Tensor
+    mask: torch.Tensor
+
+    @classmethod
+    def from_batch(cls, batch: Mapping[str, torch.Tensor], fields: tuple[str, ...]) -> Behaviours:
+        """The batch's history (``hist_item``, ``hist_<f>``, ``hist_rating``, ``hist_mask``)."""
+        require(batch, [*(history_key(f) for f in fields), "hist_rating", "hist_mask"])
+        mask = batch["hist_mask"].bool()
+        ids = {f: batch[history_key(f)].masked_fill(~mask, PAD_ID) for f in fields}
+        return cls(ids=ids, rating=batch["hist_rating"].masked_fill(~mask, PAD_ID), mask=mask)
+
+    def gather(self, index: torch.Tensor, valid: torch.Tensor) -> Behaviours:
+        """The behaviours at positions ``index`` [B, K] of each row; ``valid`` [B, K] is the new mask."""
+        valid = valid & self.mask.gather(1, index)
+
+        def take(ids: torch.Tensor) -> torch.Tensor:
+            return ids.gather(1, index).masked_fill(~valid, PAD_ID)  # [B, K]
+
+        return Behaviours(ids={f: take(v) for f, v in self.ids.items()}, rating=take(self.rating), mask=valid)
+
+
+class FieldEmbeddings(nn.Module):
+    """One embedding table per categorical field, plus one for the history's rating buckets.
+
+    A history field reads its target field's table (``hist_item`` reads ``item_id``'s rows), so an item is
+    embedded the same way as a target and as a behaviour. Every table is initialised N(0, 0.01^2).
+
+    Args:
+        spec: the fields and their vocabulary sizes.
+        embedding_dim: E.
+
+    Shapes:
+        ``fields(batch)``: dict of [B] -> dict of [B, E]; ``items(ids, names)``: dict of [...] -> [..., D].
+
+    Example:
+        >>> spec = FeatureSpec((FieldSpec("user_id", "user", 5), FieldSpec("item_id", "item", 9)))
+        >>> emb = FieldEmbeddings(spec, embedding_dim=4)
+        >>> emb.items({"item_id": torch.tensor([[2, 3, 0]])}, ("item_id",)).shape
+        torch.Size([1, 3, 4])
+    """
+
+    def __init__(self, spec: FeatureSpec, embedding_dim: int) -> None:
+        super().__init__()
+        self.names = spec.names
+        self.embedding_dim = embedding_dim
+        self.tables = nn.ModuleDict({f.name: nn.Embedding(f.vocab_size, embedding_dim) for f in spec.fields})
+        self.rating = nn.Embedding(spec.rating_vocab_size, embedding_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for table in (*self.tables.values(), self.rating):
+            nn.init.normal_(table.weight, std=EMBEDDING_INIT_STD)
+
+    def fields(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every field's embedding of the sample: name -> [B, E], in spec order."""
+        require(batch, self.names)
+        return {name: self.tables[name](batch[name]) for name in self.names}
+
+    def items(self, ids: Mapping[str, torch.Tensor], names: tuple[str, ...]) -> torch.Tensor:
+        """Concatenated embeddings of the item fields ``names``: ids [...] each -> [..., D]."""
+        return torch.cat([self.tables[name](ids[name]) for name in names], dim=-1)
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """All fields stacked: [B, F, E]."""
+        return torch.stack(list(self.fields(batch).values()), dim=1)  # F x [B, E] -> [B, F, E]
+
+
+class BehaviourEncoder(nn.Module):
+    """One behaviour = ``ReLU(Linear([item; rating]))``: the rating is a feature of each behaviour.
+
+    As in the authors' code (``hist_mapping``), the item's embedding (D) and the rating bucket's (E) are
+    concatenated and mapped back to D, so a behaviour lives where the target item does.
+
+    Args:
+        item_dim: D, width of an item's (concatenated) embedding.
+        rating_dim: E, width of the rating embedding.
+
+    Shapes:
+        items: [B, L, D], ratings: [B, L, E] -> [B, L, D].
+
+    Example:
+        >>> BehaviourEncoder(8, 4)(torch.randn(2, 5, 8), torch.randn(2, 5, 4)).shape
+        torch.Size([2, 5, 8])
+    """
+
+    def __init__(self, item_dim: int, rating_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(item_dim + rating_dim, item_dim)
+        self.act = nn.ReLU()
+
+    def forward(self, items: torch.Tensor, ratings: torch.Tensor) -> torch.Tensor:
+        return self.act(self.proj(torch.cat([items, ratings], dim=-1)))  # [B, L, D]
+
+
+def mlp_layers(in_dim: int, widths: tuple[int, ...], dropout: float) -> nn.Sequential:
+    """``[Linear(w) + ReLU + Dropout] for w in widths`` as one nn.Sequential."""
+    layers: list[nn.Module] = []
+    for width in widths:
+        layers += [nn.Linear(in_dim, width), nn.ReLU(), nn.Dropout(dropout)]
+        in_dim = width
+    return nn.Sequential(*layers)
+
+
+class TargetAttention(nn.Module):
+    """DIN's activation unit (FuxiCTR ``DIN_Attention`` without softmax, as in the authors' code).
+
+    For target ``t`` [D] and behaviours ``h_j`` [D] with mask ``m_j``:
+
+    .. math::
+
+        w_j = \\mathrm{MLP}([t, h_j, t - h_j, t \\odot h_j]), \\qquad
+        \\mathrm{out} = \\sum_j m_j\\, w_j\\, h_j
+
+    The MLP is ``attention_layers`` x (Linear(H) + ReLU + Dropout) then Linear(H -> 1). No softmax: the
+    weights are unnormalised, so the output keeps the intensity of the user's interest (DIN paper §4.3).
+    The sum is over positions, so the output does not depend on the behaviours' order.
+
+    Args:
+        dim: D, width of the target and of each behaviour.
+        hidden: H, width of the MLP's hidden layers.
+        layers: number of hidden layers of the MLP (>= 1).
+        dropout: dropout after each hidden ReLU.
+
+    Shapes:
+        target: [B, D], behaviours: [B, L, D], mask: [B, L] bool -> [B, D].
+
+    Example:
+        >>> unit = TargetAttention(dim=8, hidden=16, layers=1)
+        >>> unit(torch.randn(2, 8), torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.bool)).shape
+        torch.Size([2, 8])
+    """
+
+    def __init__(self, dim: int, hidden: int, layers: int = 1, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.mlp = mlp_layers(4 * dim, (hidden,) * layers, dropout)
+        self.out = nn.Linear(hidden, 1)
+
+    def weights(self, target: torch.Tensor, behaviours: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Masked attention weights ``m_j w_j``: [B, L] (0 where the mask is False)."""
+        target = target.unsqueeze(1).expand_as(behaviours)  # [B, D] -> [B, L, D]
+        features = torch.cat(
+            [target, behaviours, target - behaviours, target * behaviours], dim=-1
+        )  # [B, L, 4D]
+        scores = self.out(self.mlp(features)).squeeze(-1)  # [B, L, 1] -> [B, L]
+        # where, not a product: a masked position contributes an exact 0 whatever its score.
+        return torch.where(mask, scores, torch.zeros_like(scores))
+
+    def forward(self, target: torch.Tensor, behaviours: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        weights = self.weights(target, behaviours, mask)  # [B, L]
+        return torch.einsum("bl,bld->bd", weights, behaviours)  # [B, D]
+
+
+class MLPTower(nn.Module):
+    """The CRM's tower: ``Linear + ReLU + Dropout`` per width; its output is the CRM state.
+
+    Args:
+        in_dim: width of the tower input.
+        widths: output width of each layer; the last one is d_c.
+        dropout: dropout after each ReLU (the state is taken after it, which is the identity in eval mode).
+
+    Shapes:
+        x: [B, in_dim] -> [B, d_c].
+
+    Example:
+        >>> MLPTower(10, (256, 256, 256))(torch.randn(3, 10)).shape
+        torch.Size([3, 256])
+    """
+
+    def __init__(self, in_dim: int, widths: tuple[int, ...], dropout: float = 0.0) -> None:
+        super().__init__()
+        self.layers = mlp_layers(in_dim, widths, dropout)
+        self.out_dim = widths[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)

@@ -1,0 +1,140 @@
+"""SIM (search-based user interest model): a general search unit over the lifelong history, then DIN.
+
+Shape legend:
+    B    batch (samples)
+    L    lifelong history window given to the model (the loader's ``history_length``, e.g. a few hundred)
+    K    behaviours the general search unit keeps (``top_k``, 60 in the paper)
+    D    width of an item / behaviour (``E * len(behaviour_fields)``)
+    d_c  width of the CRM state
+
+Two stages (Pi et al., CIKM 2020), as the paper's CRM (§3.2, §3.4):
+
+1. **General search unit** (GSU) picks K of the L behaviours before the sample:
+
+   - ``soft``: the K with the largest inner product ``<e(target), e(h_j)>`` between the item embeddings
+     (the concatenated ``behaviour_fields`` embeddings, the ones the exact search unit also reads; the
+     rating is not part of the query);
+   - ``hard``: the K most recent behaviours whose category (``spec.category_field``) equals the target's;
+     PAD / OOV categories match nothing, so a sample may keep fewer than K (or none);
+   - ``precomputed``: no search; the batch's history already is the retrieved top-K (the loader's
+     ``history_mode="retrieved"`` with the semantic retrieval of :mod:`reclora_ds.retrieval`, which is
+     what the paper's "retrieval consistent with RecLoRA" means).
+
+   The kept behaviours are re-laid in chronological order (the loader's histories are oldest first).
+2. **Exact search unit** (ESU): DIN's target attention over the K kept behaviours, then the tower
+   (:class:`reclora_ds.models.din.DIN`; SIM is a DIN subclass with the same parameters).
+
+Default search: ``soft``. It is SIM's learned variant and needs nothing but the ids in the batch: it
+works on every dataset whatever the quality of the category field (ML's single "first genre" is coarse,
+GoodReads shelves are noisy), it never leaves a sample with history an empty sub-history (hard search
+does when no behaviour shares the target's category), and with ``top_k >= L`` it is exactly DIN on the
+whole window. The paper's own numbers come from ``precomputed`` with the semantic retrieval; a stage
+config reproducing them selects it together with the loader's retrieved histories.
+
+Gradients: the selection (``topk`` indices, then ``gather`` of integer ids) is not differentiable and
+the search scores are computed under ``no_grad``: no gradient flows through which behaviours were
+chosen. The soft search reads the shared item embeddings, which the CTR loss trains through the target
+item (every item is some sample's target) and through the kept behaviours, so the search sharpens as the
+model trains. No auxiliary GSU loss is used (the SIM paper's is optional); a training recipe that wants
+one can put a loss on :meth:`SIM.search_scores`, which is differentiable outside :meth:`SIM.search`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from reclora_ds.models.crm import (
+    FIRST_KNOWN_ID,
+    Behaviours,
+    CRMConfig,
+    CRMOutput,
+    FeatureSpec,
+    history_key,
+    require,
+)
+from reclora_ds.models.din import DIN
+
+
+class SIM(DIN):
+    """SIM: general search unit (soft / hard / precomputed) over the history, then DIN's exact search unit.
+
+    Args:
+        config: the DIN settings plus ``search`` and ``top_k``.
+        spec: the categorical fields; ``hard`` search needs ``spec.category_field``.
+
+    Shapes:
+        batch: each field [B]; ``hist_item``, ``hist_<item field>``, ``hist_rating`` [B, L] int64;
+        ``hist_mask`` [B, L] bool -> ``CRMOutput(logit [B], hidden [B, d_c])``.
+
+    Example:
+        >>> spec = FeatureSpec.from_metadata({"category_field": "genre", "fields": {
+        ...     "user_id": {"source": "user", "vocab_size": 10},
+        ...     "item_id": {"source": "item", "vocab_size": 20},
+        ...     "genre": {"source": "item", "vocab_size": 6}}})
+        >>> model = SIM(CRMConfig(embedding_dim=8, search="soft", top_k=3), spec).eval()
+        >>> batch = {"user_id": torch.tensor([2, 3]), "item_id": torch.tensor([4, 5]),
+        ...     "genre": torch.tensor([2, 3]), "hist_item": torch.randint(2, 20, (2, 9)),
+        ...     "hist_genre": torch.randint(2, 6, (2, 9)), "hist_rating": torch.randint(1, 11, (2, 9)),
+        ...     "hist_mask": torch.ones(2, 9, dtype=torch.bool)}
+        >>> index, valid = model.search(batch)
+        >>> index.shape
+        torch.Size([2, 3])
+        >>> model(batch).hidden.shape
+        torch.Size([2, 256])
+    """
+
+    def __init__(self, config: CRMConfig, spec: FeatureSpec) -> None:
+        super().__init__(config, spec)
+        self.search_mode = config.search
+        self.top_k = config.top_k
+        if self.search_mode == "hard" and spec.category_field is None:
+            raise ValueError("CRMConfig.search='hard' needs a category field; the FeatureSpec has none")
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> CRMOutput:
+        """Logit [B] and CRM state [B, d_c]: search the history, then attend over the kept behaviours."""
+        behaviours = Behaviours.from_batch(batch, self.behaviour_fields)
+        if self.search_mode != "precomputed":
+            index, valid = self.search(batch)
+            behaviours = behaviours.gather(index, valid)  # [B, L] -> [B, K]
+        return self.forward_behaviours(batch, behaviours)
+
+    def search_scores(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Soft-search relevance ``<e(target), e(h_j)>`` [B, L] (``-inf`` where the mask is False).
+
+        Differentiable (an auxiliary loss may use it); :meth:`search` calls it under ``no_grad``.
+        """
+        behaviours = Behaviours.from_batch(batch, self.behaviour_fields)
+        target = self.embeddings.items(batch, self.behaviour_fields)  # [B, D]
+        items = self.embeddings.items(behaviours.ids, self.behaviour_fields)  # [B, L, D]
+        scores = torch.einsum("bld,bd->bl", items, target)  # [B, L]
+        return scores.masked_fill(~behaviours.mask, float("-inf"))
+
+    @torch.no_grad()
+    def search(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The general search unit: positions ``index`` [B, K'] of the kept behaviours, in chronological
+        order, and ``valid`` [B, K'] (False on slots with nothing kept); ``K' = min(top_k, L)``.
+
+        ``soft``: the top-K by :meth:`search_scores`. ``hard``: the K most recent (largest position)
+        behaviours of the target's category. Not available for ``precomputed``.
+        """
+        if self.search_mode == "precomputed":
+            raise RuntimeError("SIM(search='precomputed') has no search unit: the batch history is the top-K")
+        mask = batch["hist_mask"].bool()
+        k = min(self.top_k, mask.shape[1])
+        if self.search_mode == "soft":
+            scores = self.search_scores(batch)  # [B, L]
+            keep = mask
+        else:
+            category = self.spec.category_field
+            require(batch, [category, history_key(category)])
+            target = batch[category]  # [B]
+            keep = (
+                mask & (batch[history_key(category)] == target[:, None]) & (target >= FIRST_KNOWN_ID)[:, None]
+            )
+            position = torch.arange(mask.shape[1], device=mask.device, dtype=torch.float32)  # 0 = oldest
+            scores = torch.where(keep, position, torch.full_like(position, -1.0))  # [B, L], recent = large
+        index = scores.topk(k, dim=1).indices  # [B, K]
+        index = index.sort(dim=1).values  # chronological order
+        return index, keep.gather(1, index)
