@@ -10,9 +10,11 @@ ones, 62,423 in all, as the real file does). Every value is made up; only the sh
   movieId, like the real one.
 - movies: sparse ids that grow with the date a movie was added (gaps of 1-5, ids up to ~209k at full size);
   30% exist from the start, the rest are added over 1995-2019 at a growing rate. Popularity is Zipf-like
-  (weight ``(rank + 20) ** -1.2`` over a random rank); every rated movie gets at least one rating. Titles
-  look like ``Movie 123 (1999)``, some with commas (``"Movie 123, The (1999)"``, quoted) or quotes; genres
-  are 1-4 of the real 20, ``|``-separated in alphabetical order, with the real genres' frequencies.
+  (weight ``(rank + 250) ** -2`` over a random rank; each user's movies are a weighted sample without
+  replacement): at full size the top movie has ~80k ratings and the item Gini is ~0.92 (ML-25M: 81,491
+  and 0.94); every rated movie gets at least one rating. Titles look like ``Movie 123 (1999)``, some
+  with commas (``"Movie 123, The (1999)"``, quoted) or quotes; genres are drawn from the real 20 with their
+  ML-25M frequencies, ``|``-separated in alphabetical order (``(no genres listed)`` alone).
 - timestamps: 1995-01-09 .. 2019-11-21 (ML-25M's range); each user joins in a year drawn from a
   MovieLens-like sign-up curve and is active for a span (one session for many light users, up to years for
   heavy ones) split into sessions; a rating never comes before its movie was added; ties happen.
@@ -97,13 +99,14 @@ NO_GENRE_SHARE = 5_062 / 62_423
 SIGNUP_YEAR_WEIGHTS = (2, 8, 6, 4, 5, 8, 4, 3, 4, 4, 5, 4, 3, 3, 3, 3, 3, 3, 3, 4, 8, 9, 6, 5, 4)
 
 USER_PARETO_SHAPE = 1.8  # Lomax shape of ratings above the minimum: median/mean like ML-25M (51/134)
-ITEM_ZIPF_EXPONENT = 1.2
-ITEM_ZIPF_OFFSET = 20.0
+ITEM_ZIPF_EXPONENT = 2.0  # with the offset: top movie ~80k ratings, item Gini ~0.92 (ML-25M: 81,491, 0.94)
+ITEM_ZIPF_OFFSET = 250.0
 USER_CAP_FRACTION = 0.6  # a user rates at most this share of the movies available to them
 INITIAL_CATALOG_SHARE = 0.3  # movies that exist before the first rating
 RATINGS_HEADER = "userId,movieId,rating,timestamp"
 MOVIES_HEADER = ["movieId", "title", "genres"]
 MANIFEST = "synthetic.json"
+GENERATOR_VERSION = 1  # bump when the output for a given config changes (invalidates reused folders)
 SAMPLING_ROUNDS = 8  # vectorised draw-and-reject rounds before the per-user fallback
 
 
@@ -253,6 +256,7 @@ class _Users:
     start: np.ndarray  # int64 [U]
     end: np.ndarray  # int64 [U]
     available: np.ndarray  # int64 [U] rated movies added before the user's last activity
+    added: np.ndarray  # int64 [I] when each rated movie was added, at most the last user activity
     bias: np.ndarray  # float [U]
     forced_user: np.ndarray  # int64 [I] the user that surely rates rated movie i
 
@@ -272,6 +276,7 @@ def _users(cfg: SyntheticConfig, added: np.ndarray) -> _Users:
     long_span = np.exp(rng.uniform(np.log(86_400), np.log(15 * YEAR_SECONDS), n))
     span = np.where(one_sitting, rng.exponential(2 * 3600, n) + 600, long_span)
     end = np.minimum(start + span, LAST_TIMESTAMP).astype(np.int64)
+    added = np.minimum(added, end.max())  # someone can rate every movie
     available = np.searchsorted(added, end, side="right")
     cap = np.maximum((available * USER_CAP_FRACTION).astype(np.int64), 0)
     if (cap < cfg.min_user_ratings).any() or cap.sum() < cfg.rows:
@@ -293,8 +298,7 @@ def _users(cfg: SyntheticConfig, added: np.ndarray) -> _Users:
     # every rated movie: one rating from a user active after it was added, chosen by activity
     by_end = np.argsort(end, kind="stable")
     cum = np.cumsum(count[by_end].astype(np.float64))
-    added_c = np.minimum(added, end.max())
-    first = np.searchsorted(end[by_end], added_c, side="left")
+    first = np.searchsorted(end[by_end], added, side="left")
     lo = np.where(first > 0, cum[np.maximum(first - 1, 0)], 0.0)
     pick = np.searchsorted(cum, lo + rng.random(len(added)) * (cum[-1] - lo), side="right")
     forced_user = by_end[np.minimum(pick, n - 1)]
@@ -305,7 +309,7 @@ def _users(cfg: SyntheticConfig, added: np.ndarray) -> _Users:
         slack = np.maximum(count - np.maximum(forced, cfg.min_user_ratings), 0)
         count -= apportion(slack.astype(np.float64), int(short.sum()))
     bias = rng.normal(0.0, 0.45, n)
-    return _Users(count, start, end, np.searchsorted(added, end, side="right"), bias, forced_user)
+    return _Users(count, start, end, available, added, bias, forced_user)
 
 
 def _sample_chunk(
@@ -378,7 +382,8 @@ def _timestamps(
 def _level_shares(whole_only_share: float) -> tuple[np.ndarray, np.ndarray]:
     """Level shares (0.5..5.0) before and after half stars, mixing to ML-25M's overall shares.
 
-    Before: ML-25M's shares with each half star's mass split between its whole neighbours (0.5 -> 1.0).
+    Before: ML-25M's shares with each half star's mass moved to whole neighbours without changing the
+    label (3.5 -> 4.0, 0.5 -> 1.0, the others split evenly), so the positive rate does not drift in time.
     After: what makes ``whole_only_share`` x before + the rest x after equal the overall shares.
     """
     target = np.array(RATING_COUNTS, dtype=np.float64) / sum(RATING_COUNTS)
@@ -386,8 +391,10 @@ def _level_shares(whole_only_share: float) -> tuple[np.ndarray, np.ndarray]:
     for k, share in enumerate(target):
         if k % 2 == 1:  # odd index = whole stars
             before[k] += share
+        elif RATING_LEVELS[k] in ("0.5", "3.5"):
+            before[k + 1] += share
         else:
-            before[max(k - 1, 1)] += share / 2
+            before[k - 1] += share / 2
             before[k + 1] += share / 2
     f = min(whole_only_share, 0.999)
     after = np.clip((target - f * before) / (1 - f), 0.0, None)
@@ -434,8 +441,8 @@ def write_synthetic_ml25m(out_dir: str | Path, cfg: SyntheticConfig | None = Non
     movies_rows = _write_movies(out / "movies.csv", cfg, cat)
 
     rated_id = cat.movie_id[cat.rated]
-    added = cat.added[cat.rated]
-    users = _users(cfg, added)
+    users = _users(cfg, cat.added[cat.rated])
+    added = users.added
     rng = _rng(cfg.seed, 0, 3)
     popularity = (rng.permutation(cfg.items) + ITEM_ZIPF_OFFSET) ** -ITEM_ZIPF_EXPONENT
     cum_pop = np.cumsum(popularity)
@@ -472,9 +479,7 @@ def write_synthetic_ml25m(out_dir: str | Path, cfg: SyntheticConfig | None = Non
                     cum_pop,
                 )
                 user = local + u0
-                ts = _timestamps(
-                    crng, local, users.count[u0:u1], users.start[u0:u1], users.end[u0:u1]
-                )
+                ts = _timestamps(crng, local, users.count[u0:u1], users.start[u0:u1], users.end[u0:u1])
                 late = ts < added[item]  # not before the movie was added
                 ts[late] = added[item[late]] + (
                     crng.random(int(late.sum())) * (users.end[user[late]] - added[item[late]])
@@ -497,6 +502,7 @@ def write_synthetic_ml25m(out_dir: str | Path, cfg: SyntheticConfig | None = Non
     seconds = time.perf_counter() - t0
     manifest = {
         "synthetic": True,
+        "generator_version": GENERATOR_VERSION,
         "note": "made-up data in the MovieLens-25M layout (reclora_ds.data.synthetic); not real ratings",
         "config": dataclasses.asdict(cfg),
         "ratings_bytes": path.stat().st_size,
@@ -519,7 +525,8 @@ def existing_synthetic(out_dir: str | Path, cfg: SyntheticConfig) -> bool:
         return False
     ratings = Path(out_dir) / "ratings.csv"
     return (
-        saved.get("config") == dataclasses.asdict(cfg)
+        saved.get("generator_version") == GENERATOR_VERSION
+        and saved.get("config") == dataclasses.asdict(cfg)
         and ratings.is_file()
         and ratings.stat().st_size == saved.get("ratings_bytes")
         and (Path(out_dir) / "movies.csv").is_file()
