@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 
 MAX_EXAMPLES = 5
+# Drops that are the recipe's policy rather than bad input: strict mode does not turn them into errors.
+POLICY_DROPS = frozenset({"history_only", "unrated_shelf", "kcore"})
 
 # Every reason a row can be dropped, with the sentence that explains it in metadata.json.
 DROP_REASONS: dict[str, str] = {
@@ -63,7 +65,7 @@ class DropLog:
         if count <= 0:
             return
         locations = locations or []
-        if self.strict and reason != "history_only":
+        if self.strict and reason not in POLICY_DROPS:
             where, _, line = locations[0].rpartition(":") if locations else ("<input>", "", "")
             raise RawDataError(
                 where, f"{DROP_REASONS[reason]} (strict mode)", int(line) if line.isdigit() else None
@@ -71,6 +73,12 @@ class DropLog:
         self.counts[reason] = self.counts.get(reason, 0) + int(count)
         ex = self.examples.setdefault(reason, [])
         ex.extend(locations[: MAX_EXAMPLES - len(ex)])
+
+    def add_lines(self, reason: str, bad: np.ndarray, lines: np.ndarray, name: str) -> None:
+        """Record the rows of one file where boolean ``bad`` is set; ``lines`` are their line numbers."""
+        n = int(np.count_nonzero(bad))
+        if n:
+            self.add(reason, n, [f"{name}:{int(line)}" for line in lines[bad][:MAX_EXAMPLES]])
 
     def add_mask(
         self, reason: str, bad: np.ndarray, files: np.ndarray, lines: np.ndarray, names: list[str]

@@ -134,7 +134,7 @@ def read_delimited(
             raw_count = len(lines)
             if not ok.all():
                 bad = ~ok
-                drops.add("malformed_line", int(bad.sum()), [f"{name}:{int(n)}" for n in lines[bad][:5]])
+                drops.add_lines("malformed_line", bad, lines, name)
                 parts, lines = parts.filter(pa.array(ok)), lines[ok]
             if pattern is None:
                 flat = pc.list_flatten(parts)
@@ -197,7 +197,8 @@ def _check_header(path: Path, first_line: str, expected: list[str], delimiter: s
 
 
 def parse_int(col: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """Strings -> (int64 values, valid mask). Invalid entries get 0 and ``valid=False``."""
+    """Strings -> (int64 values, valid mask). Invalid or null entries get 0 and ``valid=False``."""
+    col = pc.fill_null(col, "")
     try:
         return pc.cast(col, pa.int64()).to_numpy(zero_copy_only=False), np.ones(len(col), dtype=bool)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
@@ -215,6 +216,7 @@ def parse_int(col: pa.Array) -> tuple[np.ndarray, np.ndarray]:
 def parse_float(col: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Strings -> (float64 values, valid mask, missing mask). Empty and NaN count as missing; infinite
     values are not valid (whatever the other entries of the batch are)."""
+    col = pc.fill_null(col, "")
     lowered = pc.utf8_lower(col)
     missing = pc.or_(pc.equal(lowered, ""), pc.is_in(lowered, pa.array(["nan", "na", "null", "none"])))
     missing_np = missing.to_numpy(zero_copy_only=False)

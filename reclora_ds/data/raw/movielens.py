@@ -51,7 +51,7 @@ def _dedupe_items(table: pa.Table, key: str, lines: np.ndarray, name: str, meta_
     if len(first) < len(ids):
         dup = np.ones(len(ids), dtype=bool)
         dup[first] = False
-        meta_drops.add("duplicate_id", int(dup.sum()), [f"{name}:{int(n)}" for n in lines[dup][:5]])
+        meta_drops.add_lines("duplicate_id", dup, lines, name)
         table = table.take(pa.array(np.sort(first)))
     return table
 
@@ -78,7 +78,7 @@ def _items_table(path: Path, cols: dict[str, pa.Array], lines: np.ndarray, meta_
     """Columns item, title, genres (strings) -> table(item, title, genres, genre) without bad or repeated ids."""
     ids, ok = parse_int(cols["item"])
     if not ok.all():
-        meta_drops.add("item_id_invalid", int((~ok).sum()), [f"{path.name}:{int(n)}" for n in lines[~ok][:5]])
+        meta_drops.add_lines("item_id_invalid", ~ok, lines, path.name)
     mask = pa.array(ok)
     genres = cols["genres"].filter(mask)
     items = pa.table(
@@ -167,9 +167,7 @@ def read_ml1m(raw_dir: Path, drops: DropLog, meta_drops: DropLog, batch_rows: in
     ucols, ulines = _read_table(users_path, ["user", "gender", "age", "occupation", "zipcode"], meta_drops)
     uids, uok = parse_int(ucols["user"])
     if not uok.all():
-        meta_drops.add(
-            "user_id_invalid", int((~uok).sum()), [f"{users_path.name}:{int(n)}" for n in ulines[~uok][:5]]
-        )
+        meta_drops.add_lines("user_id_invalid", ~uok, ulines, users_path.name)
     umask = pa.array(uok)
     users = pa.table(
         {"user": pa.array(uids[uok], pa.int64())} | {f: ucols[f].filter(umask) for f in ML_1M.user_fields}

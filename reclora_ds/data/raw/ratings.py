@@ -67,7 +67,7 @@ def read_rating_rows(
             for reason, bad in checks:
                 bad = bad & keep
                 if bad.any():
-                    drops.add(reason, int(bad.sum()), [f"{name}:{int(n)}" for n in lines[bad][:5]])
+                    drops.add_lines(reason, bad, lines, name)
                     keep &= ~bad
                     entry = file_drops.setdefault(reason, [0, int(lines[bad][0])])
                     entry[0] += int(bad.sum())
