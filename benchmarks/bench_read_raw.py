@@ -38,7 +38,9 @@ def write_ratings(path: Path, rows: int) -> None:
             "timestamp": rng.integers(789_652_009, 1_574_327_703, rows),
         }
     )
-    pcsv.write_csv(table, path, pcsv.WriteOptions(quoting_style="none"))
+    with open(path, "wb") as f:
+        f.write((",".join(COLUMNS) + "\n").encode())
+        pcsv.write_csv(table, f, pcsv.WriteOptions(include_header=False, quoting_style="none"))
 
 
 def csv_typed(path: Path) -> int:
