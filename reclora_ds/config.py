@@ -306,3 +306,116 @@ def save_config(cfg: Any, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage 1: the CRM
+# ----------------------------------------------------------------------------------------------------------
+
+from reclora_ds.models.crm import CRMConfig  # noqa: E402  (torch-backed; only the stage-1 config needs it)
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclasses.dataclass
+class CRMModelConfig(CRMConfig):
+    """:class:`~reclora_ds.models.crm.CRMConfig` as the ``crm:`` section of a stage-1 YAML file.
+
+    Identical fields, defaults and checks; only ``search`` is annotated ``str`` instead of a ``Literal``,
+    because the YAML loader above checks plain types (``CRMConfig.__post_init__`` still rejects any
+    value outside ``soft | hard | precomputed``). Being a ``CRMConfig``, it goes to ``build_crm`` as is.
+    """
+
+    search: str = "soft"
+    """SIM only: ``soft`` (inner-product top-K), ``hard`` (same category) or ``precomputed`` (no search)."""
+
+
+@dataclasses.dataclass
+class CRMTrainConfig:
+    """Stage 1: train the CRM on the full training split (``reclora_ds.training.crm_recipe``).
+
+    Defaults are the bundled-data / ML-1M choices inside the paper's search ranges (Appendix B.1:
+    embedding {32, 64}, dropout {0, 0.1, 0.2}, lr {1e-3, 5e-4, 1e-4}, AdamW, batch 64..1024, attention /
+    DNN layers {1, 2, 3} of {64, 128, 256}); ``launch/configs/sim_<dataset>.yaml`` hold each dataset's.
+    """
+
+    data_dir: str = "runs/quickstart/data"
+    """Processed dataset (the output of ``reclora-ds prepare``)."""
+    output_dir: str = "runs/quickstart/crm"
+    """Run folder: config.yaml, checkpoints/{last,best}, tb/, metrics.json, train_log.jsonl."""
+    model: str = "sim"
+    """``sim`` (the paper's CRM), ``din`` (w/o long retriever) or ``logreg`` (baseline)."""
+    crm: CRMModelConfig = dataclasses.field(default_factory=CRMModelConfig)
+    history_mode: str = "recent"
+    """Loader history: ``recent`` (the last ``history_length`` behaviours) or ``retrieved`` (a retrieval
+    file, ``retrieved_path``; pair it with ``crm.search=precomputed``)."""
+    history_length: int = 256
+    """L, behaviours per sample given to the model. SIM: the lifelong window its search unit scans for the
+    top ``crm.top_k``; DIN: the most recent L (60 in the paper)."""
+    retrieved_path: str = ""
+    """Retrieved-history file (sample_id -> timeline rows) for ``history_mode=retrieved``."""
+    epochs: int = 10
+    """Maximum number of passes over the training split (early stopping usually ends sooner)."""
+    batch_size: int = 1024
+    """Global batch size (all ranks together); each rank takes batch_size / world_size."""
+    eval_batch_size: int = 1024
+    """Global batch size of validation and test (no gradients, so larger)."""
+    lr: float = 1e-3
+    """AdamW peak learning rate (paper range {1e-3, 5e-4, 1e-4})."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay (applied to every parameter, embeddings included)."""
+    lr_schedule: str = "constant"
+    """``constant``, ``linear`` (to 0 at the last step) or ``cosine``, after ``warmup_steps`` of linear warm-up."""
+    warmup_steps: int = 0
+    """Steps of linear warm-up from 0 to ``lr``."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    patience: int = 2
+    """Early stopping: stop after this many epochs without a better validation AUC."""
+    seed: int = 42
+    """Seed of the model init, the data order and dropout (dropout also gets the rank)."""
+    checkpoint_every: int = 500
+    """Steps between overwrites of checkpoints/last (it is also written at every epoch end)."""
+    log_every: int = 50
+    """Steps between train/loss, train/lr and perf/* records."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps in all (then validate and test); 0 = no limit."""
+    resume: bool = True
+    """Continue from checkpoints/last in ``output_dir`` when it exists."""
+    device: str = "auto"
+    """``auto`` (the rank's GPU when CUDA is available, else CPU), ``cpu`` or ``cuda``."""
+    num_threads: int = 0
+    """torch intra-op threads per process; 0 keeps torch's default (OMP_NUM_THREADS, 1 under torchrun)."""
+    progress: bool = True
+    """tqdm progress bars on rank 0."""
+
+    def __post_init__(self) -> None:
+        from reclora_ds.data.loader import HISTORY_MODES
+        from reclora_ds.models.registry import CRM_MODELS
+
+        if self.model not in CRM_MODELS:
+            raise ValueError(f"model must be one of {sorted(CRM_MODELS)}, got {self.model!r}")
+        if self.history_mode not in HISTORY_MODES:
+            raise ValueError(f"history_mode must be one of {HISTORY_MODES}, got {self.history_mode!r}")
+        if self.history_mode == "retrieved" and not self.retrieved_path:
+            raise ValueError("history_mode=retrieved needs retrieved_path (the retrieval step's output)")
+        if self.crm.search == "precomputed" and self.history_mode != "retrieved" and self.model == "sim":
+            raise ValueError(
+                "crm.search=precomputed reads the loader's history as the top-K: use history_mode=retrieved"
+            )
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        for name in ("history_length", "epochs", "batch_size", "eval_batch_size", "patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "checkpoint_every", "max_steps", "num_threads", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+        if not self.lr > 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError(
+                f"need lr > 0, weight_decay >= 0, grad_clip >= 0; got {self.lr}, {self.weight_decay}, {self.grad_clip}"
+            )
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")

@@ -363,6 +363,18 @@ class TargetAttention(nn.Module):
     weights are unnormalised, so the output keeps the intensity of the user's interest (DIN paper §4.3).
     The sum is over positions, so the output does not depend on the behaviours' order.
 
+    Cost: the first Linear is linear in each of its four inputs. Splitting its weight
+    ``W = [W_1 | W_2 | W_3 | W_4]`` (each [H, D]) gives
+
+    .. math::
+
+        W [t, h, t - h, t \\odot h] + b = \\big((W_1 + W_3)\\, t + b\\big) + (W_2 - W_3)\\, h + W_4 (t \\odot h)
+
+    so the target term is computed once per sample instead of once per behaviour, and the per-behaviour
+    GEMM has 2D inputs instead of 4D: half the FLOPs of the layer that dominates a CRM step. The
+    parameters (``mlp.0.weight`` [H, 4D]) and the function are unchanged; only the float rounding
+    differs from the concatenated form (about 1e-6 relative).
+
     Args:
         dim: D, width of the target and of each behaviour.
         hidden: H, width of the MLP's hidden layers.
@@ -385,11 +397,13 @@ class TargetAttention(nn.Module):
 
     def weights(self, target: torch.Tensor, behaviours: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Masked attention weights ``m_j w_j``: [B, L] (0 where the mask is False)."""
-        target = target.unsqueeze(1).expand_as(behaviours)  # [B, D] -> [B, L, D]
-        features = torch.cat(
-            [target, behaviours, target - behaviours, target * behaviours], dim=-1
-        )  # [B, L, 4D]
-        scores = self.out(self.mlp(features)).squeeze(-1)  # [B, L, 1] -> [B, L]
+        first = self.mlp[0]  # Linear(4D -> H), applied in its split form (see the class docstring)
+        w_t, w_h, w_diff, w_prod = first.weight.split(target.shape[-1], dim=1)  # 4 x [H, D]
+        target_term = torch.addmm(first.bias, target, (w_t + w_diff).T)  # [B, H], once per sample
+        pairs = torch.cat([behaviours, target.unsqueeze(1) * behaviours], dim=-1)  # [B, L, 2D]: h, t*h
+        hidden = pairs @ torch.cat([w_h - w_diff, w_prod], dim=1).T  # [B, L, 2D] @ [2D, H] -> [B, L, H]
+        hidden = self.mlp[1:](hidden + target_term.unsqueeze(1))  # ReLU, Dropout, further layers
+        scores = self.out(hidden).squeeze(-1)  # [B, L, 1] -> [B, L]
         # where, not a product: a masked position contributes an exact 0 whatever its score.
         return torch.where(mask, scores, torch.zeros_like(scores))
 
