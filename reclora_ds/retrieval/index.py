@@ -1,0 +1,539 @@
+"""Item embeddings -> PCA -> unit vectors on an exact grid -> FAISS index, with a checked sidecar.
+
+Pipeline (paper §3.4: LLM hidden states, PCA "for dimension reduction and denoising", cosine similarity)::
+
+    emb = load_item_embeddings("runs/ml25m/emb")             # float32 [n_items, d], checksum-verified
+    pca = fit_pca(emb.vectors, n_components=512)             # mean, components, explained variance
+    vecs = to_index_space(pca, emb.vectors)                  # PCA -> L2-normalise -> snap to the 2^-12 grid
+    index = build_index(vecs, kind="hnsw")                   # inner product = cosine
+    save_index("runs/ml25m/index", index, pca, sidecar_for(emb, index, pca, kind="hnsw"))
+    loaded = load_index("runs/ml25m/index", expected_embeddings_sha256=emb.sha256)
+
+Ids: FAISS id ``i`` is row ``i`` of ``embeddings.npy`` is the item with dense ``item_index == i`` in the
+processed dataset's ``items.parquet`` (0-based). The raw item id (a MovieLens movieId) is
+``items.parquet["item"][i]``: :func:`raw_item_ids` does that lookup, never ``i + 1``.
+
+Exact scores: the unit vectors are rounded onto multiples of ``2**-SCORE_GRID_BITS`` with every norm
+``<= 1``. Each product of two coordinates is then a multiple of ``2**-24`` and every partial sum of a dot
+product has magnitude ``<= 1`` (Cauchy-Schwarz), so float32 represents it exactly: a dot product computed in
+any order, blocking, thread count or device (BLAS, FAISS, torch, a Python loop) gives the same bits. Ties
+are therefore real ties (identical items), which the retriever breaks by recency. The rounding moves a
+cosine by about 1e-4. (TF32 matmuls would break exactness: they keep 10 mantissa bits, the grid needs 13.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from reclora_ds import __version__
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PCA_COMPONENTS = 512  # the authors' code
+SCORE_GRID_BITS = 12
+INDEX_KINDS = ("flat", "hnsw", "ivf")
+DEFAULT_INDEX_KIND = "hnsw"
+METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
+HNSW_DEFAULTS = {"M": 32, "ef_search": 128, "ef_construction": 64}
+IVF_DEFAULTS = {"nprobe": 32}  # nlist defaults to ~4 sqrt(n), see default_nlist
+IVF_MIN_POINTS_PER_LIST = 39  # FAISS warns below this many training points per centroid
+INDEX_FORMAT_VERSION = 1
+EMBEDDINGS_REQUIRED_KEYS = ("n_items", "dim", "backbone", "sha256", "dataset")
+_HASH_CHUNK = 1 << 22
+
+
+class RetrievalInputError(ValueError):
+    """An embeddings, index or retrieval directory is missing, incomplete, or belongs to other inputs."""
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_HASH_CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write ``path`` through a temporary file and ``os.replace`` (readers never see half a file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Item embeddings (the extractor's output)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ItemEmbeddings:
+    """Validated ``embeddings.npy`` (memory-mapped) and its ``embeddings.json``."""
+
+    vectors: np.ndarray  # float32 [n_items, dim]; row i = item_index i of items.parquet
+    meta: dict[str, Any]
+    path: Path
+
+    @property
+    def sha256(self) -> str:
+        return self.meta["sha256"]
+
+
+def load_item_embeddings(directory: str | Path, expected_n_items: int | None = None) -> ItemEmbeddings:
+    """Read and validate an embeddings directory (``embeddings.npy`` + ``embeddings.json``).
+
+    Checks: both files exist; the JSON has ``n_items, dim, backbone, sha256, dataset``; the sha256 of
+    ``embeddings.npy`` (the whole file) matches; the array is float32, 2-D, ``[n_items, dim]`` and finite;
+    and ``n_items == expected_n_items`` when given (the processed dataset's item count).
+    Raises :class:`RetrievalInputError` with the reason.
+    """
+    d = Path(directory)
+    npy, meta_path = d / "embeddings.npy", d / "embeddings.json"
+    for f in (npy, meta_path):
+        if not f.is_file():
+            raise RetrievalInputError(
+                f"{f}: missing; an embeddings directory holds embeddings.npy and embeddings.json"
+            )
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RetrievalInputError(f"{meta_path}: not valid JSON ({exc})") from exc
+    missing = [k for k in EMBEDDINGS_REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise RetrievalInputError(
+            f"{meta_path}: missing keys {missing} (needs {list(EMBEDDINGS_REQUIRED_KEYS)})"
+        )
+    actual = sha256_file(npy)
+    if actual != meta["sha256"]:
+        raise RetrievalInputError(
+            f"{npy}: sha256 {actual} does not match {meta_path.name}'s {meta['sha256']} "
+            "(the file changed after extraction, or was truncated)"
+        )
+    try:
+        vectors = np.load(npy, mmap_mode="r")
+    except ValueError as exc:
+        raise RetrievalInputError(f"{npy}: not a readable .npy array ({exc})") from exc
+    if vectors.dtype != np.float32 or vectors.ndim != 2:
+        raise RetrievalInputError(f"{npy}: expected a 2-D float32 array, got {vectors.dtype} {vectors.shape}")
+    if vectors.shape != (meta["n_items"], meta["dim"]):
+        raise RetrievalInputError(
+            f"{npy}: shape {vectors.shape} but {meta_path.name} says n_items={meta['n_items']}, dim={meta['dim']}"
+        )
+    if expected_n_items is not None and vectors.shape[0] != expected_n_items:
+        raise RetrievalInputError(
+            f"{npy}: {vectors.shape[0]} rows but the processed dataset has {expected_n_items} items "
+            "(row i must be item_index i of items.parquet: embeddings of another dataset or config?)"
+        )
+    for start in range(0, vectors.shape[0], 1 << 16):
+        block = np.asarray(vectors[start : start + (1 << 16)])
+        if not np.isfinite(block).all():
+            bad = start + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
+            raise RetrievalInputError(f"{npy}: row {bad} (item_index {bad}) has NaN or inf values")
+    return ItemEmbeddings(vectors=vectors, meta=meta, path=d)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PCA and the index space
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PCA:
+    """A fitted PCA: ``transform(x) = (x - mean) @ components.T``.
+
+    Fitted from the float64 covariance by a symmetric eigendecomposition; each component's sign is fixed
+    so that its largest-magnitude coordinate is positive, so refits give the same basis.
+    """
+
+    mean: np.ndarray  # float64 [d_in]
+    components: np.ndarray  # float64 [k, d_in], rows = principal axes, by decreasing variance
+    explained_variance: np.ndarray  # float64 [k]
+    total_variance: float
+
+    @property
+    def n_components(self) -> int:
+        return int(self.components.shape[0])
+
+    @property
+    def input_dim(self) -> int:
+        return int(self.components.shape[1])
+
+    @property
+    def explained_variance_ratio(self) -> np.ndarray:
+        return (
+            self.explained_variance / self.total_variance
+            if self.total_variance > 0
+            else self.explained_variance * 0
+        )
+
+    def transform(self, x: np.ndarray, block_rows: int = 1 << 15) -> np.ndarray:
+        """Project rows of ``x`` [n, d_in] -> float64 [n, k] (blocked to bound memory)."""
+        if x.ndim != 2 or x.shape[1] != self.input_dim:
+            raise RetrievalInputError(f"PCA expects [n, {self.input_dim}] inputs, got {x.shape}")
+        out = np.empty((x.shape[0], self.n_components), dtype=np.float64)
+        for s in range(0, x.shape[0], block_rows):
+            out[s : s + block_rows] = (
+                np.asarray(x[s : s + block_rows], dtype=np.float64) - self.mean
+            ) @ self.components.T
+        return out
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(
+            tmp,
+            mean=self.mean,
+            components=self.components,
+            explained_variance=self.explained_variance,
+            total_variance=np.float64(self.total_variance),
+        )
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> PCA:
+        with np.load(path) as z:
+            return cls(
+                mean=z["mean"],
+                components=z["components"],
+                explained_variance=z["explained_variance"],
+                total_variance=float(z["total_variance"]),
+            )
+
+
+def fit_pca(x: np.ndarray, n_components: int = DEFAULT_PCA_COMPONENTS, block_rows: int = 1 << 15) -> PCA:
+    """PCA of the rows of ``x`` [n, d] with ``min(n_components, d, n)`` components (deterministic).
+
+    The covariance is accumulated in float64 over row blocks (memory O(d^2), fine for LLM widths), then
+    ``numpy.linalg.eigh``; explained variance uses the ``n - 1`` denominator like scikit-learn.
+    """
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise RetrievalInputError(f"fit_pca needs a non-empty 2-D array, got shape {x.shape}")
+    n, d = x.shape
+    k = min(n_components, d, n)
+    mean = np.zeros(d, dtype=np.float64)
+    for s in range(0, n, block_rows):
+        mean += np.asarray(x[s : s + block_rows], dtype=np.float64).sum(axis=0)
+    mean /= n
+    cov = np.zeros((d, d), dtype=np.float64)
+    for s in range(0, n, block_rows):
+        xc = np.asarray(x[s : s + block_rows], dtype=np.float64) - mean
+        cov += xc.T @ xc
+    evals, evecs = np.linalg.eigh(cov)  # ascending
+    top = np.argsort(evals, kind="stable")[::-1][:k]
+    components = evecs[:, top].T.copy()  # [k, d]
+    flip = np.sign(components[np.arange(k), np.abs(components).argmax(axis=1)])
+    components *= np.where(flip == 0, 1.0, flip)[:, None]
+    denom = max(n - 1, 1)
+    return PCA(
+        mean=mean,
+        components=components,
+        explained_variance=np.clip(evals[top], 0, None) / denom,
+        total_variance=float(np.trace(cov)) / denom,
+    )
+
+
+def snap_unit_rows(y: np.ndarray, bits: int = SCORE_GRID_BITS) -> np.ndarray:
+    """L2-normalise rows, then round them onto the ``2**-bits`` grid with norm <= 1 (float32 result).
+
+    Rows that round to a norm above 1 are shrunk by ``2**-bits`` steps until they fit (a few rows, once or
+    twice). Zero rows stay zero. See the module docstring for why this makes every score exact.
+    """
+    y = np.asarray(y, dtype=np.float64)
+    norms = np.linalg.norm(y, axis=1, keepdims=True)
+    zero = norms[:, 0] == 0
+    if zero.any():
+        log.warning(
+            "%d vectors are zero after PCA (identical to the mean); they score 0 with everything", zero.sum()
+        )
+    unit = y / np.where(norms == 0, 1.0, norms)
+    scale = float(1 << bits)
+    q = np.rint(unit * scale)
+    shrink = np.ones(len(q))
+    for _ in range(64):
+        over = (q * q).sum(axis=1) > scale * scale  # integer-valued float64 sums: exact
+        if not over.any():
+            break
+        shrink[over] -= 1.0 / scale
+        q[over] = np.rint(unit[over] * scale * shrink[over, None])
+    else:  # pragma: no cover - needs a pathological input
+        raise RuntimeError("could not fit vectors inside the unit ball on the score grid")
+    return (q / scale).astype(np.float32)
+
+
+def on_score_grid(vectors: np.ndarray, bits: int = SCORE_GRID_BITS) -> bool:
+    """Whether ``vectors`` are grid-snapped unit vectors (their dot products are exact in float32)."""
+    scaled = np.asarray(vectors, dtype=np.float64) * (1 << bits)
+    return bool(
+        np.array_equal(scaled, np.rint(scaled)) and ((scaled * scaled).sum(axis=1) <= (1 << bits) ** 2).all()
+    )
+
+
+def to_index_space(pca: PCA, x: np.ndarray) -> np.ndarray:
+    """Embeddings [n, d_in] -> the vectors the index holds: PCA, L2-normalise, snap (float32 [n, k])."""
+    return snap_unit_rows(pca.transform(x))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FAISS indexes
+# ----------------------------------------------------------------------------------------------------------
+
+
+def default_nlist(n: int) -> int:
+    """About ``4 sqrt(n)`` inverted lists, but at least 39 training points per list."""
+    return int(max(1, min(round(4 * np.sqrt(n)), n // IVF_MIN_POINTS_PER_LIST)))
+
+
+def gpu_available() -> bool:
+    return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+
+
+def _is_gpu_index(index: faiss.Index) -> bool:
+    return type(index).__name__.startswith("Gpu")
+
+
+def build_index(
+    vectors: np.ndarray, kind: str = DEFAULT_INDEX_KIND, metric: str = "ip", use_gpu: bool = False, **params
+) -> faiss.Index:
+    """A FAISS index over ``vectors`` (float32 [n, d]); FAISS id ``i`` = row ``i``.
+
+    kind: ``flat`` (exact), ``hnsw`` (``M=32, ef_search=128, ef_construction=64``), ``ivf`` (IVF-Flat,
+    ``nlist`` ~ 4 sqrt(n), ``nprobe=32``). metric: ``ip`` (cosine on unit vectors) or ``l2``.
+    ``use_gpu`` builds flat/ivf on GPU 0 when FAISS sees a GPU (HNSW is CPU-only; a request without a GPU
+    logs a warning and builds on CPU). Unknown ``params`` are errors.
+    """
+    if kind not in INDEX_KINDS:
+        raise ValueError(f"index kind must be one of {INDEX_KINDS}, got {kind!r}")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"build_index needs a non-empty [n, d] array, got {x.shape}")
+    n, d = x.shape
+    allowed = {"flat": {}, "hnsw": HNSW_DEFAULTS, "ivf": {**IVF_DEFAULTS, "nlist": None}}[kind]
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown {kind} index parameters {unknown}; valid: {sorted(allowed)}")
+    p = {**allowed, **params}
+    m = METRICS[metric]
+    gpu = use_gpu and kind in ("flat", "ivf") and gpu_available()
+    if use_gpu and not gpu:
+        log.warning(
+            "GPU index requested but %s; building on CPU",
+            "HNSW is CPU-only" if kind == "hnsw" else "FAISS sees no GPU",
+        )
+
+    if kind == "flat":
+        index = faiss.IndexFlat(d, m)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, int(p["M"]), m)
+        index.hnsw.efConstruction = int(p["ef_construction"])
+        index.hnsw.efSearch = int(p["ef_search"])
+    else:
+        nlist = int(p["nlist"] or default_nlist(n))
+        index = faiss.IndexIVFFlat(faiss.IndexFlat(d, m), d, nlist, m)
+        index.nprobe = min(int(p["nprobe"]), nlist)
+    if gpu:
+        res = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(res, 0, index)
+        index.referenced_objects = [res]  # keep the resources alive as long as the index
+    if not index.is_trained:
+        index.train(x)
+    index.add(x)
+    return index
+
+
+def index_params(index: faiss.Index) -> dict[str, Any]:
+    """The search-time parameters of an index, for the sidecar."""
+    if isinstance(index, faiss.IndexHNSW):
+        return {
+            "M": int(index.hnsw.nb_neighbors(1)),
+            "ef_search": int(index.hnsw.efSearch),
+            "ef_construction": int(index.hnsw.efConstruction),
+        }
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        return {"nlist": int(ivf.nlist), "nprobe": int(ivf.nprobe)}
+    return {}
+
+
+def index_kind(index: faiss.Index) -> str:
+    if isinstance(index, faiss.IndexHNSW):
+        return "hnsw"
+    if faiss.try_extract_index_ivf(index) is not None:
+        return "ivf"
+    return "flat"
+
+
+def index_vectors(index: faiss.Index) -> np.ndarray:
+    """All stored vectors, float32 [ntotal, d], row i = FAISS id i (flat, HNSW-Flat or IVF-Flat storage)."""
+    if _is_gpu_index(index):
+        index = faiss.index_gpu_to_cpu(index)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and ivf.direct_map.no():
+        ivf.make_direct_map()
+    return index.reconstruct_n(0, index.ntotal)
+
+
+def recall_at_k(approx_index: faiss.Index, flat_index: faiss.Index, queries: np.ndarray, k: int) -> float:
+    """Mean fraction of the exact top-``k`` (from ``flat_index``) that ``approx_index`` also returns."""
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    _, approx = approx_index.search(q, k)
+    _, exact = flat_index.search(q, k)
+    hits = 0
+    for s in range(0, len(q), 1024):  # [B, k, k] comparison, bounded
+        a, e = approx[s : s + 1024], exact[s : s + 1024]
+        hits += int(((a[:, :, None] == e[:, None, :]) & (e[:, None, :] >= 0)).any(axis=2).sum())
+    valid = int((exact >= 0).sum())
+    return hits / valid if valid else 1.0
+
+
+def raw_item_ids(items_table, ids: np.ndarray) -> np.ndarray:
+    """FAISS ids (= item_index) -> raw item ids through ``items.parquet`` (never ``id + 1``); -1 stays -1."""
+    item_index = items_table.column("item_index").to_numpy()
+    if not np.array_equal(item_index, np.arange(len(item_index))):
+        raise RetrievalInputError("items.parquet rows are not in item_index order 0..n-1")
+    raw = items_table.column("item").to_numpy()
+    ids = np.asarray(ids)
+    if ids.size and ids.max() >= len(raw):
+        raise RetrievalInputError(f"id {int(ids.max())} out of range for {len(raw)} items")
+    return np.where(ids >= 0, raw[np.maximum(ids, 0)], -1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Save / load with a sidecar
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedIndex:
+    index: faiss.Index
+    pca: PCA
+    sidecar: dict[str, Any]
+    path: Path
+
+    @property
+    def sha256(self) -> str:
+        """Checksum of ``index.faiss`` (what a retrieval run records)."""
+        return self.sidecar["files"]["index.faiss"]
+
+    @property
+    def embeddings_sha256(self) -> str:
+        return self.sidecar["embeddings"]["sha256"]
+
+    def vectors(self) -> np.ndarray:
+        """The index-space vectors the index holds, float32 [count, dimension]."""
+        return index_vectors(self.index)
+
+
+def make_sidecar(
+    index: faiss.Index,
+    pca: PCA,
+    embeddings_meta: dict[str, Any],
+    metric: str = "ip",
+    item_map: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The ``index.json`` content (``save_index`` adds the file checksums)."""
+    return {
+        "format_version": INDEX_FORMAT_VERSION,
+        "reclora_ds_version": __version__,
+        "kind": index_kind(index),
+        "metric": metric,
+        "dimension": int(index.d),
+        "count": int(index.ntotal),
+        "params": index_params(index),
+        "score_grid_bits": SCORE_GRID_BITS,
+        "pca": {
+            "n_components": pca.n_components,
+            "input_dim": pca.input_dim,
+            "explained_variance_ratio_sum": float(pca.explained_variance_ratio.sum()),
+        },
+        "embeddings": {
+            k: embeddings_meta.get(k) for k in ("sha256", "backbone", "dataset", "n_items", "dim")
+        },
+        "item_map": item_map
+        or {
+            "rule": "FAISS id i = embeddings row i = item_index i of items.parquet; raw id = items.parquet 'item' at row i",
+            "dataset": embeddings_meta.get("dataset"),
+        },
+        **(extra or {}),
+    }
+
+
+def save_index(directory: str | Path, index: faiss.Index, pca: PCA, sidecar: dict[str, Any]) -> Path:
+    """Write ``index.faiss``, ``pca.npz`` and ``index.json`` (last, with both files' sha256).
+
+    Each file goes through a temporary name and ``os.replace``; the sidecar is the commit point, and
+    :func:`load_index` rejects files whose checksum it does not list.
+    """
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    cpu = faiss.index_gpu_to_cpu(index) if _is_gpu_index(index) else index
+    if sidecar["count"] != cpu.ntotal or sidecar["dimension"] != cpu.d:
+        raise ValueError(
+            f"sidecar says {sidecar['count']} x {sidecar['dimension']}, index has {cpu.ntotal} x {cpu.d}"
+        )
+    tmp = d / "index.faiss.tmp"
+    faiss.write_index(cpu, str(tmp))
+    os.replace(tmp, d / "index.faiss")
+    pca.save(d / "pca.npz")
+    files = {name: sha256_file(d / name) for name in ("index.faiss", "pca.npz")}
+    write_atomic(d / "index.json", json.dumps({**sidecar, "files": files}, indent=2))
+    return d
+
+
+def load_index(directory: str | Path, expected_embeddings_sha256: str | None = None) -> LoadedIndex:
+    """Read an index directory and check it against its sidecar (and the embeddings it must come from)."""
+    d = Path(directory)
+    side_path = d / "index.json"
+    if not side_path.is_file():
+        raise RetrievalInputError(f"{side_path}: missing; build the index with tools/build_faiss_index.py")
+    sidecar = json.loads(side_path.read_text())
+    if sidecar.get("format_version") != INDEX_FORMAT_VERSION:
+        raise RetrievalInputError(
+            f"{side_path}: format_version {sidecar.get('format_version')}, expected {INDEX_FORMAT_VERSION}"
+        )
+    if (
+        expected_embeddings_sha256 is not None
+        and sidecar["embeddings"]["sha256"] != expected_embeddings_sha256
+    ):
+        raise RetrievalInputError(
+            f"{d}: index built from embeddings sha256 {sidecar['embeddings']['sha256']}, "
+            f"but the expected embeddings have sha256 {expected_embeddings_sha256}; rebuild the index"
+        )
+    for name, expected in sidecar["files"].items():
+        f = d / name
+        if not f.is_file():
+            raise RetrievalInputError(f"{f}: missing (listed in {side_path.name})")
+        actual = sha256_file(f)
+        if actual != expected:
+            raise RetrievalInputError(
+                f"{f}: sha256 {actual} but {side_path.name} lists {expected} (an interrupted or mixed write?)"
+            )
+    index = faiss.read_index(str(d / "index.faiss"))
+    pca = PCA.load(d / "pca.npz")
+    problems = []
+    if index.ntotal != sidecar["count"]:
+        problems.append(f"index holds {index.ntotal} vectors, sidecar count {sidecar['count']}")
+    if index.d != sidecar["dimension"]:
+        problems.append(f"index dimension {index.d}, sidecar {sidecar['dimension']}")
+    if pca.n_components != index.d:
+        problems.append(f"pca.npz has {pca.n_components} components, index dimension {index.d}")
+    if pca.input_dim != sidecar["pca"]["input_dim"]:
+        problems.append(f"pca.npz input dim {pca.input_dim}, sidecar {sidecar['pca']['input_dim']}")
+    if problems:
+        raise RetrievalInputError(f"{d}: " + "; ".join(problems))
+    if index_kind(index) == "hnsw" and "ef_search" in sidecar["params"]:
+        index.hnsw.efSearch = int(sidecar["params"]["ef_search"])
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and "nprobe" in sidecar["params"]:
+        ivf.nprobe = int(sidecar["params"]["nprobe"])
+    return LoadedIndex(index=index, pca=pca, sidecar=sidecar, path=d)
