@@ -419,3 +419,163 @@ class CRMTrainConfig:
             )
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage 2: RecLLM (frozen LLM + frozen CRM + PLoRA), section ``plora`` of launch/configs/plora_*.yaml
+# ----------------------------------------------------------------------------------------------------------
+
+from reclora_ds.models.plora import PLoRAConfig  # noqa: E402  (torch-backed; only the stage-2 config needs it)
+
+PLORA_MODES = ("plora", "lora", "zero_shot")
+SHORT_HISTORIES = ("recent", "retrieved")
+LONG_HISTORIES = ("auto", "recent", "retrieved")
+
+
+@dataclasses.dataclass
+class PLoRAModelConfig(PLoRAConfig):
+    """:class:`~reclora_ds.models.plora.PLoRAConfig` as the ``adapter:`` section of a stage-2 YAML file.
+
+    Identical fields, defaults and checks; ``mixing`` is annotated ``str`` (not a ``Literal``) for the YAML
+    loader. ``crm_dim`` is replaced by the loaded CRM's d_c.
+    """
+
+    mixing: str = "products"
+    """``products`` (paper Eq. 11) or ``factors`` (the authors' code)."""
+
+
+@dataclasses.dataclass
+class PLoRATrainConfig:
+    """Stage 2: tune PLoRA (or LoRA) on the few-shot split with DeepSpeed ZeRO-2 (``training.plora_recipe``).
+
+    Defaults are the paper's (reclora-facts sections 1 and 6): N_m = 16, r = 8, alpha = 16 on q_proj/v_proj,
+    AdamW without weight decay, linear schedule, global batch 256, retrieved histories (10 in the prompt,
+    the CRM's own for the CRM). ``launch/configs/plora_<dataset>.yaml`` hold each dataset's settings.
+    """
+
+    data_dir: str = "runs/quickstart/data"
+    """Processed dataset (``reclora-ds prepare``)."""
+    output_dir: str = "runs/quickstart/plora"
+    """Run folder: config.yaml, ds_config.json, checkpoints/, adapter/, tb/, metrics.json."""
+    crm_path: str = "runs/quickstart/crm"
+    """Stage-1 run folder (its checkpoints/best) or checkpoint folder; mode ``plora`` only."""
+    backbone: str = "default"
+    """``default`` (SmolLM2-135M-Instruct) or a local Hugging Face causal-LM folder (e.g. Vicuna-7B)."""
+    mode: str = "plora"
+    """``plora`` (RecLoRA), ``lora`` (peft LoRA: "w/o meta-LoRA") or ``zero_shot`` (evaluation only)."""
+    adapter: PLoRAModelConfig = dataclasses.field(default_factory=PLoRAModelConfig)
+    lora_rank: int = 8
+    """Rank of mode ``lora`` (8; 128 for "w/o meta-LoRA, same params")."""
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    short_history: str = "retrieved"
+    """Prompt history: ``retrieved`` (the K most similar to the target) or ``recent`` (w/o short retriever)."""
+    short_history_length: int = 10
+    """K of the prompt history."""
+    long_history: str = "auto"
+    """CRM history: ``auto`` (what the CRM was trained on, from its crm.json), ``recent`` (w/o long
+    retriever) or ``retrieved`` (``rows_k<long_history_length>`` of the retrieval output)."""
+    long_history_length: int = 0
+    """L of the CRM history; 0 = the CRM checkpoint's."""
+    retrieval_dir: str = ""
+    """Retrieval output folder (tools/retrieve_histories.py); empty = ``<data_dir>/retrieved/similarity``."""
+    crm_train_mode: bool = False
+    """Keep the frozen CRM's dropout active (the authors' code); default eval mode."""
+    train_split: str = "fewshot"
+    """The split the LLM is tuned on (the few-shot subset of train)."""
+    epochs: int = 1
+    """Passes over the training split."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps in all; 0 = no limit."""
+    batch_size: int = 256
+    """Global batch (all ranks, all accumulation micro-steps): DeepSpeed's train_batch_size."""
+    micro_batch_size: int = 8
+    """Samples per rank per forward (train_micro_batch_size_per_gpu); accumulation makes up the rest."""
+    eval_batch_size: int = 16
+    """Samples per rank per forward in evaluation."""
+    eval_max_samples: int = 0
+    """Evaluate on about this many samples of each split (each rank's first rows); 0 = the whole split."""
+    eval_every: int = 0
+    """Validate every this many optimizer steps (and at the end); 0 = at the end only."""
+    eval_splits: tuple[str, ...] = ("valid", "test")
+    """Splits evaluated at the end (the first one is also the periodic validation split)."""
+    lr: float = 1e-3
+    """AdamW peak learning rate (paper: ML-1M 1e-3, ML-25M 5e-4, GoodReads 3e-4)."""
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    """Linear warm-up steps before the linear decay to 0 at the last step."""
+    grad_clip: float = 0.0
+    """DeepSpeed gradient_clipping; 0 disables it."""
+    seed: int = 42
+    """Seed of the adapter init, the data order and the dropout masks (dropout also gets the rank)."""
+    deepspeed_config: str = "ds_configs/zero2_bf16.json"
+    """DeepSpeed JSON without batch sizes ("auto" values are resolved from this config and the world size);
+    a relative path is looked up in the working directory, then in the repository."""
+    gradient_checkpointing: bool = False
+    """Activation checkpointing of the LLM's layers (the paper uses it for N_m = 16)."""
+    load_in_8bit: bool = False
+    """Load the frozen LLM in 8 bits with bitsandbytes (CUDA only), as the paper does on V100s."""
+    attn_implementation: str = "sdpa"
+    """``sdpa`` or ``eager``."""
+    max_length: int = 1024
+    """Most tokens of prompt + answer; a longer prompt loses its start (counted in the log)."""
+    checkpoint_every: int = 100
+    """Optimizer steps between DeepSpeed checkpoints (one is also written at the end); 0 = only at the end."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept in ``checkpoints/`` (the oldest are deleted)."""
+    log_every: int = 10
+    """Optimizer steps between train/loss, train/lr and gate/* records."""
+    resume: bool = True
+    """Continue from ``checkpoints/latest`` in output_dir when it exists."""
+    num_threads: int = 0
+    """torch intra-op threads per process; 0 keeps torch's default (OMP_NUM_THREADS)."""
+    progress: bool = True
+    """tqdm progress bars on rank 0."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in PLORA_MODES:
+            raise ValueError(f"mode must be one of {PLORA_MODES}, got {self.mode!r}")
+        if self.short_history not in SHORT_HISTORIES:
+            raise ValueError(f"short_history must be one of {SHORT_HISTORIES}, got {self.short_history!r}")
+        if self.long_history not in LONG_HISTORIES:
+            raise ValueError(f"long_history must be one of {LONG_HISTORIES}, got {self.long_history!r}")
+        if self.mode == "plora" and not self.crm_path:
+            raise ValueError("mode=plora needs crm_path (the stage-1 run folder)")
+        for name in ("short_history_length", "epochs", "batch_size", "micro_batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in (
+            "long_history_length",
+            "max_steps",
+            "eval_max_samples",
+            "eval_every",
+            "warmup_steps",
+            "checkpoint_every",
+            "num_threads",
+            "seed",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.keep_checkpoints < 1 or self.log_every < 1 or self.max_length < 8:
+            raise ValueError(
+                f"need keep_checkpoints >= 1, log_every >= 1, max_length >= 8; got "
+                f"{self.keep_checkpoints}, {self.log_every}, {self.max_length}"
+            )
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"batch_size={self.batch_size} must be a multiple of micro_batch_size={self.micro_batch_size} "
+                "(times the world size, checked at launch)"
+            )
+        if not self.lr > 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError(
+                f"need lr > 0, weight_decay >= 0, grad_clip >= 0; got {self.lr}, {self.weight_decay}, {self.grad_clip}"
+            )
+        if self.lora_rank < 1 or not self.lora_alpha > 0:
+            raise ValueError(f"need lora_rank >= 1 and lora_alpha > 0, got {self.lora_rank}, {self.lora_alpha}")
+        if not self.eval_splits or any(s not in ("valid", "test", "train", "fewshot") for s in self.eval_splits):
+            raise ValueError(f"eval_splits must name splits (valid, test, ...), got {list(self.eval_splits)}")
+        if self.attn_implementation not in ("sdpa", "eager"):
+            raise ValueError(f"attn_implementation must be sdpa or eager, got {self.attn_implementation!r}")
+        self.lora_target_modules = tuple(self.lora_target_modules)
+        self.eval_splits = tuple(self.eval_splits)
