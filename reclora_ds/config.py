@@ -572,8 +572,12 @@ class PLoRATrainConfig:
                 f"need lr > 0, weight_decay >= 0, grad_clip >= 0; got {self.lr}, {self.weight_decay}, {self.grad_clip}"
             )
         if self.lora_rank < 1 or not self.lora_alpha > 0:
-            raise ValueError(f"need lora_rank >= 1 and lora_alpha > 0, got {self.lora_rank}, {self.lora_alpha}")
-        if not self.eval_splits or any(s not in ("valid", "test", "train", "fewshot") for s in self.eval_splits):
+            raise ValueError(
+                f"need lora_rank >= 1 and lora_alpha > 0, got {self.lora_rank}, {self.lora_alpha}"
+            )
+        if not self.eval_splits or any(
+            s not in ("valid", "test", "train", "fewshot") for s in self.eval_splits
+        ):
             raise ValueError(f"eval_splits must name splits (valid, test, ...), got {list(self.eval_splits)}")
         if self.attn_implementation not in ("sdpa", "eager"):
             raise ValueError(f"attn_implementation must be sdpa or eager, got {self.attn_implementation!r}")
