@@ -356,11 +356,11 @@ class CRMTrainConfig:
     """Retrieved-history file (sample_id -> timeline rows) for ``history_mode=retrieved``."""
     epochs: int = 10
     """Maximum number of passes over the training split (early stopping usually ends sooner)."""
-    batch_size: int = 1024
-    """Global batch size (all ranks together); each rank takes batch_size / world_size."""
+    batch_size: int = 256
+    """Global batch size (all ranks together); each rank takes batch_size / world_size (range 64..1024)."""
     eval_batch_size: int = 1024
     """Global batch size of validation and test (no gradients, so larger)."""
-    lr: float = 1e-3
+    lr: float = 5e-4
     """AdamW peak learning rate (paper range {1e-3, 5e-4, 1e-4})."""
     weight_decay: float = 0.0
     """AdamW decoupled weight decay (applied to every parameter, embeddings included)."""

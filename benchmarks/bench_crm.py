@@ -1,0 +1,220 @@
+"""Stage-1 CRM training speed on this machine: samples/s on 1 and 2 ranks, and the data-loading share of a step.
+
+    python benchmarks/bench_crm.py [--data DIR] [--config launch/configs/sim_quickstart.yaml] [--steps 40]
+                                   [--profile] [key=value ...]
+
+Without ``--data`` the bundled real MovieLens sample is prepared into a temporary folder first. The
+settings are the config's (the defaults of the bundled data unless ``--config`` / overrides say otherwise),
+run with the recipe's own pieces (``CRMBatchLoader`` on the train split, ``build_crm``, DDP, AdamW,
+``train_step``) for ``--warmup`` + ``--steps`` steps in three layouts:
+
+  * 1 rank, 1 thread      ``python`` (OMP_NUM_THREADS=1)
+  * 1 rank, 2 threads     ``python`` (OMP_NUM_THREADS=2)
+  * 2 ranks, 1 thread     ``torchrun --nproc_per_node 2`` (gloo, OMP_NUM_THREADS=1)
+
+Each prints global samples/s (all ranks), ms per step and the share of the step's wall time spent
+waiting for the next batch (data loading). ``--profile`` adds a per-operator breakdown of one rank's step.
+The target of the issue is 20,000 samples/s on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TARGET_SAMPLES_PER_S = 20_000
+ROOT = Path(__file__).parents[1]
+DEFAULT_CONFIG = ROOT / "launch" / "configs" / "sim_quickstart.yaml"
+LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One rank: timed training steps with the recipe's pieces; rank 0 prints one JSON line."""
+    import torch
+
+    from reclora_ds import distributed as D
+    from reclora_ds.config import CRMTrainConfig, load_config
+    from reclora_ds.data.processed import ProcessedDataset
+    from reclora_ds.models.crm import FeatureSpec
+    from reclora_ds.models.registry import build_crm
+    from reclora_ds.training.crm_recipe import build_loader, build_optimizer, crm_config, train_step, wrap_ddp
+
+    cfg = load_config(CRMTrainConfig, args.config, [f"data_dir={args.data}", *args.overrides])
+    info = D.init_distributed("gloo")
+    torch.manual_seed(cfg.seed)
+    ds = ProcessedDataset(cfg.data_dir)
+    model = build_crm(cfg.model, crm_config(cfg), FeatureSpec.from_metadata(ds.metadata))
+    ddp = wrap_ddp(model, torch.device("cpu"))
+    optimizer, scheduler = build_optimizer(model, cfg, total_steps=args.warmup + args.steps)
+    loader = build_loader(cfg, ds, "train", info)
+    batches = iter(loader)
+    epoch = 0
+
+    def next_batch():
+        nonlocal batches, epoch
+        try:
+            return next(batches)
+        except StopIteration:
+            epoch += 1
+            loader.set_epoch(epoch)
+            batches = iter(loader)
+            return next(batches)
+
+    for _ in range(args.warmup):
+        train_step(ddp, next_batch(), optimizer, scheduler, cfg.grad_clip)
+    D.barrier()
+    data_time = 0.0
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        batch = next_batch()
+        data_time += time.perf_counter() - t
+        train_step(ddp, batch, optimizer, scheduler, cfg.grad_clip)
+    D.barrier()
+    wall = time.perf_counter() - t0
+    shares = D.all_gather_variable(torch.tensor([data_time / wall], dtype=torch.float64))
+    if args.profile and info.is_main:
+        profile(ddp, optimizer, next_batch)
+    if info.is_main:
+        result = {
+            "world_size": info.world_size,
+            "threads": torch.get_num_threads(),
+            "per_rank_batch": loader.batch_size,
+            "samples_per_s": args.steps * loader.batch_size * info.world_size / wall,
+            "ms_per_step": 1e3 * wall / args.steps,
+            "data_share": float(shares.max()),
+            "params": sum(p.numel() for p in model.parameters()),
+            "model": cfg.model,
+            "crm": {
+                k: getattr(cfg.crm, k) for k in ("embedding_dim", "attention_hidden", "attention_layers")
+            },
+            "tower": list(cfg.crm.tower),
+            "history_length": cfg.history_length,
+            "top_k": cfg.crm.top_k,
+        }
+        print("RESULT " + json.dumps(result), flush=True)
+    D.destroy()
+
+
+def profile(model, optimizer, next_batch, steps: int = 5) -> None:
+    """Per-operator self time of a few training steps (forward, backward, AdamW), largest first."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from reclora_ds.training.crm_recipe import train_step
+
+    batches = [next_batch() for _ in range(steps)]
+    with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for batch in batches:
+            train_step(model, batch, optimizer)
+    events = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events)
+    print(
+        f"profile of {steps} steps (self CPU time per step; total {total / steps / 1e3:.1f} ms):", flush=True
+    )
+    for e in events[:15]:
+        shapes = str(e.input_shapes)[:70]
+        print(
+            f"  {e.key[:28]:<28} {e.self_cpu_time_total / steps / 1e3:7.1f} ms {100 * e.self_cpu_time_total / total:5.1f}%  {shapes}",
+            flush=True,
+        )
+
+
+def run_layout(
+    args: argparse.Namespace, data: Path, ranks: int, threads: int, profile_it: bool
+) -> dict | None:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env["OMP_NUM_THREADS"] = str(threads)
+    script = [
+        str(Path(__file__).resolve()),
+        "--worker",
+        "--data",
+        str(data),
+        "--config",
+        str(args.config),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        *(["--profile"] if profile_it else []),
+        *args.overrides,
+    ]
+    if ranks == 1:
+        cmd = [sys.executable, *script]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(ranks),
+            *script,
+        ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if not line.startswith("RESULT "):
+            print(line)
+    results = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not results:
+        print(f"{ranks} rank(s) x {threads} thread(s) failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+        return None
+    return results[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="", help="processed dataset (default: prepare the bundled sample)")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="a CRMTrainConfig YAML file")
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per layout")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--profile", action="store_true", help="per-operator breakdown (1 rank, 1 thread)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. crm.attention_hidden=64")
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(args.data) if args.data else None
+        if data is None:
+            from reclora_ds.config import PrepareConfig
+            from reclora_ds.data.prepare import prepare_dataset
+
+            data = Path(tmp) / "data"
+            prepare_dataset(PrepareConfig(raw_dir="", output_dir=str(data), few_shot_size=1000))
+        print(f"config {args.config} {' '.join(args.overrides)}; data {data}; {os.cpu_count()} CPU cores")
+        rows = []
+        for ranks, threads in ((1, 1), (1, 2), (2, 1)):
+            result = run_layout(
+                args, data, ranks, threads, profile_it=args.profile and (ranks, threads) == (1, 1)
+            )
+            if result is None:
+                continue
+            rows.append(result)
+            if len(rows) == 1:
+                print(
+                    f"model {result['model']} {result['crm']} tower {result['tower']} L={result['history_length']} "
+                    f"top_k={result['top_k']}, {result['params']:,} params"
+                )
+            print(
+                f"{ranks} rank(s) x {threads} thread(s): {result['samples_per_s']:>9,.0f} samples/s  "
+                f"{result['ms_per_step']:7.1f} ms/step (batch {result['per_rank_batch']} per rank)  "
+                f"data loading {100 * result['data_share']:.1f}% of step time",
+                flush=True,
+            )
+        if rows:
+            best = max(r["samples_per_s"] for r in rows)
+            verdict = "meets" if best >= TARGET_SAMPLES_PER_S else "misses"
+            print(f"target {TARGET_SAMPLES_PER_S:,} samples/s on 2 cores: best {best:,.0f} -> {verdict} it")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""Stage-2 batches: the prompt tokens (text view) and the CRM's ID-view tensors of the same samples.
+
+Shape legend: B batch, T tokens (left-padded prompt + answer), L the CRM's history length, K the prompt's
+short history (10).
+
+A batch is a :class:`~reclora_ds.data.loader.CRMBatchLoader` batch (``sample_id``, ``label``, every
+categorical field, ``hist_*`` [B, L]: the CRM's long history, recent or retrieved) plus::
+
+    input_ids        int64 [B, T]   chat-wrapped prompt (+ answer when training), padded on the LEFT
+    attention_mask   int64 [B, T]   0 on the padding
+    labels           int64 [B, T]   answer token ids, -100 elsewhere (training batches only)
+    answer_position  int64 [B]      the position whose logits give p(yes) (right before the answer)
+    user_index       int64 [B]      dense user index (GAUC groups)
+
+Both views are built in :meth:`PLoRABatchLoader.assemble` from the same sample rows, and the text view is
+looked up by ``sample_id``: the short retrieved history by sample id in the retrieval output, the profile
+by user, the target and history titles by item. Everything about ranks, epochs and resuming is the
+CRMBatchLoader's: per-rank disjoint shard files, a seeded shuffle per epoch, even batches across ranks,
+``state_dict()`` / ``load_state_dict()`` for an exact resume position.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from reclora_ds.data.loader import NO_ROW, CRMBatchLoader, RetrievedHistories
+from reclora_ds.data.processed import ProcessedDataset
+from reclora_ds.data.prompts import PromptEncoder, TextView
+from reclora_ds.data.text import ml1m_profile
+
+SHORT_HISTORY_MODES = ("recent", "retrieved")
+DEFAULT_SHORT_HISTORY = 10  # K_short of the paper (prompt history)
+
+
+def read_retrieval_output(data_dir: str | Path, k: int, folder: str | Path = "") -> RetrievedHistories:
+    """The ``rows_k<k>`` of a retrieval output folder (``tools/retrieve_histories.py``; default
+    ``<data_dir>/retrieved/similarity``), checked against the processed dataset by
+    :func:`reclora_ds.retrieval.retriever.load_retrieved`, as a by-sample_id lookup table."""
+    from reclora_ds.retrieval.retriever import load_retrieved
+
+    folder = Path(folder) if folder else Path(data_dir) / "retrieved" / "similarity"
+    side = folder / "retrieval.json"
+    if not side.is_file():
+        raise FileNotFoundError(
+            f"{side}: no retrieval output; run tools/retrieve_histories.py --processed {data_dir} "
+            "(or use the recent histories)"
+        )
+    mode = json.loads(side.read_text()).get("mode", "similarity")
+    retrieved = load_retrieved(data_dir, mode, out_dir=folder)
+    if k not in retrieved.rows:
+        raise ValueError(
+            f"{folder} holds K in {sorted(retrieved.rows)}, not {k}: re-run tools/retrieve_histories.py "
+            f"with --ks including {k}"
+        )
+    return RetrievedHistories(retrieved.sample_ids, retrieved.rows[k])
+
+
+def long_histories(path: str | Path, k: int, data_dir: str | Path) -> RetrievedHistories | str:
+    """The CRM's retrieved-history source for :class:`CRMBatchLoader`: a file as is, or a retrieval output
+    folder's ``rows_k<k>``."""
+    return read_retrieval_output(data_dir, k, path) if Path(path).is_dir() else str(path)
+
+
+class PLoRABatchLoader(CRMBatchLoader):
+    """Batches of the prompt tokens and the CRM's ID view of the same samples (see the module docstring).
+
+    Args:
+        dataset: the processed dataset.
+        split: ``fewshot`` (training), ``valid`` or ``test``.
+        batch_size: B, samples per batch on this rank.
+        encoder: the prompt template + tokenizer.
+        with_answer: append the answer and its labels (training); False gives prompt-only batches whose
+            last position is the answer position (evaluation).
+        short_history: the prompt's history, ``"recent"`` (the last K) or ``"retrieved"`` (``short_retrieved``).
+        short_history_length: K (10 in the paper).
+        short_retrieved: the retrieved prompt histories (:func:`read_retrieval_output` with K);
+            required for ``"retrieved"``.
+        **crm_loader_kwargs: the CRMBatchLoader's (``history_length``, ``history_mode``, ``retrieved``,
+            ``rank``, ``world_size``, ``shuffle``, ``seed``, ``drop_last``, ``even_batches``...).
+
+    Example::
+
+        loader = PLoRABatchLoader(ProcessedDataset(path), "fewshot", 8, PromptEncoder(tok, "ml-1m"),
+                                  history_length=60, rank=info.rank, world_size=info.world_size,
+                                  shuffle=True, seed=42, drop_last=True)
+    """
+
+    def __init__(
+        self,
+        dataset: ProcessedDataset,
+        split: str,
+        batch_size: int,
+        encoder: PromptEncoder,
+        *,
+        with_answer: bool = True,
+        short_history: str = "recent",
+        short_history_length: int = DEFAULT_SHORT_HISTORY,
+        short_retrieved: RetrievedHistories | None = None,
+        **crm_loader_kwargs: Any,
+    ) -> None:
+        if short_history not in SHORT_HISTORY_MODES:
+            raise ValueError(f"short_history must be one of {SHORT_HISTORY_MODES}, got {short_history!r}")
+        if short_history_length < 1:
+            raise ValueError(f"short_history_length must be >= 1, got {short_history_length}")
+        if short_history == "retrieved" and short_retrieved is None:
+            raise ValueError("short_history='retrieved' needs short_retrieved (read_retrieval_output)")
+        if encoder.dataset != dataset.metadata["dataset"]:
+            raise ValueError(
+                f"the prompt encoder is for {encoder.dataset!r}, the dataset is {dataset.metadata['dataset']!r}"
+            )
+        super().__init__(dataset, split, batch_size, **crm_loader_kwargs)
+        self.encoder = encoder
+        self.with_answer = with_answer
+        self.short_history = short_history
+        self.short_history_length = short_history_length
+        self._short = short_retrieved if short_history == "retrieved" else None
+        if "item_index" not in self._columns:
+            self._columns.append("item_index")  # the target's title
+        self._build_text_lookups()
+        if self._short is not None:
+            ids = np.concatenate(
+                [pq.read_table(f, columns=["sample_id"]).column("sample_id").to_numpy() for f in self.files]
+            )
+            self._short.lookup(ids)  # raises KeyError naming missing ids
+
+    def _build_text_lookups(self) -> None:
+        """Titles by item, profile sentence and gender by user (ML-1M), timeline item and rating by row."""
+        ds = self.dataset
+        self._titles = np.asarray(ds.items.column("title").to_pylist(), dtype=object)  # [n_items]
+        n_users = ds.users.num_rows
+        self._profiles = np.full(n_users, "", dtype=object)
+        self._genders = np.full(n_users, "", dtype=object)
+        if ds.metadata["dataset"] == "ml-1m":
+            users = ds.users.select(["gender", "age", "occupation"]).to_pydict()
+            self._profiles[:] = [
+                ml1m_profile(g, a, o) for g, a, o in zip(users["gender"], users["age"], users["occupation"])
+            ]
+            self._genders[:] = users["gender"]
+        timelines = ds.timelines
+        self._row_item = timelines.item_index
+        self._row_rating = timelines.rating
+        self._row_offsets = timelines.offsets
+
+    def short_history_rows(self, cols: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """The prompt's history as timeline rows [B, K] (oldest first) and their validity mask [B, K]."""
+        user, hist_len, k = cols["user_index"], cols["hist_len"], self.short_history_length
+        if self._short is None:
+            return self.dataset.timelines.recent(user, hist_len, k)
+        rows = self._short.lookup(cols["sample_id"])  # [B, K'], joined by sample_id
+        if rows.shape[1] != k:
+            raise ValueError(
+                f"the retrieved prompt histories hold {rows.shape[1]} rows per sample, not K={k}"
+            )
+        valid = rows != NO_ROW
+        start = self._row_offsets[user][:, None]
+        outside = valid & ((rows < start) | (rows >= start + hist_len[:, None]))
+        if outside.any():
+            bad = cols["sample_id"][np.flatnonzero(outside.any(axis=1))[:5]].tolist()
+            raise ValueError(
+                f"retrieved prompt history rows outside the sample's history for sample ids {bad}"
+            )
+        return np.where(valid, rows, 0), valid
+
+    def text_views(self, cols: dict[str, np.ndarray]) -> list[TextView]:
+        """The text view of each sample of ``cols`` (no ID field: titles, ratings, profile words)."""
+        rows, valid = self.short_history_rows(cols)
+        titles = self._titles[self._row_item[rows]]  # [B, K] object
+        ratings = self._row_rating[rows]  # [B, K]
+        user = cols["user_index"]
+        views = []
+        for j, item in enumerate(cols["item_index"]):
+            history = tuple((str(t), float(r)) for t, r, ok in zip(titles[j], ratings[j], valid[j]) if ok)
+            views.append(
+                TextView(
+                    target=str(self._titles[item]),
+                    history=history,
+                    profile=self._profiles[user[j]],
+                    gender=self._genders[user[j]],
+                )
+            )
+        return views
+
+    def assemble(self, cols: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """The CRM batch of ``cols`` plus the tokenized prompts of the same samples."""
+        batch = super().assemble(cols)
+        views = self.text_views(cols)
+        labels = cols["label"] if self.with_answer else None
+        batch.update(self.encoder.encode(views, labels))
+        batch["user_index"] = torch.from_numpy(cols["user_index"].astype(np.int64))
+        return batch

@@ -1,0 +1,771 @@
+"""Stage 2 recipe: tune PLoRA (or LoRA) of a frozen LLM on the few-shot split with DeepSpeed ZeRO-2.
+
+::
+
+    recipe = PLoRARecipe(cfg)    # cfg: reclora_ds.config.PLoRATrainConfig
+    recipe.setup()               # process group, RecLLM, loaders, DeepSpeed engine, logger, auto-resume
+    recipe.train()               # micro-steps with accumulation; logs, validation, checkpoints
+    metrics = recipe.finish()    # adapter export, evaluation of the eval splits -> metrics.json
+    recipe.cleanup()
+
+or :func:`run_plora_training` (what ``launch/train_plora.py`` calls). One code path for ``deepspeed``,
+``torchrun`` and a plain ``python`` process (a 1-rank gloo group is created then: DeepSpeed needs one).
+
+Model: :class:`~reclora_ds.models.rec_llm.RecLLM` (frozen LLM + frozen CRM + PLoRA, or peft LoRA, or nothing
+for ``zero_shot``). Only the trainable parameters go to ``deepspeed.initialize``; the optimizer is the
+DeepSpeed JSON's AdamW (weight decay 0 by default) and the schedule a linear warm-up + linear decay to 0
+(:func:`reclora_ds.training.crm_recipe.lr_factor`) stepped at every optimizer step.
+
+Batches: :class:`~reclora_ds.training.plora_data.PLoRABatchLoader` on the few-shot split, per rank by file,
+shuffled per epoch with the seed; every rank runs the same number of micro-batches. ``batch_size`` is the
+global batch: ``gradient_accumulation_steps = batch_size / (micro_batch_size * world_size)``. An epoch uses
+``steps_per_epoch * gradient_accumulation_steps`` micro-batches (a trailing partial accumulation is dropped).
+
+Evaluation: p(yes) on prompt-only batches of the whole split (or ``eval_max_samples``), predictions gathered
+across ranks and de-duplicated by sample_id, AUC / log loss / GAUC computed once
+(:func:`reclora_ds.metrics.evaluate_predictions`).
+
+Run folder (rank 0 writes everything but DeepSpeed's per-rank optimizer shards)::
+
+    config.yaml           the resolved PLoRATrainConfig
+    ds_config.json        the resolved DeepSpeed config (batch sizes, lr, clipping filled in)
+    checkpoints/latest    the tag of the newest complete checkpoint (written atomically, after all ranks)
+    checkpoints/step00000100/   DeepSpeed checkpoint: trainable parameters only (frozen ones and a tied
+                          lm_head are filtered), ZeRO optimizer shards, lr schedule, and a client state
+                          with the data position, every rank's RNG states and the trainer state;
+                          config.yaml + ds_config.json beside it
+    adapter/              the trained adapter: PLoRA (adapter_model.safetensors + plora_config.json,
+                          reclora_ds.models.adapter_io) or peft LoRA (+ adapter_config.json), and
+                          rec_llm.json (mode, RecLLM settings, the CRM checkpoint's description)
+    tb/                   TensorBoard: train/loss, train/lr, gate/entropy, gate/expert_usage/<k>,
+                          eval/auc, eval/logloss, eval/gauc, test/*, the config as text
+    metrics.json          train losses, validation history, final metrics per split, timings
+
+Resume: with ``resume=true`` a run whose ``checkpoints/latest`` exists continues from it: trainable
+weights, optimizer, schedule, step, data position (the remaining micro-batches of the epoch, in order) and
+RNG states. On CPU in fp32 a run killed with SIGKILL and started again ends with the same adapter as an
+uninterrupted one (``tests/training/test_plora_recipe.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from tqdm.auto import tqdm
+
+from reclora_ds import distributed as dist_utils
+from reclora_ds.config import PLoRATrainConfig, config_to_dict, save_config
+from reclora_ds.data.processed import ProcessedDataset
+from reclora_ds.data.prompts import PromptEncoder
+from reclora_ds.metrics import evaluate_predictions, expert_usage, gate_entropy
+from reclora_ds.models.plora import PLoRAConfig
+from reclora_ds.models.rec_llm import RecLLMConfig, build_rec_llm
+from reclora_ds.training.checkpoint import CheckpointError, atomic_dir, rng_state, set_rng_state
+from reclora_ds.training.crm_recipe import lr_factor
+from reclora_ds.training.logger import MetricLogger, build_logger
+from reclora_ds.training.plora_data import PLoRABatchLoader, long_histories, read_retrieval_output
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CHECKPOINT_DIR = "checkpoints"
+LATEST_FILE = "latest"
+ADAPTER_DIR = "adapter"
+REC_LLM_FILE = "rec_llm.json"
+CLIENT_STATE_KEY = "reclora"
+AUTO = "auto"
+# Settings that fix the model or the order of the data: a resume with other values would not continue the
+# same run, so it is refused.
+RESUME_MUST_MATCH = (
+    "mode",
+    "backbone",
+    "crm_path",
+    "adapter",
+    "lora_rank",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "short_history",
+    "short_history_length",
+    "long_history",
+    "long_history_length",
+    "train_split",
+    "batch_size",
+    "micro_batch_size",
+    "max_length",
+    "seed",
+)
+# CRM history when there is no CRM (modes lora / zero_shot): the ID view is assembled but unused.
+_NO_CRM_HISTORY = 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DeepSpeed config
+# ----------------------------------------------------------------------------------------------------------
+
+
+def find_ds_config(path: str | os.PathLike[str]) -> Path:
+    """The DeepSpeed JSON ``path``: as given, else relative to the repository (``ds_configs/...``)."""
+    given = Path(path).expanduser()
+    for candidate in (given, REPO_ROOT / given):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"DeepSpeed config {path} not found (nor under {REPO_ROOT})")
+
+
+def ds_precision(ds_config: Mapping[str, Any]) -> str:
+    """The dtype name the config trains in: ``bfloat16``, ``float16`` or ``float32``."""
+    if ds_config.get("bf16", {}).get("enabled", False):
+        return "bfloat16"
+    if ds_config.get("fp16", {}).get("enabled", False):
+        return "float16"
+    return "float32"
+
+
+def resolve_ds_config(raw: Mapping[str, Any], cfg: PLoRATrainConfig, world_size: int) -> dict[str, Any]:
+    """Fill the ``"auto"`` values of a DeepSpeed config from the stage config and the world size.
+
+    Batch sizes: ``train_micro_batch_size_per_gpu = micro_batch_size``, ``train_batch_size = batch_size``,
+    ``gradient_accumulation_steps = batch_size / (micro_batch_size * world_size)``; optimizer ``lr`` and
+    ``weight_decay``; ``gradient_clipping = grad_clip``. A value given as a number must agree with them.
+
+    Raises:
+        ValueError: the global batch does not split into whole micro-batches over the ranks, a given value
+            disagrees, or an ``"auto"`` is left that the recipe does not know.
+    """
+    per_step = cfg.micro_batch_size * world_size
+    if cfg.batch_size % per_step:
+        raise ValueError(
+            f"batch_size={cfg.batch_size} must be a multiple of micro_batch_size x world_size = "
+            f"{cfg.micro_batch_size} x {world_size}"
+        )
+    resolved = json.loads(json.dumps(raw))  # a deep copy
+    wanted = {
+        "train_batch_size": cfg.batch_size,
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.batch_size // per_step,
+        "gradient_clipping": cfg.grad_clip,
+    }
+    problems = []
+    for key, value in wanted.items():
+        given = resolved.get(key, AUTO)
+        if given != AUTO and given != value:
+            problems.append(f"{key}={given} but the stage config gives {value}")
+        resolved[key] = value
+    params = resolved.setdefault("optimizer", {"type": "AdamW", "params": {}}).setdefault("params", {})
+    for key, value in (("lr", cfg.lr), ("weight_decay", cfg.weight_decay)):
+        given = params.get(key, AUTO)
+        if given != AUTO and given != value:
+            problems.append(f"optimizer.params.{key}={given} but the stage config gives {value}")
+        params[key] = value
+    left = [path for path, value in _walk(resolved) if value == AUTO]
+    if left:
+        problems.append(f"'auto' values the recipe cannot resolve: {left}")
+    if problems:
+        raise ValueError("DeepSpeed config: " + "; ".join(problems))
+    return resolved
+
+
+def _walk(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            yield from _walk(value, f"{prefix}{key}.")
+    else:
+        yield prefix.rstrip("."), node
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoint helpers
+# ----------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def only_trainable_state(module: nn.Module) -> Iterator[None]:
+    """Inside the block ``module.state_dict()`` holds the trainable parameters only.
+
+    DeepSpeed's ``exclude_frozen_parameters`` drops frozen *parameters* by name, but a tied ``lm_head.weight``
+    is not a separate parameter name and would be saved (121 MB for SmolLM2). The state-dict hook is
+    removed on exit.
+    """
+    keep = {name for name, p in module.named_parameters() if p.requires_grad}
+
+    def drop_frozen(_module: nn.Module, state_dict: dict, prefix: str, _metadata: Any) -> None:
+        for key in [k for k in state_dict if k[len(prefix) :] not in keep]:
+            del state_dict[key]
+
+    handle = module.register_state_dict_post_hook(drop_frozen)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def checked_trainable_load(expected: set[str]) -> Callable[..., None]:
+    """A DeepSpeed ``custom_load_fn``: the checkpoint's module state must hold exactly the trainable names."""
+
+    def load(src: Mapping[str, torch.Tensor], dst: nn.Module) -> None:
+        got = set(src)
+        missing, unexpected = sorted(expected - got), sorted(got - expected)
+        if missing or unexpected:
+            raise CheckpointError(
+                f"the checkpoint's trainable tensors do not match the model: missing {missing[:10]}, "
+                f"unexpected {unexpected[:10]}"
+            )
+        # every key is checked above; the frozen weights (not in the checkpoint) come from the backbone/CRM
+        dst.load_state_dict(dict(src), strict=False)
+
+    return load
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def rec_llm_config(cfg: PLoRATrainConfig, dtype: str) -> RecLLMConfig:
+    """The RecLLMConfig of a stage-2 config (the adapter section is a PLoRAConfig subclass)."""
+    return RecLLMConfig(
+        mode=cfg.mode,
+        plora=PLoRAConfig(**dataclasses.asdict(cfg.adapter)),
+        lora_rank=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        lora_target_modules=cfg.lora_target_modules,
+        crm_train_mode=cfg.crm_train_mode,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        backbone=cfg.backbone,
+        crm_path=cfg.crm_path if cfg.mode == "plora" else "",
+        dtype=dtype,
+        load_in_8bit=cfg.load_in_8bit,
+        attn_implementation=cfg.attn_implementation,
+    )
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The recipe
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainerState:
+    """Training position saved in every checkpoint's client state."""
+
+    epoch: int = 0
+    """The epoch in progress."""
+    step: int = 0
+    """Optimizer steps done."""
+    done: bool = False
+    """Training is over (a resume goes straight to the final evaluation)."""
+    losses: list[list[float]] = dataclasses.field(default_factory=list)
+    """``[step, mean train loss over the log window and all ranks]`` at every log step."""
+    evals: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    """Periodic validation metrics."""
+
+
+class PLoRARecipe:
+    """The stage-2 recipe (see the module docstring). Collective methods must run on every rank."""
+
+    def __init__(self, cfg: PLoRATrainConfig) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.ckpt_dir = self.out / CHECKPOINT_DIR
+        self.state = TrainerState()
+        self.engine: Any = None
+        self.logger: MetricLogger | None = None
+        self.resumed_from: int | None = None
+        self._saved_step = -1
+        self._perf: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------------------------------
+    # setup
+    # ------------------------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        self.info = dist_utils.init_distributed(single_process_group=True)
+        self.is_main = self.info.is_main
+        self.raw_ds_config = json.loads(find_ds_config(cfg.deepspeed_config).read_text())
+        self.ds_config = resolve_ds_config(self.raw_ds_config, cfg, self.info.world_size)
+        self.gas = self.ds_config["gradient_accumulation_steps"]
+        dtype = ds_precision(self.ds_config)
+
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)  # noqa: NPY002 (the legacy global RNG, for any library that reads it)
+        # the same adapter init on every rank (DeepSpeed broadcasts rank 0's weights anyway)
+        torch.manual_seed(cfg.seed)
+        self.model, self.tokenizer, self.crm_info = build_rec_llm(rec_llm_config(cfg, dtype))
+        torch.manual_seed(cfg.seed + self.info.rank)  # dropout masks differ between ranks
+
+        self.dataset = ProcessedDataset(cfg.data_dir)
+        self.encoder = PromptEncoder(self.tokenizer, self.dataset.metadata["dataset"], cfg.max_length)
+        self._build_loaders()
+
+        self.trainable = self.model.trainable_parameters()
+        if cfg.mode != "zero_shot":
+            self._build_engine()
+        else:
+            self.device = self._device()
+            if not cfg.load_in_8bit:  # an 8-bit model is placed on its GPU when it is loaded
+                self.model.to(self.device)
+        resumed = self._maybe_resume()
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+            write_text_atomic(self.out / "ds_config.json", json.dumps(self.ds_config, indent=2) + "\n")
+        self.logger = build_logger(self.out / "tb", purge_step=self.state.step if resumed else None)
+        self.logger.log_text(
+            "config", "```yaml\n" + yaml.safe_dump(config_to_dict(cfg), sort_keys=False) + "```"
+        )
+        self.logger.log_text("deepspeed", "```json\n" + json.dumps(self.ds_config, indent=2) + "\n```")
+        n_trainable = sum(p.numel() for p in self.trainable.values())
+        log.info(
+            "mode %s on %s: %s trainable parameters, %d rank(s), global batch %d = %d micro x %d ranks x %d "
+            "accumulation, %d steps/epoch (%d in all), %s",
+            cfg.mode,
+            self.device,
+            f"{n_trainable:,}",
+            self.info.world_size,
+            cfg.batch_size,
+            cfg.micro_batch_size,
+            self.info.world_size,
+            self.gas,
+            self.steps_per_epoch,
+            self.total_steps,
+            dtype,
+        )
+        dist_utils.barrier()
+
+    def _device(self) -> torch.device:
+        if torch.cuda.is_available():
+            return torch.device("cuda", self.info.local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
+
+    def _crm_history(self) -> dict[str, Any]:
+        """The CRMBatchLoader's history settings for the CRM: as it was trained, or the ablation's."""
+        cfg, info = self.cfg, self.crm_info
+        if info is None:
+            return {"history_length": _NO_CRM_HISTORY, "history_mode": "recent"}
+        mode = info.history_mode if cfg.long_history == "auto" else cfg.long_history
+        length = cfg.long_history_length or info.history_length
+        if (mode, length) != (info.history_mode, info.history_length):
+            log.warning(
+                "the CRM was trained on %s histories of length %d; it gets %s histories of length %d here",
+                info.history_mode,
+                info.history_length,
+                mode,
+                length,
+            )
+        if mode == "recent":
+            return {"history_length": length, "history_mode": "recent"}
+        if cfg.long_history == "auto" and info.retrieved_path:
+            source = info.retrieved_path  # the very file or folder the CRM was trained with
+        else:
+            source = cfg.retrieval_dir or str(Path(cfg.data_dir) / "retrieved" / "similarity")
+        return {
+            "history_length": length,
+            "history_mode": "retrieved",
+            "retrieved": long_histories(source, length, cfg.data_dir),
+        }
+
+    def _build_loaders(self) -> None:
+        cfg, info = self.cfg, self.info
+        short = None
+        if cfg.short_history == "retrieved":
+            short = read_retrieval_output(cfg.data_dir, cfg.short_history_length, cfg.retrieval_dir)
+        common = {
+            "short_history": cfg.short_history,
+            "short_history_length": cfg.short_history_length,
+            "short_retrieved": short,
+            "rank": info.rank,
+            "world_size": info.world_size,
+            "seed": cfg.seed,
+            "even_batches": True,
+            **self._crm_history(),
+        }
+        self.train_loader = PLoRABatchLoader(
+            self.dataset,
+            cfg.train_split,
+            cfg.micro_batch_size,
+            self.encoder,
+            with_answer=True,
+            shuffle=True,
+            drop_last=True,
+            **common,
+        )
+        self.eval_loaders = {
+            split: PLoRABatchLoader(
+                self.dataset,
+                split,
+                cfg.eval_batch_size,
+                self.encoder,
+                with_answer=False,
+                shuffle=False,
+                drop_last=False,
+                **common,
+            )
+            for split in cfg.eval_splits
+        }
+        self.steps_per_epoch = len(self.train_loader) // self.gas
+        if cfg.mode != "zero_shot" and self.steps_per_epoch == 0:
+            raise ValueError(
+                f"split {cfg.train_split!r} gives {len(self.train_loader)} micro-batches per rank, fewer than one "
+                f"optimizer step ({self.gas} accumulation steps)"
+            )
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        if cfg.max_steps:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+
+    def _build_engine(self) -> None:
+        import deepspeed
+
+        cfg = self.cfg
+        total = self.total_steps
+
+        def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+            return torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step: lr_factor(step, "linear", cfg.warmup_steps, total)
+            )
+
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=self.model,
+            model_parameters=[p for p in self.model.parameters() if p.requires_grad],
+            config=self.ds_config,
+            lr_scheduler=schedule,
+        )
+        self.device = self.engine.device
+
+    def _maybe_resume(self) -> bool:
+        latest = self.ckpt_dir / LATEST_FILE
+        if not self.cfg.resume or self.engine is None or not latest.is_file():
+            return False
+        tag = latest.read_text().strip()
+        path, client = self.engine.load_checkpoint(
+            str(self.ckpt_dir),
+            tag=tag,
+            custom_load_fn=checked_trainable_load(set(self.trainable)),
+        )
+        if path is None:
+            raise CheckpointError(f"{self.ckpt_dir / tag}: DeepSpeed could not load this checkpoint")
+        saved = client[CLIENT_STATE_KEY]
+        current = config_to_dict(self.cfg)
+        differ = [k for k in RESUME_MUST_MATCH if saved["config"].get(k) != current.get(k)]
+        if differ or saved["world_size"] != self.info.world_size:
+            raise ValueError(
+                f"{self.ckpt_dir / tag} was written by a run with other {differ or ['world_size']}: resume it "
+                "with the same settings, or set resume=false / another output_dir"
+            )
+        self.state = TrainerState(**saved["trainer"])
+        self.state.done = self.state.step >= self.total_steps  # a larger max_steps / epochs continues a run
+        self.train_loader.load_state_dict(saved["loader"])
+        set_rng_state(saved["rng"][self.info.rank])
+        self.resumed_from = self._saved_step = self.state.step
+        log.info(
+            "resumed from %s at step %d (epoch %d)", self.ckpt_dir / tag, self.state.step, self.state.epoch
+        )
+        return True
+
+    # ------------------------------------------------------------------------------------------------------
+    # train
+    # ------------------------------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        """Micro-steps until ``total_steps`` optimizer steps are done; logs, validates and checkpoints."""
+        cfg, state, loader = self.cfg, self.state, self.train_loader
+        if self.engine is None or state.done:
+            return
+        per_epoch = self.steps_per_epoch * self.gas  # micro-batches an epoch uses
+        self.engine.train()
+        bar = tqdm(
+            total=self.total_steps,
+            initial=state.step,
+            desc="train",
+            disable=not (self.is_main and cfg.progress),
+            dynamic_ncols=True,
+            leave=False,
+        )
+        window = _Window()  # the loss since the last log record
+        train_seconds, train_samples = 0.0, 0
+        while not state.done:
+            loader.set_epoch(state.epoch)  # keeps a resumed position inside this epoch
+            micro = loader.state_dict()["batches_yielded"]
+            batches = iter(loader) if micro < per_epoch else iter(())
+            tick = time.perf_counter()
+            for batch in batches:
+                batch = to_device(batch, self.device)
+                with self.model.routing(batch):  # open through backward: checkpointed layers need the gates
+                    loss = self.engine(batch).loss
+                    self.engine.backward(loss)
+                self.engine.step()
+                micro += 1
+                window.add(loss.detach())
+                train_samples += len(batch["label"])
+                if self.engine.global_steps == state.step:
+                    continue  # inside a gradient accumulation
+                state.step = self.engine.global_steps
+                bar.update(1)
+                train_seconds += time.perf_counter() - tick
+                if self._after_step(batch, window):
+                    window = _Window()
+                    bar.set_postfix(loss=f"{state.losses[-1][1]:.4f}")
+                tick = time.perf_counter()  # logging, validation and checkpoints are not step time
+                if state.done or micro >= per_epoch:
+                    break
+            if not state.done:
+                state.epoch += 1
+        bar.close()
+        self._perf["train_s_per_sample"] = train_seconds / max(1, train_samples)
+
+    def _after_step(self, batch: dict[str, torch.Tensor], window: _Window) -> bool:
+        """Log, validate and checkpoint after optimizer step ``state.step``; True when it logged."""
+        cfg, state = self.cfg, self.state
+        last = state.step >= self.total_steps
+        if last:
+            state.done = True
+        logged = state.step % cfg.log_every == 0 or last
+        if logged:
+            self._log_train(batch, window)
+        if cfg.eval_every and state.step % cfg.eval_every == 0 and not last:
+            metrics = self.evaluate(cfg.eval_splits[0])
+            state.evals.append({"step": state.step, "split": cfg.eval_splits[0], **metrics})
+        if last or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
+            self.save_checkpoint()
+        return logged
+
+    def _log_train(self, batch: dict[str, torch.Tensor], window: _Window) -> None:
+        """train/loss (mean over the window's micro-batches and all ranks), train/lr and gate statistics."""
+        totals = dist_utils.all_gather_variable(
+            torch.tensor([[window.loss_sum, window.count]], dtype=torch.float64)
+        )  # [W, 2]
+        loss = float(totals[:, 0].sum() / totals[:, 1].sum())
+        values = {"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0]}
+        if self.cfg.mode == "plora":
+            alpha = self.model.gate_weights(batch).float()  # [G, B, N]
+            stats = torch.stack([torch.stack([gate_entropy(a), *expert_usage(a)]) for a in alpha]).mean(0)
+            stats = dist_utils.all_gather_variable(stats.cpu()[None].double()).mean(0)  # [1 + N], rank mean
+            values["gate/entropy"] = float(stats[0])
+            values |= {f"gate/expert_usage/{k:02d}": float(u) for k, u in enumerate(stats[1:])}
+        self.logger.log_dict(values, self.state.step)
+        self.state.losses.append([self.state.step, loss])
+        log.info("step %d/%d: loss %.4f lr %.3g", self.state.step, self.total_steps, loss, values["train/lr"])
+
+    # ------------------------------------------------------------------------------------------------------
+    # evaluate
+    # ------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, split: str) -> dict[str, float]:
+        """Exact AUC / log loss / GAUC of p(yes) over ``split`` (or its ``eval_max_samples``), all ranks."""
+        loader = self.eval_loaders[split]
+        limit = len(loader)
+        if self.cfg.eval_max_samples:
+            per_batch = loader.batch_size * self.info.world_size
+            limit = min(limit, math.ceil(self.cfg.eval_max_samples / per_batch))
+        was_training = self.model.training
+        self.model.eval()
+        ids, labels, probs, users = [], [], [], []
+        start = time.perf_counter()
+        bar = tqdm(
+            total=limit, desc=f"eval {split}", leave=False, disable=not (self.is_main and self.cfg.progress)
+        )
+        for index, batch in enumerate(loader):
+            if index >= limit:
+                break
+            probs.append(self.model.score(to_device(batch, self.device)).double().cpu())
+            ids.append(batch["sample_id"])
+            labels.append(batch["label"])
+            users.append(batch["user_index"])
+            bar.update(1)
+        bar.close()
+        seconds = time.perf_counter() - start
+        self.model.train(was_training)
+        metrics = evaluate_predictions(
+            _cat(labels, torch.float32),
+            _cat(probs, torch.float64),
+            _cat(users, torch.int64),
+            _cat(ids, torch.int64),
+        )
+        metrics["seconds"] = seconds
+        prefix = "eval" if split == self.cfg.eval_splits[0] else split
+        self.logger.log_dict(
+            {f"{prefix}/{k}": metrics[k] for k in ("auc", "logloss", "gauc")}, self.state.step
+        )
+        log.info(
+            "%s at step %d: auc %.4f logloss %.4f gauc %.4f (%d samples)",
+            split,
+            self.state.step,
+            metrics["auc"],
+            metrics["logloss"],
+            metrics["gauc"],
+            metrics["n"],
+        )
+        return metrics
+
+    # ------------------------------------------------------------------------------------------------------
+    # save
+    # ------------------------------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        """Collective: a DeepSpeed checkpoint of the trainable state, then ``latest`` once every rank is done."""
+        if self._saved_step == self.state.step:
+            return
+        rngs = [dist_utils.broadcast_object(rng_state(), src=r) for r in range(self.info.world_size)]
+        client = {
+            CLIENT_STATE_KEY: {
+                "loader": self.train_loader.state_dict(),
+                "trainer": dataclasses.asdict(self.state),
+                "rng": rngs,
+                "world_size": self.info.world_size,
+                "config": config_to_dict(self.cfg),
+            }
+        }
+        tag = f"step{self.state.step:08d}"
+        with only_trainable_state(self.model):
+            self.engine.save_checkpoint(
+                str(self.ckpt_dir),
+                tag=tag,
+                client_state=client,
+                save_latest=False,
+                exclude_frozen_parameters=True,
+            )  # ends with a barrier: every rank's optimizer shard is written
+        if self.is_main:
+            folder = self.ckpt_dir / tag
+            save_config(self.cfg, folder / "config.yaml")
+            write_text_atomic(folder / "ds_config.json", json.dumps(self.ds_config, indent=2) + "\n")
+            write_text_atomic(self.ckpt_dir / LATEST_FILE, tag)
+            self._prune_checkpoints(keep=tag)
+        self._saved_step = self.state.step
+        dist_utils.barrier()
+
+    def _prune_checkpoints(self, keep: str) -> None:
+        tags = sorted(p for p in self.ckpt_dir.glob("step*") if p.is_dir())
+        for old in tags[: -self.cfg.keep_checkpoints]:
+            if old.name != keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def export_adapter(self) -> Path | None:
+        """Rank 0: the trained adapter in a standard folder, plus ``rec_llm.json`` (what rebuilds the RecLLM).
+
+        ``plora``: :func:`reclora_ds.models.adapter_io.save_plora_adapter` (``adapter_model.safetensors`` +
+        ``plora_config.json``, names as the backbone has them; strict loading with ``load_plora_adapter``).
+        ``lora``: peft's ``save_pretrained`` (``adapter_model.safetensors`` + ``adapter_config.json``).
+        """
+        if not self.trainable:
+            return None
+        folder = self.out / ADAPTER_DIR
+        if self.is_main:
+            description = {
+                "format": "reclora_ds.rec_llm",
+                "mode": self.cfg.mode,
+                "step": self.state.step,
+                "rec_llm": config_to_dict(self.model.config),
+                "crm": None if self.crm_info is None else self.crm_info.to_dict(),
+                "answer_tokens": {
+                    "yes": list(self.encoder.answers.yes_ids),
+                    "no": list(self.encoder.answers.no_ids),
+                },
+                "dataset": self.dataset.metadata["dataset"],
+            }
+            with atomic_dir(folder) as tmp:
+                if self.cfg.mode == "plora":
+                    from reclora_ds.models.adapter_io import save_plora_adapter
+
+                    extra = {"base_model_name_or_path": self.cfg.backbone, "step": self.state.step}
+                    save_plora_adapter(self.model.llm, self.model.config.plora, tmp, extra)
+                else:
+                    self.model.llm.save_pretrained(str(tmp))
+                (tmp / REC_LLM_FILE).write_text(json.dumps(description, indent=2) + "\n")
+        dist_utils.barrier()
+        return folder
+
+    # ------------------------------------------------------------------------------------------------------
+    # finish / cleanup
+    # ------------------------------------------------------------------------------------------------------
+
+    def finish(self) -> dict[str, Any]:
+        """Export the adapter, evaluate every eval split, write metrics.json (rank 0); return its content."""
+        self.export_adapter()
+        final = {}
+        for split in self.cfg.eval_splits:
+            final[split] = self.evaluate(split)
+            self._perf[f"eval_s_per_sample_{split}"] = final[split]["seconds"] / max(1, final[split]["n"])
+        result = {
+            "mode": self.cfg.mode,
+            "steps": self.state.step,
+            "epochs": self.cfg.epochs,
+            "world_size": self.info.world_size,
+            "trainable_parameters": sum(p.numel() for p in self.trainable.values()),
+            "resumed_from": self.resumed_from,
+            "train_loss": self.state.losses,
+            "periodic_eval": self.state.evals,
+            **final,
+            "perf": self._perf,
+            "truncated_prompts": self.encoder.truncated,
+        }
+        if self.is_main:
+            write_text_atomic(self.out / "metrics.json", json.dumps(result, indent=2) + "\n")
+        dist_utils.barrier()
+        return result
+
+    def cleanup(self) -> None:
+        if self.logger is not None:
+            self.logger.close()
+        dist_utils.barrier()
+        if self.engine is not None:
+            import deepspeed.comm
+
+            self.engine.destroy()
+            # through DeepSpeed, which also forgets the groups it cached (a later run in this process
+            # would otherwise reach for groups of the destroyed world)
+            deepspeed.comm.destroy_process_group()
+        dist_utils.destroy()
+
+
+def _cat(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)
+
+
+class _Window:
+    """Micro-batch losses since the last log record (this rank's)."""
+
+    def __init__(self) -> None:
+        self.loss_sum = 0.0
+        self.count = 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss_sum += float(loss)
+        self.count += 1
+
+
+def run_plora_training(cfg: PLoRATrainConfig) -> dict[str, Any]:
+    """Train (unless zero_shot), export the adapter, evaluate: the whole stage-2 recipe. Returns metrics."""
+    recipe = PLoRARecipe(cfg)
+    recipe.setup()
+    try:
+        recipe.train()
+        return recipe.finish()
+    finally:
+        recipe.cleanup()
