@@ -22,6 +22,9 @@ from typing import Any, TypeVar
 
 import yaml
 
+from reclora_ds.models.crm import CRMConfig
+from reclora_ds.models.plora import PLoRAConfig
+
 T = TypeVar("T")
 
 
@@ -163,6 +166,12 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        problems.append(f"{key}: expected one of {list(choices)}, got {value!r}")
+        return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -197,6 +206,11 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -312,22 +326,7 @@ def save_config(cfg: Any, path: str | Path) -> Path:
 # Stage 1: the CRM
 # ----------------------------------------------------------------------------------------------------------
 
-from reclora_ds.models.crm import CRMConfig  # noqa: E402  (torch-backed; only the stage-1 config needs it)
-
 LR_SCHEDULES = ("constant", "linear", "cosine")
-
-
-@dataclasses.dataclass
-class CRMModelConfig(CRMConfig):
-    """:class:`~reclora_ds.models.crm.CRMConfig` as the ``crm:`` section of a stage-1 YAML file.
-
-    Identical fields, defaults and checks; only ``search`` is annotated ``str`` instead of a ``Literal``,
-    because the YAML loader above checks plain types (``CRMConfig.__post_init__`` still rejects any
-    value outside ``soft | hard | precomputed``). Being a ``CRMConfig``, it goes to ``build_crm`` as is.
-    """
-
-    search: str = "soft"
-    """SIM only: ``soft`` (inner-product top-K), ``hard`` (same category) or ``precomputed`` (no search)."""
 
 
 @dataclasses.dataclass
@@ -345,7 +344,7 @@ class CRMTrainConfig:
     """Run folder: config.yaml, checkpoints/{last,best}, tb/, metrics.json, train_log.jsonl."""
     model: str = "sim"
     """``sim`` (the paper's CRM), ``din`` (w/o long retriever) or ``logreg`` (baseline)."""
-    crm: CRMModelConfig = dataclasses.field(default_factory=CRMModelConfig)
+    crm: CRMConfig = dataclasses.field(default_factory=CRMConfig)
     history_mode: str = "recent"
     """Loader history: ``recent`` (the last ``history_length`` behaviours) or ``retrieved`` (a retrieval
     file, ``retrieved_path``; pair it with ``crm.search=precomputed``)."""
@@ -425,23 +424,9 @@ class CRMTrainConfig:
 # Stage 2: RecLLM (frozen LLM + frozen CRM + PLoRA), section ``plora`` of launch/configs/plora_*.yaml
 # ----------------------------------------------------------------------------------------------------------
 
-from reclora_ds.models.plora import PLoRAConfig  # noqa: E402  (torch-backed; only the stage-2 config needs it)
-
 PLORA_MODES = ("plora", "lora", "zero_shot")
 SHORT_HISTORIES = ("recent", "retrieved")
 LONG_HISTORIES = ("auto", "recent", "retrieved")
-
-
-@dataclasses.dataclass
-class PLoRAModelConfig(PLoRAConfig):
-    """:class:`~reclora_ds.models.plora.PLoRAConfig` as the ``adapter:`` section of a stage-2 YAML file.
-
-    Identical fields, defaults and checks; ``mixing`` is annotated ``str`` (not a ``Literal``) for the YAML
-    loader. ``crm_dim`` is replaced by the loaded CRM's d_c.
-    """
-
-    mixing: str = "products"
-    """``products`` (paper Eq. 11) or ``factors`` (the authors' code)."""
 
 
 @dataclasses.dataclass
@@ -463,7 +448,7 @@ class PLoRATrainConfig:
     """``default`` (SmolLM2-135M-Instruct) or a local Hugging Face causal-LM folder (e.g. Vicuna-7B)."""
     mode: str = "plora"
     """``plora`` (RecLoRA), ``lora`` (peft LoRA: "w/o meta-LoRA") or ``zero_shot`` (evaluation only)."""
-    adapter: PLoRAModelConfig = dataclasses.field(default_factory=PLoRAModelConfig)
+    adapter: PLoRAConfig = dataclasses.field(default_factory=PLoRAConfig)
     lora_rank: int = 8
     """Rank of mode ``lora`` (8; 128 for "w/o meta-LoRA, same params")."""
     lora_alpha: float = 16.0

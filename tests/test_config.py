@@ -80,3 +80,12 @@ def test_every_shipped_config_parses(path):
     data = yaml.safe_load(path.read_text())
     if "prepare" in data:
         load_config(PrepareConfig, path, section="prepare")
+
+
+def test_literal_fields_and_exponent_floats():
+    from reclora_ds.config import CRMTrainConfig
+
+    cfg = load_config(CRMTrainConfig, None, ["crm.search=hard", "lr=1e-3"])
+    assert cfg.crm.search == "hard" and cfg.lr == 1e-3
+    with pytest.raises(ConfigError, match=r"crm.search: expected one of \['soft', 'hard', 'precomputed'\]"):
+        load_config(CRMTrainConfig, None, ["crm.search=fuzzy"])
