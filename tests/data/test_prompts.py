@@ -9,8 +9,6 @@ import re
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
 
 from reclora_ds.data.processed import ProcessedDataset
 from reclora_ds.data.prompts import (
@@ -24,11 +22,7 @@ from reclora_ds.data.prompts import (
 )
 from reclora_ds.data.text import ml1m_profile, text_views
 from reclora_ds.training.plora_data import PLoRABatchLoader
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|user|> {{ m['content'] }} {% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
-)
+from tests.tiny_llm import CHAT_TEMPLATE, word_tokenizer
 
 # Figure 2 of the paper, in the authors' code wording (reclora-facts section 4).
 FIGURE_2 = TextView(
@@ -51,27 +45,6 @@ FIGURE_2_BODY = (
     "Note that more stars the user rated the movie, the more the user liked the movie.\n"
     "You should ONLY tell me yes or no."
 )
-
-
-def word_tokenizer(corpus: list[str], chat_template: str | None = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer (BOS added, punctuation split off) with an optional chat template."""
-    specials = ["<unk>", "<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>"]
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([*corpus, "Yes. No."], trainers.WordLevelTrainer(special_tokens=specials))
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="<unk>",
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        additional_special_tokens=["<|user|>", "<|assistant|>"],
-    )
-    tokenizer.chat_template = chat_template
-    return tokenizer
 
 
 def test_ml1m_body_is_the_authors_wording():

@@ -8,19 +8,15 @@ import copy
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from reclora_ds.data.prompts import IGNORE_INDEX, PromptEncoder, TextView, prompt_body
 from reclora_ds.models.crm import CRMConfig, FeatureSpec
 from reclora_ds.models.plora import PLoRAConfig
 from reclora_ds.models.rec_llm import RecLLM, RecLLMConfig, load_causal_lm, position_ids_from_mask
 from reclora_ds.models.registry import build_crm
+from tests.tiny_llm import CHAT_TEMPLATE, tiny_llama, word_tokenizer
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|user|> {{ m['content'] }} {% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
-)
 META = {
     "category_field": "genre",
     "fields": {
@@ -44,42 +40,7 @@ def views() -> list[TextView]:
 
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
-    specials = ["<unk>", "<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>"]
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    corpus = [prompt_body("ml-1m", v) for v in views()] + ["Yes. No."]
-    tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=specials))
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="<unk>",
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        additional_special_tokens=["<|user|>", "<|assistant|>"],
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
-def tiny_llama(tokenizer, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config).eval()
+    return word_tokenizer([prompt_body("ml-1m", v) for v in views()])
 
 
 def tiny_crm(dropout: float = 0.0) -> torch.nn.Module:

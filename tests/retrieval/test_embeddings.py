@@ -31,6 +31,7 @@ from reclora_ds.retrieval.embeddings import (
     read_inputs,
     shard_paths,
 )
+from tests.tiny_llm import tiny_llama, word_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = REPO / "tools" / "extract_item_embeddings.py"
@@ -55,40 +56,12 @@ def descriptions(dataset_dir) -> list[str]:
 @pytest.fixture(scope="module")
 def tiny_backbone(tmp_path_factory, descriptions) -> Path:
     """A 1-layer hidden-16 Llama + a word-level tokenizer adding BOS, padding on the LEFT by default."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
     folder = tmp_path_factory.mktemp("tiny_llama")
-    specials = ["<unk>", "<pad>", "<s>", "</s>"]
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(descriptions, trainers.WordLevelTrainer(vocab_size=3000, special_tokens=specials))
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="<unk>",
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        padding_side="left",
-    )
+    tokenizer = word_tokenizer(descriptions, chat_template=None, vocab_size=3000, padding_side="left")
     tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=tok.get_vocab_size(),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
-        pad_token_id=tok.token_to_id("<pad>"),
-        bos_token_id=tok.token_to_id("<s>"),
-        eos_token_id=tok.token_to_id("</s>"),
+    model = tiny_llama(
+        tokenizer, hidden=16, layers=1, heads=2, kv_heads=1, max_positions=256, tie_word_embeddings=False
     )
-    model = LlamaForCausalLM(config)
     with torch.no_grad():  # a non-trivial final norm, so post-norm and pre-norm states differ visibly
         model.model.norm.weight.uniform_(0.5, 2.0)
     model.save_pretrained(folder)

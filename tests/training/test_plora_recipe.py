@@ -24,8 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM
 
 from reclora_ds.config import PLoRATrainConfig, load_config
 from reclora_ds.data.processed import ProcessedDataset
@@ -39,15 +38,12 @@ from reclora_ds.models.registry import build_crm
 from reclora_ds.training.checkpoint import CRMCheckpointInfo, save_crm_checkpoint
 from reclora_ds.training.plora_data import PLoRABatchLoader
 from reclora_ds.training.plora_recipe import find_ds_config, resolve_ds_config, run_plora_training
+from tests.tiny_llm import tiny_llama, word_tokenizer
 
 ROOT = Path(__file__).parents[2]
 ENTRY = ROOT / "launch" / "train_plora.py"
 QUICKSTART = ROOT / "launch" / "configs" / "plora_quickstart.yaml"
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|user|> {{ m['content'] }} {% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
-)
 CRM_HISTORY = 20
 
 
@@ -70,38 +66,8 @@ def assets(ml1m_prepared, tmp_path_factory) -> dict[str, str]:
         prompt_body("ml-1m", TextView(t, ((t, 4.0), (t, 1.0)), profile, "M"))
         for t in ds.items["title"].to_pylist()
     ]
-    specials = ["<unk>", "<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>"]
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([*corpus, "Yes. No."], trainers.WordLevelTrainer(special_tokens=specials))
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="<unk>",
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        additional_special_tokens=["<|user|>", "<|assistant|>"],
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    torch.manual_seed(0)
-    llm = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=1024,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            tie_word_embeddings=True,
-        )
-    )
+    tokenizer = word_tokenizer(corpus)
+    llm = tiny_llama(tokenizer, max_positions=1024)
     llm.save_pretrained(out / "backbone")
     tokenizer.save_pretrained(out / "backbone")
     spec = FeatureSpec.from_metadata(ds.metadata)
