@@ -19,6 +19,7 @@ from reclora_ds.data.errors import DropLog
 from reclora_ds.data.preprocess import OOV_ID, PAD_ID, SPLITS, Prepared, prepare
 from reclora_ds.data.processed import SCHEMA_VERSION, write_atomic, write_processed
 from reclora_ds.data.raw import read_raw
+from reclora_ds.data.report import plot_summary
 from reclora_ds.data.specs import DATASET_SPECS, DatasetSpec
 
 log = logging.getLogger(__name__)
@@ -190,6 +191,7 @@ def prepare_dataset(cfg: PrepareConfig) -> PrepareResult:
     out.mkdir(parents=True, exist_ok=True)
     metadata["shards"] = write_processed(p, spec, out, cfg.shards_per_split, metadata)
     save_config(cfg, out / "config.yaml")
+    plot_summary(p, f"{spec.name}: {len(p.sample_ids):,} samples from {raw_dir}", out / "summary.png")
     timings["write"] = time.perf_counter() - t0
     timings["total"] = sum(timings.values())
     timings["peak_rss_mib"] = peak_rss_mib()

@@ -5,6 +5,7 @@ Layout (``SCHEMA_VERSION`` 1)::
     metadata.json            schema, fields and vocab sizes, counts and label rates, drops, raw checksums, config
     config.yaml              the resolved PrepareConfig
     run_info.json            wall times and peak memory of the run (the only file that differs between reruns)
+    summary.png              split sizes and label rates, history lengths, samples over time (a view)
     samples/{split}-{k:05d}-of-{n:05d}.parquet   split in train, valid, test, fewshot
     timelines.parquet        every kept interaction, user-major then time-ordered (the lifelong histories)
     users.parquet            one row per user: dense index, raw id, timeline offset/length, encoded features
