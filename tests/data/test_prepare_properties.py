@@ -178,7 +178,9 @@ def test_same_config_and_seed_give_byte_identical_outputs(tmp_path, ml1m_dir):
         "users.parquet",
         "items.parquet",
         "vocabs.json",
+        "summary.png",
     } <= set(first)
+    assert (tmp_path / "out" / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("shards", [4, 3])
