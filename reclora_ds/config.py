@@ -86,6 +86,7 @@ class PrepareConfig:
     strict: bool = False
     """Turn every counted drop into an error that names the file and line."""
     goodreads: GoodreadsOptions = dataclasses.field(default_factory=GoodreadsOptions)
+    """Options of the GoodReads reader (used only with ``dataset=goodreads``)."""
 
     def __post_init__(self) -> None:
         from reclora_ds.data.specs import DATASET_SPECS
@@ -345,6 +346,7 @@ class CRMTrainConfig:
     model: str = "sim"
     """``sim`` (the paper's CRM), ``din`` (w/o long retriever) or ``logreg`` (baseline)."""
     crm: CRMConfig = dataclasses.field(default_factory=CRMConfig)
+    """Model settings of the CRM (``reclora_ds.models.crm.CRMConfig``): sizes, dropout, SIM's search."""
     history_mode: str = "recent"
     """Loader history: ``recent`` (the last ``history_length`` behaviours) or ``retrieved`` (a retrieval
     file, ``retrieved_path``; pair it with ``crm.search=precomputed``)."""
@@ -449,11 +451,16 @@ class PLoRATrainConfig:
     mode: str = "plora"
     """``plora`` (RecLoRA), ``lora`` (peft LoRA: "w/o meta-LoRA") or ``zero_shot`` (evaluation only)."""
     adapter: PLoRAConfig = dataclasses.field(default_factory=PLoRAConfig)
+    """Bank and gate settings of mode ``plora`` (``reclora_ds.models.plora.PLoRAConfig``); ``crm_dim`` is
+    replaced by the loaded CRM's state width."""
     lora_rank: int = 8
     """Rank of mode ``lora`` (8; 128 for "w/o meta-LoRA, same params")."""
     lora_alpha: float = 16.0
+    """LoRA scaling numerator of mode ``lora`` (peft ``lora_alpha``; the update is scaled by alpha / rank)."""
     lora_dropout: float = 0.0
+    """Dropout on the LoRA input of mode ``lora`` (peft ``lora_dropout``)."""
     lora_target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    """Module-name suffixes of the nn.Linear layers that mode ``lora`` adapts (peft ``target_modules``)."""
     short_history: str = "retrieved"
     """Prompt history: ``retrieved`` (the K most similar to the target) or ``recent`` (w/o short retriever)."""
     short_history_length: int = 10
@@ -488,6 +495,7 @@ class PLoRATrainConfig:
     lr: float = 1e-3
     """AdamW peak learning rate (paper: ML-1M 1e-3, ML-25M 5e-4, GoodReads 3e-4)."""
     weight_decay: float = 0.0
+    """AdamW decoupled weight decay (DeepSpeed ``optimizer.params.weight_decay``; paper: none)."""
     warmup_steps: int = 0
     """Linear warm-up steps before the linear decay to 0 at the last step."""
     grad_clip: float = 0.0
