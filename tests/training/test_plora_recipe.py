@@ -28,23 +28,19 @@ from transformers import LlamaForCausalLM
 
 from reclora_ds.config import PLoRATrainConfig, load_config
 from reclora_ds.data.processed import ProcessedDataset
-from reclora_ds.data.prompts import PromptEncoder, TextView, prompt_body
-from reclora_ds.data.text import ml1m_profile, text_views
+from reclora_ds.data.prompts import PromptEncoder, TextView
+from reclora_ds.data.text import text_views
 from reclora_ds.distributed import free_port
 from reclora_ds.models.adapter_io import load_plora_adapter, read_plora_adapter_config
-from reclora_ds.models.crm import CRMConfig, FeatureSpec
 from reclora_ds.models.inject import inject_plora
-from reclora_ds.models.registry import build_crm
-from reclora_ds.training.checkpoint import CRMCheckpointInfo, save_crm_checkpoint
 from reclora_ds.training.plora_data import PLoRABatchLoader
 from reclora_ds.training.plora_recipe import find_ds_config, resolve_ds_config, run_plora_training
-from tests.tiny_llm import tiny_llama, word_tokenizer
 
 ROOT = Path(__file__).parents[2]
 ENTRY = ROOT / "launch" / "train_plora.py"
 QUICKSTART = ROOT / "launch" / "configs" / "plora_quickstart.yaml"
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-CRM_HISTORY = 20
+CRM_HISTORY = 20  # the history length of the plora_assets CRM (tests/conftest.py)
 
 
 def clean_env() -> dict[str, str]:
@@ -54,43 +50,12 @@ def clean_env() -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
-def assets(ml1m_prepared, tmp_path_factory) -> dict[str, str]:
-    """A tiny Llama backbone folder (word tokenizer over the dataset's titles, chat template) and a tiny
-    random SIM checkpoint for the prepared ML-1M sample."""
-    data_dir = Path(ml1m_prepared.output_dir)
-    out = tmp_path_factory.mktemp("plora_assets")
-    ds = ProcessedDataset(data_dir)
-    profile = ml1m_profile("M", "25", "12")
-    corpus = [
-        prompt_body("ml-1m", TextView(t, ((t, 4.0), (t, 1.0)), profile, "M"))
-        for t in ds.items["title"].to_pylist()
-    ]
-    tokenizer = word_tokenizer(corpus)
-    llm = tiny_llama(tokenizer, max_positions=1024)
-    llm.save_pretrained(out / "backbone")
-    tokenizer.save_pretrained(out / "backbone")
-    spec = FeatureSpec.from_metadata(ds.metadata)
-    crm_config = CRMConfig(embedding_dim=8, attention_hidden=16, tower=(16, 16), top_k=10)
-    crm = build_crm("sim", crm_config, spec)
-    info = CRMCheckpointInfo(
-        model="sim",
-        config=crm_config,
-        feature_spec=spec,
-        hidden_dim=crm.hidden_dim,
-        history_mode="recent",
-        history_length=CRM_HISTORY,
-    )
-    save_crm_checkpoint(out / "crm", crm, info)
-    return {"data_dir": str(data_dir), "backbone": str(out / "backbone"), "crm_path": str(out / "crm")}
-
-
-def overrides(assets: dict[str, str], out: Path, *extra: str) -> list[str]:
+def overrides(plora_assets: dict[str, str], out: Path, *extra: str) -> list[str]:
     return [
-        f"data_dir={assets['data_dir']}",
+        f"data_dir={plora_assets['data_dir']}",
         f"output_dir={out}",
-        f"crm_path={assets['crm_path']}",
-        f"backbone={assets['backbone']}",
+        f"crm_path={plora_assets['crm_path']}",
+        f"backbone={plora_assets['backbone']}",
         "deepspeed_config=ds_configs/zero2_fp32.json",
         "short_history=recent",
         "adapter.num_experts=4",
@@ -142,11 +107,11 @@ def test_ds_configs_leave_batch_sizes_to_the_recipe(path):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def test_loader_joins_text_and_id_views_per_sample_ranks_and_resume(assets):
-    ds = ProcessedDataset(assets["data_dir"])
+def test_loader_joins_text_and_id_views_per_sample_ranks_and_resume(plora_assets):
+    ds = ProcessedDataset(plora_assets["data_dir"])
     from transformers import AutoTokenizer
 
-    encoder = PromptEncoder(AutoTokenizer.from_pretrained(assets["backbone"]), "ml-1m")
+    encoder = PromptEncoder(AutoTokenizer.from_pretrained(plora_assets["backbone"]), "ml-1m")
     table = ds.read_split("fewshot", ["sample_id", "item_index"]).to_pydict()
     item_of = dict(zip(table["sample_id"], table["item_index"]))
     item_ids = ds.items["item_id"].to_numpy()
@@ -197,7 +162,7 @@ def test_loader_joins_text_and_id_views_per_sample_ranks_and_resume(assets):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_retrieved_histories_are_read_by_sample_id(assets, tmp_path):
+def test_retrieved_histories_are_read_by_sample_id(plora_assets, tmp_path):
     """The retriever's ``recent`` mode output (the last K rows, by sample id) read as retrieved prompt and
     CRM histories gives exactly the batches of the recent histories."""
     from transformers import AutoTokenizer
@@ -206,10 +171,10 @@ def test_retrieved_histories_are_read_by_sample_id(assets, tmp_path):
     from reclora_ds.training.plora_data import long_histories, read_retrieval_output
 
     retrieve_histories(
-        assets["data_dir"], None, ks=(CRM_HISTORY, 10), mode="recent", out_dir=tmp_path / "recent"
+        plora_assets["data_dir"], None, ks=(CRM_HISTORY, 10), mode="recent", out_dir=tmp_path / "recent"
     )
-    ds = ProcessedDataset(assets["data_dir"])
-    encoder = PromptEncoder(AutoTokenizer.from_pretrained(assets["backbone"]), "ml-1m")
+    ds = ProcessedDataset(plora_assets["data_dir"])
+    encoder = PromptEncoder(AutoTokenizer.from_pretrained(plora_assets["backbone"]), "ml-1m")
     common = {"shuffle": True, "seed": 5, "history_length": CRM_HISTORY}
     recent = PLoRABatchLoader(ds, "valid", 32, encoder, **common)
     retrieved = PLoRABatchLoader(
@@ -218,9 +183,9 @@ def test_retrieved_histories_are_read_by_sample_id(assets, tmp_path):
         32,
         encoder,
         short_history="retrieved",
-        short_retrieved=read_retrieval_output(assets["data_dir"], 10, tmp_path / "recent"),
+        short_retrieved=read_retrieval_output(plora_assets["data_dir"], 10, tmp_path / "recent"),
         history_mode="retrieved",
-        retrieved=long_histories(tmp_path / "recent", CRM_HISTORY, assets["data_dir"]),
+        retrieved=long_histories(tmp_path / "recent", CRM_HISTORY, plora_assets["data_dir"]),
         **common,
     )
     for a, b in zip(recent, retrieved):
@@ -228,9 +193,9 @@ def test_retrieved_histories_are_read_by_sample_id(assets, tmp_path):
             k for k in a if not torch.equal(a[k], b[k])
         ]
     with pytest.raises(ValueError, match="not 7"):
-        read_retrieval_output(assets["data_dir"], 7, tmp_path / "recent")
+        read_retrieval_output(plora_assets["data_dir"], 7, tmp_path / "recent")
     with pytest.raises(FileNotFoundError, match="no retrieval output"):
-        read_retrieval_output(assets["data_dir"], 10, tmp_path / "missing")
+        read_retrieval_output(plora_assets["data_dir"], 10, tmp_path / "missing")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -245,16 +210,16 @@ def no_launcher_env(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
-def test_zero_shot_evaluates_the_whole_splits_without_training(assets, tmp_path, no_launcher_env):
+def test_zero_shot_evaluates_the_whole_splits_without_training(plora_assets, tmp_path, no_launcher_env):
     out = tmp_path / "zero_shot"
     cfg = load_config(
         PLoRATrainConfig,
         QUICKSTART,
-        overrides(assets, out, "mode=zero_shot", "eval_max_samples=0", "num_threads=1"),
+        overrides(plora_assets, out, "mode=zero_shot", "eval_max_samples=0", "num_threads=1"),
         section="plora",
     )
     metrics = run_plora_training(cfg)
-    splits = ProcessedDataset(assets["data_dir"]).metadata["splits"]
+    splits = ProcessedDataset(plora_assets["data_dir"]).metadata["splits"]
     for split in ("valid", "test"):
         assert metrics[split]["n"] == splits[split]["rows"]
         assert 0.0 < metrics[split]["auc"] < 1.0 and math.isfinite(metrics[split]["logloss"])
@@ -262,7 +227,7 @@ def test_zero_shot_evaluates_the_whole_splits_without_training(assets, tmp_path,
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "ds_config.json", "metrics.json", "tb"]
 
 
-def test_lora_mode_trains_peft_lora_only(assets, tmp_path, no_launcher_env):
+def test_lora_mode_trains_peft_lora_only(plora_assets, tmp_path, no_launcher_env):
     out = tmp_path / "lora"
     extra = [
         "mode=lora",
@@ -275,7 +240,7 @@ def test_lora_mode_trains_peft_lora_only(assets, tmp_path, no_launcher_env):
         "num_threads=1",
     ]
     metrics = run_plora_training(
-        load_config(PLoRATrainConfig, QUICKSTART, overrides(assets, out, *extra), section="plora")
+        load_config(PLoRATrainConfig, QUICKSTART, overrides(plora_assets, out, *extra), section="plora")
     )
     adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))  # peft's own adapter folder
     assert len(adapter) == 2 * 2 * 2 and all("lora_" in name for name in adapter)
@@ -307,7 +272,7 @@ def deepspeed_command(args: list[str]) -> list[str]:
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_deepspeed_zero2_two_ranks_through_the_entry_point(assets, tmp_path):
+def test_deepspeed_zero2_two_ranks_through_the_entry_point(plora_assets, tmp_path):
     out = tmp_path / "ds"
     extra = [
         "max_steps=8",
@@ -321,7 +286,7 @@ def test_deepspeed_zero2_two_ranks_through_the_entry_point(assets, tmp_path):
         "short_history_length=3",  # short prompts: the full-split evaluations stay quick
     ]
     run = subprocess.run(
-        deepspeed_command(overrides(assets, out, *extra)),
+        deepspeed_command(overrides(plora_assets, out, *extra)),
         env=clean_env(),
         capture_output=True,
         text=True,
@@ -335,7 +300,7 @@ def test_deepspeed_zero2_two_ranks_through_the_entry_point(assets, tmp_path):
     print("2-rank ZeRO-2 train losses:", [round(x, 4) for x in losses])
     assert len(losses) == 8 and all(math.isfinite(x) for x in losses)
     assert np.mean(losses[:2]) > np.mean(losses[-2:])
-    splits = ProcessedDataset(assets["data_dir"]).metadata["splits"]
+    splits = ProcessedDataset(plora_assets["data_dir"]).metadata["splits"]
     for split in ("valid", "test"):  # exact metrics over the whole split, gathered from both ranks
         assert metrics[split]["n"] == splits[split]["rows"]
     assert [e["step"] for e in metrics["periodic_eval"]] == [4]
@@ -374,7 +339,7 @@ def test_deepspeed_zero2_two_ranks_through_the_entry_point(assets, tmp_path):
     # the exported adapter loads strictly into a fresh backbone and holds the trained tensors
     manifest = read_plora_adapter_config(out / "adapter")
     assert manifest.config.num_experts == 4 and manifest.config.crm_dim == 16
-    fresh = LlamaForCausalLM.from_pretrained(assets["backbone"])
+    fresh = LlamaForCausalLM.from_pretrained(plora_assets["backbone"])
     inject_plora(fresh, manifest.config)
     load_plora_adapter(fresh, out / "adapter")
     for name, tensor in fresh.state_dict().items():
@@ -406,7 +371,7 @@ def latest_step(out: Path) -> int:
 
 @pytest.mark.slow
 def test_kill_9_after_the_first_checkpoint_then_resume_equals_an_uninterrupted_run(
-    assets, tmp_path, no_launcher_env
+    plora_assets, tmp_path, no_launcher_env
 ):
     total = 40  # the few-shot split (1000 rows) gives 31 steps of 2 x 16 samples per epoch: 2 epochs
     extra = [
@@ -423,7 +388,13 @@ def test_kill_9_after_the_first_checkpoint_then_resume_equals_an_uninterrupted_r
     ]
 
     def command(out: Path) -> list[str]:
-        return [sys.executable, str(ENTRY), "--config", str(QUICKSTART), *overrides(assets, out, *extra)]
+        return [
+            sys.executable,
+            str(ENTRY),
+            "--config",
+            str(QUICKSTART),
+            *overrides(plora_assets, out, *extra),
+        ]
 
     # the interrupted run: SIGKILL as soon as its first checkpoint is complete (`latest` points to it)
     out = tmp_path / "killed"
@@ -445,7 +416,7 @@ def test_kill_9_after_the_first_checkpoint_then_resume_equals_an_uninterrupted_r
     rerun = subprocess.Popen(command(out), env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     reference = tmp_path / "reference"
     run_plora_training(
-        load_config(PLoRATrainConfig, QUICKSTART, overrides(assets, reference, *extra), "plora")
+        load_config(PLoRATrainConfig, QUICKSTART, overrides(plora_assets, reference, *extra), "plora")
     )
     _, stderr = rerun.communicate(timeout=300)
     stderr = stderr.decode()

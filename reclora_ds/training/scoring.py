@@ -1,0 +1,503 @@
+"""Per-sample p(yes) of a processed split, scored by a trained stage-2 run or by the zero-shot backbone.
+
+::
+
+    scoring = load_scoring_model(run_dir="runs/quickstart/plora")        # its adapter/ and config.yaml
+    scoring = load_scoring_model(config=cfg)                             # cfg.mode == "zero_shot"
+    path = score_split(scoring, "test", "scores.parquet", max_samples=2000, batch_size=32)
+
+(``tools/score.py`` is the command line.) The output holds one row per sample, in the split's order (the
+processed splits are in ascending ``sample_id``)::
+
+    sample_id  int64     the processed dataset's sample id
+    user       raw user id (users.parquet ``user``)
+    item       raw item id (items.parquet ``item``)
+    label      int8      1 = the user liked the item
+    p          float64   p(yes) = softmax([s_yes, s_no])[0] at the answer position (the model's float32)
+
+The model is the one the run trained: :func:`load_rec_llm` rebuilds the RecLLM from the exported adapter
+folder alone (its ``rec_llm.json``: mode, RecLLM settings, CRM description, answer tokens), loads the PLoRA
+adapter strictly (:func:`reclora_ds.models.adapter_io.load_plora_adapter`) or peft's LoRA (every LoRA tensor
+must be in the file), and checks the CRM and the answer tokens against what the run recorded. The batches
+are the recipe's evaluation batches (:class:`~reclora_ds.training.plora_data.PLoRABatchLoader`, prompt only,
+split order, the run's prompt and CRM-history settings from its ``config.yaml``), scored with
+:meth:`~reclora_ds.models.rec_llm.RecLLM.score`: with the run's ``eval_batch_size`` the rows and p equal
+the ones behind the run's final metrics.
+
+``max_samples`` keeps the first N samples of the split. Under ``torchrun`` every rank scores its shard (the
+loader's per-rank files or rows) and rank 0 writes the gathered rows
+(:func:`reclora_ds.distributed.all_gather_variable`), checked to be each wanted sample exactly once.
+Files are written atomically (a ``.tmp`` sibling, then a rename): ``.parquet`` or ``.csv``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import torch
+from tqdm.auto import tqdm
+
+from reclora_ds import distributed as dist_utils
+from reclora_ds.config import PLoRATrainConfig, config_from_dict, load_config
+from reclora_ds.data.processed import ALL_SPLITS, ProcessedDataset
+from reclora_ds.data.prompts import PromptEncoder, resolve_answer_tokens
+from reclora_ds.models.rec_llm import RecLLM, RecLLMConfig, build_rec_llm
+from reclora_ds.training.plora_data import PLoRABatchLoader, read_retrieval_output
+from reclora_ds.training.plora_recipe import (
+    ADAPTER_DIR,
+    REC_LLM_FILE,
+    PLoRARecipe,
+    ds_precision,
+    find_ds_config,
+    rec_llm_config,
+    to_device,
+)
+
+log = logging.getLogger(__name__)
+
+OUTPUT_COLUMNS = ("sample_id", "user", "item", "label", "p")
+OUTPUT_FORMATS = (".parquet", ".csv")
+RUN_CONFIG_FILE = "config.yaml"
+REC_LLM_FORMAT = "reclora_ds.rec_llm"
+DEFAULT_BATCH_SIZE = 0
+"""0: the run's ``eval_batch_size``."""
+
+
+class ScoringError(ValueError):
+    """The inputs do not allow scoring (missing run folder or adapter, mismatched CRM, bad output path)."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------------------
+
+
+def read_rec_llm_description(adapter_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``rec_llm.json`` of an exported adapter folder (``PLoRARecipe.export_adapter``)."""
+    path = Path(adapter_dir) / REC_LLM_FILE
+    if not path.is_file():
+        raise ScoringError(f"{path}: no {REC_LLM_FILE}; not an adapter folder exported by the stage-2 recipe")
+    try:
+        description = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ScoringError(f"{path}: not valid JSON ({exc})") from exc
+    if description.get("format") != REC_LLM_FORMAT:
+        raise ScoringError(f"{path}: format {description.get('format')!r}, expected {REC_LLM_FORMAT!r}")
+    for key in ("mode", "rec_llm", "answer_tokens"):
+        if key not in description:
+            raise ScoringError(f"{path}: lacks the key {key!r}")
+    return description
+
+
+def load_rec_llm(
+    adapter_dir: str | os.PathLike[str],
+    *,
+    backbone: str | None = None,
+    crm_path: str | None = None,
+) -> tuple[RecLLM, Any, Any]:
+    """Rebuild the trained RecLLM of an exported adapter folder (``<run>/adapter``), in eval mode on the CPU.
+
+    The backbone, the CRM checkpoint and every module setting come from ``rec_llm.json`` (``backbone`` /
+    ``crm_path`` replace the recorded paths, e.g. after moving the files). Checks: the CRM found there is
+    the one the adapter was trained with (``crm.json`` as recorded), the tokenizer gives the recorded
+    Yes / No tokens, and the adapter's tensors are exactly the model's (PLoRA: strict loading of banks and
+    gates; LoRA: every ``lora_`` tensor present, nothing unexpected).
+
+    Returns:
+        ``(model, tokenizer, crm_info)`` as :func:`~reclora_ds.models.rec_llm.build_rec_llm` does.
+
+    Raises:
+        ScoringError: a missing / malformed ``rec_llm.json``, another CRM or tokenizer, LoRA tensor mismatch.
+        reclora_ds.models.adapter_io.AdapterConfigMismatchError, AdapterKeyError: PLoRA adapter mismatch.
+    """
+    folder = Path(adapter_dir)
+    description = read_rec_llm_description(folder)
+    settings = dict(description["rec_llm"])
+    settings["gradient_checkpointing"] = False  # inference
+    if backbone:
+        settings["backbone"] = backbone
+    if crm_path and description["mode"] == "plora":
+        settings["crm_path"] = crm_path
+    config = config_from_dict(RecLLMConfig, settings, str(folder / REC_LLM_FILE))
+    if config.mode != description["mode"]:
+        raise ScoringError(
+            f"{folder / REC_LLM_FILE}: mode {description['mode']!r} but rec_llm.mode {config.mode!r}"
+        )
+    if config.mode == "zero_shot":
+        raise ScoringError(f"{folder / REC_LLM_FILE}: mode 'zero_shot' has no adapter to load")
+    model, tokenizer, crm_info = build_rec_llm(config)
+
+    recorded_crm = description.get("crm") or {}
+    found_crm = {} if crm_info is None else crm_info.to_dict()
+    if recorded_crm != found_crm:
+        differ = sorted(k for k in {*recorded_crm, *found_crm} if recorded_crm.get(k) != found_crm.get(k))
+        raise ScoringError(
+            f"{folder / REC_LLM_FILE}: the CRM at {config.crm_path} is not the one the adapter was trained "
+            f"with (crm.json differs in {differ})"
+        )
+    answers = resolve_answer_tokens(tokenizer)
+    recorded = description["answer_tokens"]
+    if (list(answers.yes_ids), list(answers.no_ids)) != (recorded.get("yes"), recorded.get("no")):
+        raise ScoringError(
+            f"{folder / REC_LLM_FILE}: the backbone {config.backbone}'s tokenizer gives Yes/No tokens "
+            f"{list(answers.yes_ids)}/{list(answers.no_ids)}, the run recorded {recorded.get('yes')}/"
+            f"{recorded.get('no')}"
+        )
+
+    if config.mode == "plora":
+        from reclora_ds.models.adapter_io import load_plora_adapter
+
+        load_plora_adapter(model.llm, folder, config=model.config.plora)
+    else:
+        _load_lora(model, folder)
+    model.eval()
+    log.info("RecLLM (%s) rebuilt from %s (step %s)", config.mode, folder, description.get("step"))
+    return model, tokenizer, crm_info
+
+
+def _load_lora(model: RecLLM, folder: Path) -> None:
+    """peft's LoRA weights of ``folder`` into the peft model ``model.llm``: all of them, nothing else."""
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    weights_file = folder / "adapter_model.safetensors"
+    if not weights_file.is_file():
+        raise ScoringError(f"{weights_file}: missing; not a peft LoRA adapter folder")
+    result = set_peft_model_state_dict(model.llm, load_peft_weights(str(folder), device="cpu"))
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise ScoringError(
+            f"{folder}: the LoRA adapter does not match the model: missing {missing[:10]}, "
+            f"unexpected {list(result.unexpected_keys)[:10]}"
+        )
+
+
+@dataclasses.dataclass
+class ScoringModel:
+    """A RecLLM ready to score, with the stage-2 settings that build its batches."""
+
+    model: RecLLM
+    tokenizer: Any
+    crm_info: Any
+    """The CRM checkpoint's CRMCheckpointInfo (``None`` without a CRM)."""
+    cfg: PLoRATrainConfig
+    """Data, prompt and CRM-history settings (``data_dir``, ``short_history``, ``max_length``...)."""
+    source: str
+    """The adapter folder, or ``zero_shot:<backbone>``."""
+
+
+def _strip_section(overrides: Sequence[str], section: str = "plora") -> list[str]:
+    return [o.removeprefix(f"{section}.") for o in overrides]
+
+
+def read_run_config(run_dir: str | os.PathLike[str], overrides: Sequence[str] = ()) -> PLoRATrainConfig:
+    """The resolved PLoRATrainConfig a stage-2 run saved (``<run>/config.yaml``), with dotted overrides."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise ScoringError(f"{run}: no such run folder (the output_dir of launch/train_plora.py)")
+    path = run / RUN_CONFIG_FILE
+    if not path.is_file():
+        raise ScoringError(f"{path}: missing; {run} is not a stage-2 run folder")
+    return load_config(PLoRATrainConfig, path, _strip_section(overrides))
+
+
+def load_scoring_model(
+    run_dir: str | os.PathLike[str] | None = None,
+    config: PLoRATrainConfig | None = None,
+    *,
+    mode: str | None = None,
+    overrides: Sequence[str] = (),
+) -> ScoringModel:
+    """The model and settings to score with: a trained run, or the zero-shot backbone of a config.
+
+    Args:
+        run_dir: a stage-2 run folder (its ``config.yaml`` and ``adapter/``); its mode decides the model.
+        config: the settings without a run (mode ``zero_shot`` only); ignored when ``run_dir`` is given.
+        mode: ``zero_shot`` scores the bare backbone with the run's or config's data settings; another
+            value must be the run's mode.
+        overrides: dotted overrides of the run's config (``data_dir=...``, ``backbone=...``).
+
+    Raises:
+        ScoringError: no run folder / config, no exported adapter, a mode that does not fit.
+    """
+    if run_dir is not None:
+        cfg = read_run_config(run_dir, overrides)
+    elif config is not None:
+        cfg = config
+    else:
+        raise ScoringError("give a run folder (--run) or a config with mode zero_shot")
+    if mode is not None and mode != cfg.mode:
+        if mode != "zero_shot":
+            where = f"the run {run_dir}" if run_dir is not None else "the config"
+            raise ScoringError(f"mode {mode!r} but {where} has mode {cfg.mode!r}")
+        cfg = dataclasses.replace(cfg, mode="zero_shot")
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    if cfg.mode == "zero_shot":
+        dtype = ds_precision(json.loads(find_ds_config(cfg.deepspeed_config).read_text()))
+        model, tokenizer, crm_info = build_rec_llm(rec_llm_config(cfg, dtype))
+        model.eval()
+        return ScoringModel(model, tokenizer, crm_info, cfg, f"zero_shot:{cfg.backbone}")
+    if run_dir is None:
+        raise ScoringError(f"mode {cfg.mode!r} needs the trained run folder (--run)")
+    adapter = Path(run_dir) / ADAPTER_DIR
+    if not adapter.is_dir():
+        raise ScoringError(
+            f"{adapter}: missing; the run has no exported adapter (it exports one when training ends)"
+        )
+    model, tokenizer, crm_info = load_rec_llm(adapter, backbone=cfg.backbone, crm_path=cfg.crm_path)
+    return ScoringModel(model, tokenizer, crm_info, cfg, str(adapter))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batches
+# ----------------------------------------------------------------------------------------------------------
+
+
+def crm_history_settings(cfg: PLoRATrainConfig, crm_info: Any) -> dict[str, Any]:
+    """The CRMBatchLoader history settings the recipe gives the CRM (``PLoRARecipe._crm_history``)."""
+    recipe = PLoRARecipe(cfg)  # only stores the config
+    recipe.crm_info = crm_info
+    return recipe._crm_history()
+
+
+def eval_loader(
+    scoring: ScoringModel,
+    dataset: ProcessedDataset,
+    split: str,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> PLoRABatchLoader:
+    """Prompt-only batches of ``split`` in split order, built as the recipe's evaluation loaders are (each
+    rank its shard; no padding to even batches: scoring has no collective per batch)."""
+    cfg = scoring.cfg
+    short = None
+    if cfg.short_history == "retrieved":
+        short = read_retrieval_output(cfg.data_dir, cfg.short_history_length, cfg.retrieval_dir)
+    encoder = PromptEncoder(scoring.tokenizer, dataset.metadata["dataset"], cfg.max_length)
+    return PLoRABatchLoader(
+        dataset,
+        split,
+        batch_size,
+        encoder,
+        with_answer=False,
+        short_history=cfg.short_history,
+        short_history_length=cfg.short_history_length,
+        short_retrieved=short,
+        rank=rank,
+        world_size=world_size,
+        seed=cfg.seed,
+        shuffle=False,
+        drop_last=False,
+        even_batches=False,
+        **crm_history_settings(cfg, scoring.crm_info),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scoring
+# ----------------------------------------------------------------------------------------------------------
+
+
+def default_device() -> torch.device:
+    """This rank's GPU when there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", dist_utils.dist_info().local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def _place(model: RecLLM, device: torch.device) -> None:
+    if not model.config.load_in_8bit:
+        model.to(device)
+    elif model.crm is not None:  # an 8-bit LLM sits on its GPU since loading
+        model.crm.to(device)
+
+
+@torch.no_grad()
+def score_table(
+    scoring: ScoringModel,
+    split: str,
+    *,
+    max_samples: int = 0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> pa.Table | None:
+    """p(yes) of the first ``max_samples`` samples of ``split`` (0: all) as a table of :data:`OUTPUT_COLUMNS`.
+
+    Collective under a process group: every rank scores its shard; rank 0 gets the table, the others
+    ``None``. ``batch_size`` 0 takes the config's ``eval_batch_size``.
+
+    Raises:
+        ScoringError: an unknown split, a negative ``max_samples`` / ``batch_size``, another dataset than the
+            run's; RuntimeError when the gathered rows are not each wanted sample exactly once.
+    """
+    cfg = scoring.cfg
+    if max_samples < 0 or batch_size < 0:
+        raise ScoringError(f"need max_samples >= 0 and batch_size >= 0, got {max_samples}, {batch_size}")
+    dataset = ProcessedDataset(cfg.data_dir)
+    if split not in dataset.metadata["shards"]:
+        raise ScoringError(
+            f"unknown split {split!r}; {cfg.data_dir} has {sorted(dataset.metadata['shards'])}"
+        )
+    info = dist_utils.dist_info()
+    device = torch.device(device) if device is not None else default_device()
+    samples = dataset.read_split(split, ["sample_id", "user_index", "item_index", "label"])
+    limit = min(max_samples, samples.num_rows) if max_samples else samples.num_rows
+    samples = samples.slice(0, limit)
+    split_ids = dataset.read_split(split, ["sample_id"]).column("sample_id").to_numpy()
+    by_id = np.argsort(split_ids, kind="stable")
+
+    def positions(ids: np.ndarray) -> np.ndarray:
+        """Positions in the split of sample ids of the split."""
+        return by_id[np.searchsorted(split_ids, ids, sorter=by_id)]
+
+    loader = eval_loader(
+        scoring, dataset, split, batch_size or cfg.eval_batch_size, info.rank, info.world_size
+    )
+    model = scoring.model
+    _place(model, device)
+    model.eval()
+    ids, labels, probs = [], [], []
+    bar = tqdm(
+        total=min(loader.num_samples, limit),
+        desc=f"score {split}",
+        unit=" samples",
+        disable=not (progress and info.is_main),
+        dynamic_ncols=True,
+    )
+    for batch in loader:
+        keep = positions(batch["sample_id"].numpy()) < limit  # [B]
+        if not keep.all():
+            rows = torch.from_numpy(np.flatnonzero(keep))
+            batch = {k: v[rows] for k, v in batch.items()}
+        if len(batch["sample_id"]):
+            probs.append(model.score(to_device(batch, device)).double().cpu())
+            ids.append(batch["sample_id"])
+            labels.append(batch["label"])
+            bar.update(len(batch["sample_id"]))
+        if not keep.all():
+            break  # a rank reads its rows in split order: the rest lie past the limit
+    bar.total = bar.n
+    bar.close()
+
+    got_ids = dist_utils.all_gather_variable(_cat(ids, torch.int64))
+    got_labels = dist_utils.all_gather_variable(_cat(labels, torch.float32))
+    got_p = dist_utils.all_gather_variable(_cat(probs, torch.float64))
+    if not info.is_main:
+        return None
+    return _assemble(dataset, samples, got_ids.numpy(), got_labels.numpy(), got_p.numpy(), positions)
+
+
+def _cat(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    return torch.cat(parts).to(dtype) if parts else torch.zeros(0, dtype=dtype)
+
+
+def _assemble(
+    dataset: ProcessedDataset,
+    samples: pa.Table,
+    ids: np.ndarray,
+    labels: np.ndarray,
+    probs: np.ndarray,
+    positions: Any,
+) -> pa.Table:
+    """The output table in split order; checks that every wanted sample was scored exactly once."""
+    wanted = samples.column("sample_id").to_numpy()
+    unique, counts = np.unique(ids, return_counts=True)
+    if len(ids) != len(wanted) or len(unique) != len(ids) or not np.array_equal(unique, np.sort(wanted)):
+        raise RuntimeError(
+            f"scored {len(ids)} rows ({len(unique)} distinct sample ids, {int((counts > 1).sum())} repeated) "
+            f"for {len(wanted)} wanted samples"
+        )
+    pos = positions(ids)
+    p = np.empty(len(wanted), dtype=np.float64)
+    p[pos] = probs
+    label = samples.column("label").to_numpy()
+    batch_label = np.empty(len(wanted), dtype=np.float64)
+    batch_label[pos] = labels
+    if not np.array_equal(batch_label, label.astype(np.float64)):
+        raise RuntimeError("the batches' labels differ from the split's")
+    users = dataset.users.column("user").take(samples.column("user_index"))
+    items = dataset.items.column("item").take(samples.column("item_index"))
+    return pa.table(
+        {
+            "sample_id": samples.column("sample_id"),
+            "user": users,
+            "item": items,
+            "label": samples.column("label"),
+            "p": pa.array(p, pa.float64()),
+        }
+    )
+
+
+def check_output_path(out: str | os.PathLike[str]) -> Path:
+    """``out`` if it ends in .parquet or .csv and its folder can be created; ScoringError otherwise."""
+    path = Path(out)
+    if path.suffix.lower() not in OUTPUT_FORMATS:
+        raise ScoringError(f"{path}: the output must end in {' or '.join(OUTPUT_FORMATS)}")
+    if path.is_dir():
+        raise ScoringError(f"{path}: is a folder; give a file name")
+    return path
+
+
+def write_scores(
+    table: pa.Table, out: str | os.PathLike[str], metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write the table atomically as Parquet (with ``metadata`` in its schema) or CSV, by the suffix."""
+    path = check_output_path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix.lower() == ".parquet":
+        if metadata:
+            table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+        pq.write_table(table, tmp)
+    else:
+        pacsv.write_csv(table, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def score_split(
+    scoring: ScoringModel,
+    split: str,
+    out: str | os.PathLike[str],
+    *,
+    max_samples: int = 0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> Path | None:
+    """Score ``split`` (:func:`score_table`) and write the rows to ``out`` on rank 0; returns the path there
+    (``None`` on the other ranks). Collective under a process group."""
+    if split not in ALL_SPLITS:
+        raise ScoringError(f"unknown split {split!r}; one of {list(ALL_SPLITS)}")
+    path = check_output_path(out)
+    table = score_table(
+        scoring, split, max_samples=max_samples, batch_size=batch_size, device=device, progress=progress
+    )
+    written = None
+    if table is not None:
+        metadata = {
+            "reclora_ds.scores": json.dumps(
+                {
+                    "source": scoring.source,
+                    "mode": scoring.cfg.mode,
+                    "split": split,
+                    "data_dir": scoring.cfg.data_dir,
+                }
+            )
+        }
+        written = write_scores(table, path, metadata)
+        log.info("%d scores of %s -> %s", table.num_rows, split, written)
+    dist_utils.barrier()
+    return written
