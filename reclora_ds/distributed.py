@@ -167,9 +167,21 @@ def barrier() -> None:
         dist.barrier()
 
 
-def destroy() -> None:
-    """Tear down the process group if there is one."""
+def destroy(*, synchronize: bool = True) -> None:
+    """Tear down the process group if there is one.
+
+    With ``synchronize`` (the default) every rank first waits at a barrier. gloo's worker threads release
+    a finished collective's tensors after the caller has moved on; a process that exits right after its
+    last collective can reach interpreter finalisation while a worker still holds them, and the worker
+    then dies taking the GIL to free them: the process aborts with "terminate called without an active
+    exception" (SIGABRT) after its work is done. ``destroy_process_group`` does not stop those threads
+    while a library still references the group (transformers' ``from_pretrained`` does). The barrier
+    gives them the round trip they need. Pass ``synchronize=False`` where another rank may never get
+    here (an error that only this rank saw): a barrier would wait for it until the timeout.
+    """
     if dist.is_available() and dist.is_initialized():
+        if synchronize and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -57,11 +57,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         out_dir = extract_item_embeddings(args.dataset, args.out, config)
-    except (FileNotFoundError, BackboneError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        destroy()
+    except BaseException as exc:
+        # extract_item_embeddings raises its errors on every rank together; anything else (an interrupt)
+        # may be this rank's alone, and a barrier would wait for the others until the timeout.
+        destroy(synchronize=isinstance(exc, Exception))
+        if isinstance(exc, (FileNotFoundError, BackboneError, ValueError)):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
+    destroy()
     elapsed = time.perf_counter() - start
     if info.is_main:
         meta = json.loads((out_dir / "embeddings.json").read_text())

@@ -95,10 +95,13 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
         )
     except BAD_INPUT as exc:
+        destroy()  # bad input is seen by every rank alike
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    finally:
-        destroy()
+    except BaseException:
+        destroy(synchronize=False)  # may be this rank's alone: no barrier that would wait for the others
+        raise
+    destroy()
     if path is not None:
         print(f"scores of {args.split} ({scoring.source}) -> {path} ({time.perf_counter() - t0:.1f} s)")
     return 0

@@ -576,8 +576,7 @@ class CRMRecipe:
     def cleanup(self) -> None:
         if self.logger is not None:
             self.logger.close()
-        dist_utils.barrier()
-        dist_utils.destroy()
+        dist_utils.destroy()  # after a barrier
 
 
 class _PerfWindow:
