@@ -1,5 +1,6 @@
 """The ``reclora-ds`` command: thin subcommands over library calls.
 
+reclora-ds pipeline --config launch/configs/quickstart.yaml [--from STAGE] [section.key=value ...]
 reclora-ds prepare --config launch/configs/quickstart.yaml [key=value ...]
 """
 
@@ -22,6 +23,19 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pipeline(args: argparse.Namespace) -> int:
+    from reclora_ds.pipeline.config import load_pipeline_settings
+    from reclora_ds.pipeline.runner import PipelineError, run_pipeline
+
+    settings = load_pipeline_settings(args.config, args.overrides)
+    try:
+        run_pipeline(settings, from_stage=args.from_stage)
+    except (PipelineError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reclora-ds", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -34,6 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="dotted overrides, e.g. min_history=10 goodreads.timestamp_field=date_updated",
     )
     p.set_defaults(func=_prepare)
+    p = sub.add_parser(
+        "pipeline",
+        help="the whole job: prepare -> SIM -> embeddings -> index -> retrieval -> CRM states -> "
+        "LoRA/PLoRA -> report (reruns skip finished stages)",
+    )
+    p.add_argument("--config", required=True, help="pipeline YAML (sections pipeline, prepare, sim, embeddings, plora)")
+    p.add_argument("--from", dest="from_stage", metavar="STAGE", help="redo this stage and every later one")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sim.epochs=2 plora.max_steps=10")
+    p.set_defaults(func=_pipeline)
     return parser
 
 

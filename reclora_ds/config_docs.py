@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 import yaml
 
 from reclora_ds.config import CRMTrainConfig, PLoRATrainConfig, PrepareConfig
+from reclora_ds.pipeline.config import PipelineConfig
 from reclora_ds.retrieval.embeddings import ItemEmbeddingConfig
 
 DOCS_PATH = Path(__file__).resolve().parents[1] / "docs" / "CONFIG.md"
@@ -61,6 +62,14 @@ class ConfigDoc(NamedTuple):
 
 # The registry: every dataclass a user sets through YAML or ``key=value`` overrides, in pipeline order.
 CONFIGS: list[ConfigDoc] = [
+    ConfigDoc(
+        "pipeline",
+        PipelineConfig,
+        "The main job: the `pipeline:` section of a pipeline file, whose other sections `prepare:`, `sim:`, "
+        "`embeddings:` and `plora:` hold the stage configs below (paths between stages are set by the pipeline).",
+        section="pipeline",
+        command="reclora-ds pipeline --config FILE [--from STAGE] [section.key=value ...]",
+    ),
     ConfigDoc(
         "prepare",
         PrepareConfig,

@@ -106,7 +106,7 @@ def _batches(
 
 
 @torch.no_grad()
-def compute_crm_states(
+def compute_crm_outputs(
     checkpoint: str | Path | tuple[nn.Module, CRMCheckpointInfo],
     dataset: str | Path | ProcessedDataset,
     split: str | None = None,
@@ -114,8 +114,9 @@ def compute_crm_states(
     batch_size: int = DEFAULT_BATCH_SIZE,
     device: str | torch.device = "cpu",
     check_dataset: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
-    """CRM states of a split or of given samples: ``(sample_ids int64 [N], hidden float32 [N, d_c])``.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CRM outputs of a split or of given samples: ``(sample_ids int64 [N], hidden float32 [N, d_c],
+    logit float32 [N])``; ``sigmoid(logit)`` is the CRM's click probability.
 
     Args:
         checkpoint: a checkpoint folder (or run folder, for its best), or ``(model, info)`` from
@@ -148,19 +149,40 @@ def compute_crm_states(
     cols = None if sample_ids is None else _sample_columns(dataset, np.asarray(sample_ids, dtype=np.int64))
     was_training = model.training
     model.eval()
-    ids, hidden = [], []
+    ids, hidden, logits = [], [], []
     try:
         for batch in _batches(loader, cols, batch_size):
             out = model({k: v.to(device) for k, v in batch.items()})
             ids.append(batch["sample_id"].numpy())
             hidden.append(out.hidden.float().cpu().numpy())
+            logits.append(out.logit.float().cpu().numpy())
     finally:
         model.train(was_training)
     width = info.hidden_dim
     return (
         np.concatenate(ids) if ids else np.zeros(0, np.int64),
         np.concatenate(hidden) if hidden else np.zeros((0, width), np.float32),
+        np.concatenate(logits) if logits else np.zeros(0, np.float32),
     )
+
+
+def compute_crm_states(
+    checkpoint: str | Path | tuple[nn.Module, CRMCheckpointInfo],
+    dataset: str | Path | ProcessedDataset,
+    split: str | None = None,
+    sample_ids: Any = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    device: str | torch.device = "cpu",
+    check_dataset: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """CRM states of a split or of given samples: ``(sample_ids int64 [N], hidden float32 [N, d_c])``.
+
+    The first two outputs of :func:`compute_crm_outputs` (same arguments).
+    """
+    ids, hidden, _ = compute_crm_outputs(
+        checkpoint, dataset, split, sample_ids, batch_size, device, check_dataset
+    )
+    return ids, hidden
 
 
 def save_crm_states(

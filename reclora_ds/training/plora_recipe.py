@@ -40,6 +40,7 @@ Run folder (rank 0 writes everything but DeepSpeed's per-rank optimizer shards):
     tb/                   TensorBoard: train/loss, train/lr, gate/entropy, gate/expert_usage/<k>,
                           eval/auc, eval/logloss, eval/gauc, test/*, the config as text
     metrics.json          train losses, validation history, final metrics per split, timings
+    predictions_<split>.parquet   the evaluated samples of each split: sample_id, user_index, label, p
 
 Resume: with ``resume=true`` a run whose ``checkpoints/latest`` exists continues from it: trainable
 weights, optimizer, schedule, step, data position (the remaining micro-batches of the epoch, in order) and
@@ -72,7 +73,13 @@ from reclora_ds import distributed as dist_utils
 from reclora_ds.config import PLoRATrainConfig, config_to_dict, save_config
 from reclora_ds.data.processed import ProcessedDataset
 from reclora_ds.data.prompts import PromptEncoder
-from reclora_ds.metrics import evaluate_predictions, expert_usage, gate_entropy
+from reclora_ds.metrics import (
+    Predictions,
+    evaluate_predictions,
+    expert_usage,
+    gate_entropy,
+    gather_predictions,
+)
 from reclora_ds.models.plora import PLoRAConfig
 from reclora_ds.models.rec_llm import RecLLMConfig, build_rec_llm
 from reclora_ds.training.checkpoint import CheckpointError, atomic_dir, rng_state, set_rng_state
@@ -235,6 +242,27 @@ def checked_trainable_load(expected: set[str]) -> Callable[..., None]:
 def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+PREDICTIONS_FILE = "predictions_{split}.parquet"
+
+
+def write_predictions(path: Path, pred: Predictions) -> None:
+    """The gathered predictions of one split as Parquet (sample_id, user_index, label, p), atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table(
+        {
+            "sample_id": np.asarray(pred.sample_ids, dtype=np.int64),
+            "user_index": np.asarray(pred.users, dtype=np.int64),
+            "label": np.asarray(pred.labels, dtype=np.int8),
+            "p": np.asarray(pred.probs, dtype=np.float64),
+        }
+    )
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
     os.replace(tmp, path)
 
 
@@ -602,13 +630,16 @@ class PLoRARecipe:
         bar.close()
         seconds = time.perf_counter() - start
         self.model.train(was_training)
-        metrics = evaluate_predictions(
+        pred = gather_predictions(
             _cat(labels, torch.float32),
             _cat(probs, torch.float64),
             _cat(users, torch.int64),
             _cat(ids, torch.int64),
         )
+        metrics = evaluate_predictions(pred.labels, pred.probs, pred.users, pred.sample_ids, gather=False)
         metrics["seconds"] = seconds
+        if self.is_main:
+            write_predictions(self.out / PREDICTIONS_FILE.format(split=split), pred)
         prefix = "eval" if split == self.cfg.eval_splits[0] else split
         self.logger.log_dict(
             {f"{prefix}/{k}": metrics[k] for k in ("auc", "logloss", "gauc")}, self.state.step

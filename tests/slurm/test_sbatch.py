@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -158,3 +159,54 @@ def test_failing_rank_fails_the_job_without_hanging(slurm_cluster, tmp_path, lau
     assert fields["JobState"] == "FAILED" and fields["ExitCode"] != "0:0", fields
     assert re.search(r"exit ?code\s*:? 3", output), output[-4000:]  # rank 1's status reached the log
     assert elapsed < FAILURE_BOUND_S, f"{launcher}: the job took {elapsed:.0f} s to fail\n{output[-4000:]}"
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline_config(tmp_path_factory, ml1m_dir, plora_assets):
+    from tests.pipeline.tiny import tiny_config
+
+    tmp = tmp_path_factory.mktemp("slurm_pipeline")
+    return tiny_config(tmp, ml1m_dir, plora_assets["backbone"], "slurm"), tmp / "runs" / "slurm"
+
+
+def test_pipeline_two_tasks_completes(slurm_cluster, tiny_pipeline_config, tmp_path):
+    """The whole tiny pipeline as one job; each distributed stage is a 2-rank job step."""
+    config, run_dir = tiny_pipeline_config
+    job, rc, output = sbatch(
+        slurm_cluster, ["--ntasks=2", str(SLURM_DIR / "pipeline.sbatch"), str(config)], tmp_path
+    )
+    assert rc == 0, output[-6000:]
+    fields = job_fields(slurm_cluster, job)
+    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", fields
+    assert "procs/node=2" in output and "launcher=torchrun" in output, output[-4000:]
+    for stage in ("prepare", "sim", "embeddings", "index", "retrieval", "crm_states", "lora", "plora"):
+        record = json.loads((run_dir / "_pipeline" / f"{stage}.json").read_text())
+        assert record["status"] == "done", record
+    # the distributed stages ran on 2 ranks: 2 embedding shards, stage 2 on a world of 2
+    assert sorted(p.name for p in (run_dir / "embeddings" / "shards").glob("*.npy")) == [
+        "rank000-of-002.npy",
+        "rank001-of-002.npy",
+    ]
+    assert json.loads((run_dir / "plora" / "metrics.json").read_text())["world_size"] == 2
+    assert (run_dir / "report.md").is_file() and (run_dir / "results.csv").is_file()
+
+
+def test_pipeline_whose_stage_fails_ends_failed(slurm_cluster, tiny_pipeline_config, tmp_path):
+    config, _ = tiny_pipeline_config
+    start = time.monotonic()
+    job, rc, output = sbatch(
+        slurm_cluster,
+        [
+            "--ntasks=2",
+            str(SLURM_DIR / "pipeline.sbatch"),
+            str(config),
+            "pipeline.name=failing",
+            "sim.device=cuda",  # no GPU here: every rank of the SIM step fails
+        ],
+        tmp_path,
+    )
+    assert rc != 0, output[-4000:]
+    fields = job_fields(slurm_cluster, job)
+    assert fields["JobState"] == "FAILED" and fields["ExitCode"] != "0:0", fields
+    assert "stage sim failed" in output, output[-4000:]
+    assert time.monotonic() - start < FAILURE_BOUND_S + 120, output[-4000:]

@@ -1,0 +1,149 @@
+"""The pipeline's own settings and the stage configs it resolves from one YAML file.
+
+One file drives the whole run (``launch/configs/quickstart.yaml``)::
+
+    pipeline:   PipelineConfig (below): run name, ranks, launcher, which stage-2 modes, index and retrieval
+    prepare:    PrepareConfig            (reclora_ds.config)
+    sim:        CRMTrainConfig           (reclora_ds.config)
+    embeddings: ItemEmbeddingConfig      (reclora_ds.retrieval.embeddings)
+    plora:      PLoRATrainConfig         (reclora_ds.config), shared by every mode of ``pipeline.modes``
+
+Command-line overrides are dotted keys under those sections (``sim.epochs=2 plora.max_steps=10
+pipeline.nproc=1``). Paths that connect the stages (data, CRM, retrieval and output folders) are set by the
+pipeline under ``<runs_dir>/<name>/<stage>``; values given for them in the file are replaced. Every stage
+config is built and validated before the first stage starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from reclora_ds.config import (
+    ConfigError,
+    CRMTrainConfig,
+    PLoRATrainConfig,
+    PrepareConfig,
+    config_from_dict,
+    merge,
+    parse_overrides,
+)
+from reclora_ds.retrieval.embeddings import ItemEmbeddingConfig
+
+MODES = ("zero_shot", "lora", "plora")
+
+
+@dataclasses.dataclass
+class PipelineConfig:
+    name: str = "quickstart"
+    """Run name: every stage writes under ``<runs_dir>/<name>/<stage>``."""
+    runs_dir: str = "runs"
+    """Folder holding the runs."""
+    nproc: int = 2
+    """Ranks of the distributed stages (SIM, embeddings, stage 2) on this node."""
+    threads_per_rank: int = 0
+    """``OMP_NUM_THREADS`` of each rank; 0 = the node's cores divided by ``nproc`` (at least 1)."""
+    launcher: Literal["local", "slurm"] = "local"
+    """``local``: torchrun / deepspeed on this machine. ``slurm``: every distributed stage is a job step
+    started by ``launch/slurm/common.sh`` (``reclora_launch``; the pipeline runs inside an sbatch job)."""
+    plora_launcher: Literal["deepspeed", "torchrun"] = "deepspeed"
+    """Local launcher of stage 2 (both run the DeepSpeed ZeRO-2 engine)."""
+    modes: tuple[str, ...] = ("lora", "plora")
+    """Stage-2 modes to train and evaluate, in order: any of zero_shot, lora, plora."""
+    index_kind: Literal["flat", "hnsw", "ivf"] = "flat"
+    """FAISS index type of the item index (tools/build_faiss_index.py)."""
+    pca_components: int = 512
+    """PCA width of the index (capped by the LLM's hidden size)."""
+    long_k: int = 60
+    """Retrieved behaviours per sample for the CRM (K_long)."""
+    short_k: int = 10
+    """Retrieved behaviours per sample for the prompt (K_short); ``plora.short_history_length``."""
+    crm_states_splits: tuple[str, ...] = ("fewshot", "test")
+    """Splits whose CRM states are stored (``crm_states/<split>.safetensors``)."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.name or "/" in self.name:
+            problems.append(f"name={self.name!r} must be a non-empty folder name")
+        if self.nproc < 1:
+            problems.append(f"nproc={self.nproc} must be >= 1")
+        if self.threads_per_rank < 0:
+            problems.append(f"threads_per_rank={self.threads_per_rank} must be >= 0")
+        bad = [m for m in self.modes if m not in MODES]
+        if bad or not self.modes or len(set(self.modes)) != len(self.modes):
+            problems.append(f"modes={list(self.modes)} must be distinct values of {list(MODES)}")
+        if self.long_k < 1 or self.short_k < 1:
+            problems.append("long_k and short_k must be >= 1")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+
+# section name -> its dataclass; the file's top level may hold nothing else.
+SECTIONS: dict[str, type] = {
+    "pipeline": PipelineConfig,
+    "prepare": PrepareConfig,
+    "sim": CRMTrainConfig,
+    "embeddings": ItemEmbeddingConfig,
+    "plora": PLoRATrainConfig,
+}
+
+
+@dataclasses.dataclass
+class PipelineSettings:
+    """Every section of a pipeline file, validated; the stage paths are not yet filled in."""
+
+    pipeline: PipelineConfig
+    prepare: PrepareConfig
+    sim: CRMTrainConfig
+    embeddings: ItemEmbeddingConfig
+    plora: PLoRATrainConfig
+    source: str
+
+
+def load_pipeline_settings(path: str | Path | None, overrides: Sequence[str] = ()) -> PipelineSettings:
+    """Read a pipeline YAML file plus ``section.key=value`` overrides; every problem reported at once.
+
+    Raises:
+        ConfigError: unknown sections or keys, wrong types, failed checks (all of them, per section).
+    """
+    source = str(path) if path else "<defaults>"
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError([f"config file not found: {p}"], source)
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"not valid YAML: {exc}"], source) from exc
+        if not isinstance(loaded, Mapping):
+            raise ConfigError([f"top level must be a mapping, got {type(loaded).__name__}"], source)
+        data = dict(loaded)
+    tree, problems = parse_overrides(overrides)
+    data = merge(data, tree)
+    problems += [
+        f"unknown section {key!r} (valid sections: {', '.join(SECTIONS)})"
+        for key in data
+        if key not in SECTIONS
+    ]
+    built: dict[str, Any] = {}
+    for section, cls in SECTIONS.items():
+        value = data.get(section) or {}
+        if not isinstance(value, Mapping):
+            problems.append(f"section {section!r} must be a mapping")
+            continue
+        try:
+            built[section] = config_from_dict(cls, value, f"{source} [{section}]")
+        except ConfigError as exc:
+            problems += [f"[{section}] {problem}" for problem in exc.problems]
+    if problems:
+        raise ConfigError(problems, source)
+    return PipelineSettings(source=source, **built)

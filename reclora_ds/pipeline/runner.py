@@ -1,0 +1,255 @@
+"""Run the stages in order; skip the finished ones, redo the stale ones, resume the interrupted one.
+
+Every stage has a hash: sha256 of its name, its resolved settings, the hashes of the stages it reads and a
+fingerprint of outside inputs (raw files, backbone). The record ``<run>/_pipeline/<stage>.json`` holds the
+hash, the status (``running`` / ``done``), start, end and wall time; ``<run>/_pipeline/<stage>.log`` holds
+everything the stage printed. Before a stage runs:
+
+    record done, same hash      -> skipped
+    record running, same hash   -> run again over its folder: the stage continues (stage 2 resumes from its
+                                   last DeepSpeed checkpoint, embedding extraction keeps finished shards)
+    no record / another hash    -> its folder is deleted, then it runs
+    at or after ``--from STAGE``-> its folder is deleted, then it runs
+
+Because a stage's hash contains its inputs' hashes, redoing a stage makes every stage after it that reads
+it stale. A failed stage stops the pipeline with its exit status and log path; a rerun resumes there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from reclora_ds.distributed import free_port
+from reclora_ds.pipeline.config import PipelineSettings
+from reclora_ds.pipeline.stages import ROOT, Command, Stage, build_stages, stage_env
+
+log = logging.getLogger(__name__)
+
+PIPELINE_VERSION = 1  # part of every hash: bump when a stage's outputs change meaning
+RECORD_DIR = "_pipeline"
+SLURM_LAUNCH = 'source "${RECLORA_SLURM_DIR:-launch/slurm}/common.sh" && reclora_launch "$@"'
+
+
+class PipelineError(RuntimeError):
+    """A stage failed; the message names it, its exit status and its log."""
+
+
+@dataclasses.dataclass
+class PlannedStage:
+    stage: Stage
+    hash: str
+    action: str  # skip | resume | run | redo | forced
+
+
+def stage_hash(stage: Stage, input_hashes: dict[str, str], fingerprint: str) -> str:
+    payload = {
+        "version": PIPELINE_VERSION,
+        "stage": stage.name,
+        "settings": stage.settings,
+        "inputs": {name: input_hashes[name] for name in stage.inputs},
+        "fingerprint": fingerprint,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def launch_argv(command: Command, nproc: int, launcher: str, plora_launcher: str) -> list[str]:
+    """The argv of one command: one process, or ``nproc`` ranks under torchrun / deepspeed / Slurm."""
+    py = sys.executable
+    if command.kind == "python" or (nproc == 1 and launcher == "local"):
+        return [py, command.script, *command.args]
+    if launcher == "slurm":  # a job step per stage, through launch/slurm/common.sh (RECLORA_LAUNCHER picks)
+        return ["bash", "-c", SLURM_LAUNCH, "reclora-stage", command.script, *command.args]
+    if command.kind == "deepspeed" and plora_launcher == "deepspeed":
+        return [
+            py, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", str(free_port()),
+            command.script, *command.args,
+        ]  # fmt: skip
+    return [
+        py,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        command.script,
+        *command.args,
+    ]
+
+
+class PipelineRunner:
+    """Plans and runs the stages of one pipeline file (see the module docstring)."""
+
+    def __init__(self, settings: PipelineSettings, from_stage: str | None = None) -> None:
+        from reclora_ds.pipeline.report import write_report
+
+        self.settings = settings
+        self.run_dir = settings.pipeline.run_dir
+        self.records = self.run_dir / RECORD_DIR
+        self.stages = build_stages(settings, run_report=lambda: write_report(self.run_dir, settings))
+        names = [s.name for s in self.stages]
+        if from_stage is not None and from_stage not in names:
+            raise ValueError(f"--from {from_stage!r}: not a stage of this pipeline ({', '.join(names)})")
+        self.from_index = names.index(from_stage) if from_stage else len(names)
+        self._child: subprocess.Popen | None = None
+
+    # ------------------------------------------------------------------------------------------------------
+    def record(self, name: str) -> dict[str, Any] | None:
+        path = self.records / f"{name}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def _write_record(self, name: str, record: dict[str, Any]) -> None:
+        self.records.mkdir(parents=True, exist_ok=True)
+        path = self.records / f"{name}.json"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, path)
+
+    def plan(self) -> list[PlannedStage]:
+        """Each stage with its hash and what a run will do with it (fingerprints are computed here)."""
+        hashes: dict[str, str] = {}
+        planned = []
+        for index, stage in enumerate(self.stages):
+            fingerprint = stage.fingerprint() if stage.fingerprint else ""
+            h = hashes[stage.name] = stage_hash(stage, hashes, fingerprint)
+            rec = self.record(stage.name)
+            if index >= self.from_index:
+                action = "forced"
+            elif stage.name == "report":
+                action = "run"  # cheap, and it reads every stage's latest numbers
+            elif rec is None:
+                action = "run"
+            elif rec.get("hash") != h:
+                action = "redo"
+            else:
+                action = "skip" if rec.get("status") == "done" else "resume"
+            planned.append(PlannedStage(stage, h, action))
+        return planned
+
+    # ------------------------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Run the plan; returns ``{stage: record}``. Raises :class:`PipelineError` on a failed stage."""
+        plan = self.plan()
+        p = self.settings.pipeline
+        print(f"pipeline {p.name}: {len(plan)} stages under {self.run_dir} (config {self.settings.source})")
+        for item in plan:
+            print(f"  {item.stage.name:<11} {item.action:<7} {item.hash[:12]}")
+        sys.stdout.flush()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        records = {}
+        total = time.perf_counter()
+        for number, item in enumerate(plan, 1):
+            name = item.stage.name
+            if item.action == "skip":
+                records[name] = self.record(name)
+                continue
+            out = self.run_dir / name
+            if item.action in ("redo", "forced") and out.exists():
+                shutil.rmtree(out)
+            start = time.time()
+            self._write_record(
+                name, {"stage": name, "hash": item.hash, "status": "running", "started": _now()}
+            )
+            print(
+                f"\n=== [{number}/{len(plan)}] {name} ({item.action}) log: {self.records / (name + '.log')}"
+            )
+            sys.stdout.flush()
+            self._run_stage(item.stage, out)
+            records[name] = {
+                "stage": name,
+                "hash": item.hash,
+                "status": "done",
+                "started": _iso(start),
+                "finished": _now(),
+                "wall_s": round(time.time() - start, 2),
+            }
+            self._write_record(name, records[name])
+        print(
+            f"\npipeline {p.name} finished in {time.perf_counter() - total:.0f} s; report: {self.run_dir / 'report.md'}"
+        )
+        return records
+
+    def _run_stage(self, stage: Stage, out: Path) -> None:
+        p = self.settings.pipeline
+        if stage.write_files:
+            out.mkdir(parents=True, exist_ok=True)
+            for filename, text in stage.write_files.items():
+                (out / filename).write_text(text)
+        if stage.run_inline is not None:
+            stage.run_inline()
+            return
+        # Ranks sharing a node's cores; under Slurm, common.sh's reclora_setup has set OMP_NUM_THREADS.
+        threads = p.threads_per_rank or (
+            None if p.launcher == "slurm" else max(1, (os.cpu_count() or 1) // p.nproc)
+        )
+        logfile = self.records / f"{stage.name}.log"
+        with open(logfile, "ab") as logf:
+            for command in stage.commands:
+                argv = launch_argv(command, p.nproc, p.launcher, p.plora_launcher)
+                distributed = command.kind != "python" and (p.nproc > 1 or p.launcher == "slurm")
+                env = stage_env(threads if distributed else None)
+                if p.launcher == "slurm" and "MASTER_PORT" in env:  # a fresh rendezvous port per stage step
+                    env["MASTER_PORT"] = str(int(env["MASTER_PORT"]) + 1 + self._stage_number(stage))
+                logf.write(f"$ {' '.join(argv)}\n".encode())
+                rc = self._stream(argv, env, logf)
+                if rc != 0:
+                    raise PipelineError(
+                        f"stage {stage.name} failed: `{' '.join(argv)}` exited with status {rc}; "
+                        f"its output is in {logfile}. Fix the cause and rerun: finished stages are skipped."
+                    )
+
+    def _stage_number(self, stage: Stage) -> int:
+        return [s.name for s in self.stages].index(stage.name)
+
+    def _stream(self, argv: list[str], env: dict[str, str], logf: Any) -> int:
+        """Run ``argv`` from the repository root; copy its output to this terminal and the log as it comes."""
+        child = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self._child = child
+        previous = {sig: signal.signal(sig, self._forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            assert child.stdout is not None
+            fd = child.stdout.fileno()
+            while chunk := os.read(fd, 65536):
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.buffer.flush()
+                logf.write(chunk)
+                logf.flush()
+            return child.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self._child = None
+
+    def _forward(self, signum: int, _frame: Any) -> None:
+        """Pass SIGTERM / SIGINT to the running stage (its launcher ends its ranks), then stop."""
+        if self._child is not None and self._child.poll() is None:
+            self._child.send_signal(signum)
+            try:
+                self._child.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self._child.kill()
+        raise KeyboardInterrupt(f"pipeline interrupted by signal {signum}; rerun to continue")
+
+
+def _iso(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t).isoformat(timespec="seconds")
+
+
+def _now() -> str:
+    return _iso(time.time())
+
+
+def run_pipeline(settings: PipelineSettings, from_stage: str | None = None) -> dict[str, Any]:
+    """Plan and run a pipeline (see the module docstring); returns ``{stage: record}``."""
+    return PipelineRunner(settings, from_stage).run()

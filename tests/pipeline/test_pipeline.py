@@ -1,0 +1,195 @@
+"""The main job end to end on tiny real data: ``reclora-ds pipeline`` with 2 ranks (torchrun, deepspeed).
+
+One module-scoped run (ML-1M sample of 100 users, tiny random Llama, tiny SIM) is checked for: every stage
+finished and recorded; the report's numbers equal metrics recomputed here with scikit-learn from the
+per-sample predictions; TensorBoard event files under ``runs/<name>/<stage>/tb`` hold the expected scalars;
+a rerun skips every stage; a changed setting redoes exactly the stages downstream of it; ``--from``.
+Then a run killed (SIGKILL, whole process group) in the middle of the PLoRA stage resumes from its last
+checkpoint on the next run and completes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from sklearn.metrics import log_loss, roc_auc_score
+
+from reclora_ds.metrics import group_auc
+from reclora_ds.pipeline.config import load_pipeline_settings
+from reclora_ds.pipeline.runner import PipelineRunner
+from tests.pipeline.tiny import tiny_config
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+STAGES = [
+    "prepare",
+    "backbone",
+    "sim",
+    "embeddings",
+    "index",
+    "retrieval",
+    "crm_states",
+    "lora",
+    "plora",
+    "report",
+]
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def pipeline_cmd(config: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "reclora_ds", "pipeline", "--config", str(config), *extra]
+
+
+def run_pipeline(config: Path, *extra: str) -> subprocess.CompletedProcess:
+    run = subprocess.run(pipeline_cmd(config, *extra), capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    return run
+
+
+def planned_actions(config: Path, *overrides: str, from_stage: str | None = None) -> dict[str, str]:
+    runner = PipelineRunner(load_pipeline_settings(config, overrides), from_stage)
+    return {p.stage.name: p.action for p in runner.plan()}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, ml1m_dir, plora_assets):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    config = tiny_config(tmp, ml1m_dir, plora_assets["backbone"], "tiny")
+    first = run_pipeline(config)
+    return config, tmp / "runs" / "tiny", first
+
+
+def test_every_stage_ran_and_was_recorded(finished):
+    config, run_dir, first = finished
+    for stage in STAGES:
+        record = json.loads((run_dir / "_pipeline" / f"{stage}.json").read_text())
+        assert record["status"] == "done" and record["wall_s"] >= 0, record
+    assert (run_dir / "report.md").is_file() and (run_dir / "results.png").stat().st_size > 10_000
+    assert (run_dir / "crm_states" / "fewshot.safetensors").is_file()
+    times = read_csv(run_dir / "stage_times.csv")
+    assert [t["stage"] for t in times] == STAGES[:-1]  # the report records itself after writing
+
+
+def test_report_numbers_equal_an_independent_recomputation(finished):
+    _, run_dir, _ = finished
+    rows = read_csv(run_dir / "results.csv")
+    sim_all = json.loads((run_dir / "sim" / "metrics.json").read_text())["test"]
+    assert float(rows[0]["auc"]) == pytest.approx(sim_all["auc"])
+    for mode in ("lora", "plora"):
+        pred = pq.read_table(run_dir / mode / "predictions_test.parquet").to_pandas()
+        assert len(pred) == 48 and pred["sample_id"].is_unique
+        (row,) = [r for r in rows if r["model"] == mode]
+        y, p = pred["label"].to_numpy(), pred["p"].to_numpy()
+        assert float(row["auc"]) == pytest.approx(roc_auc_score(y, p), abs=1e-9)
+        assert float(row["logloss"]) == pytest.approx(log_loss(y, np.clip(p, 1e-7, 1 - 1e-7)), abs=1e-4)
+        assert float(row["gauc"]) == pytest.approx(group_auc(pred["user_index"], y, p), abs=1e-9)
+        # the recipe's own metrics over the same samples
+        assert float(row["auc"]) == pytest.approx(
+            json.loads((run_dir / mode / "metrics.json").read_text())["test"]["auc"]
+        )
+        assert int(float(row["n"])) == 48
+    sim_rows = [r for r in rows if r["model"] == "sim" and "evaluated by" in r["eval_set"]]
+    assert len(sim_rows) == 2 and all(int(float(r["n"])) == 48 for r in sim_rows)
+
+
+def test_tensorboard_event_files_hold_the_scalars(finished):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, run_dir, _ = finished
+    expected = {
+        "sim": {"train/loss", "train/lr", "eval/auc", "eval/logloss", "eval/gauc", "perf/samples_per_s"},
+        # stage 2's first eval split (here the only one, test) is logged as eval/*
+        "lora": {"train/loss", "train/lr", "eval/auc", "eval/logloss", "eval/gauc"},
+        "plora": {"train/loss", "train/lr", "eval/auc", "gate/entropy"},
+    }
+    for stage, tags in expected.items():
+        acc = EventAccumulator(str(run_dir / stage / "tb"))
+        acc.Reload()
+        scalars = set(acc.Tags()["scalars"])
+        assert tags <= scalars, (stage, tags - scalars)
+        losses = [e.value for e in acc.Scalars("train/loss")]
+        assert losses and all(np.isfinite(losses))
+    acc = EventAccumulator(str(run_dir / "plora" / "tb"))
+    acc.Reload()
+    entropy = [e.value for e in acc.Scalars("gate/entropy")]
+    assert all(0 <= v <= np.log(2) + 1e-6 for v in entropy)  # 2 experts
+    assert any(t.startswith("gate/expert_usage") for t in acc.Tags()["scalars"])
+
+
+def test_rerun_skips_everything_and_changes_redo_only_downstream(finished):
+    config, run_dir, _ = finished
+    before = {
+        s: json.loads((run_dir / "_pipeline" / f"{s}.json").read_text())["finished"] for s in STAGES[:-1]
+    }
+    assert planned_actions(config) == {**{s: "skip" for s in STAGES[:-1]}, "report": "run"}
+    second = run_pipeline(config)
+    assert "finished in" in second.stdout
+    after = {
+        s: json.loads((run_dir / "_pipeline" / f"{s}.json").read_text())["finished"] for s in STAGES[:-1]
+    }
+    assert after == before  # nothing was redone
+
+    changed = planned_actions(config, "sim.lr=0.002")
+    assert changed == {
+        "prepare": "skip", "backbone": "skip", "sim": "redo", "embeddings": "skip", "index": "skip",
+        "retrieval": "skip", "crm_states": "redo", "lora": "redo", "plora": "redo", "report": "run",
+    }  # fmt: skip
+    assert planned_actions(config, "plora.adapter.num_experts=3")["lora"] == "redo"  # shared section
+    assert planned_actions(config, "pipeline.short_k=4")["embeddings"] == "skip"
+    forced = planned_actions(config, from_stage="index")
+    assert [s for s, a in forced.items() if a == "forced"] == STAGES[STAGES.index("index") :]
+
+
+def test_bad_settings_are_reported_together_before_any_work(tmp_path, ml1m_dir):
+    config = tiny_config(tmp_path, ml1m_dir, "default", "bad")
+    run = subprocess.run(
+        pipeline_cmd(config, "sim.epochz=1", "pipeline.modes=[plora, lora3]", "plora.lr=fast", "nosection.x=1"),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2
+    for needle in ("epochz", "lora3", "plora", "nosection"):
+        assert needle in run.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_killed_in_plora_resumes_from_its_checkpoint(tmp_path, ml1m_dir, plora_assets):
+    config = tiny_config(
+        tmp_path, ml1m_dir, plora_assets["backbone"], "killed", max_steps=12, checkpoint_every=2
+    )
+    run_dir = tmp_path / "runs" / "killed"
+    latest = run_dir / "plora" / "checkpoints" / "latest"
+    deadline = time.time() + 600
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen(
+            pipeline_cmd(config), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        while not latest.is_file():
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.time() < deadline, "no PLoRA checkpoint within 10 minutes"
+            time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # the pipeline, its launcher and every rank
+    proc.wait()
+    assert not (run_dir / "plora" / "metrics.json").exists()
+    assert json.loads((run_dir / "_pipeline" / "plora.json").read_text())["status"] == "running"
+    actions = planned_actions(config)
+    assert actions["lora"] == "skip" and actions["plora"] == "resume"
+
+    run_pipeline(config)
+    metrics = json.loads((run_dir / "plora" / "metrics.json").read_text())
+    assert metrics["resumed_from"], "the rerun started PLoRA from scratch"
+    assert metrics["steps"] == 12
+    assert json.loads((run_dir / "_pipeline" / "plora.json").read_text())["status"] == "done"
