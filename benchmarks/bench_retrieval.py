@@ -13,7 +13,7 @@ with about the same length distribution) and extrapolates the full-size time fro
 
     python benchmarks/bench_retrieval.py --fraction 0.04      # ~1M rows, extrapolated
     python benchmarks/bench_retrieval.py                      # the full 25M
-    python benchmarks/bench_retrieval.py --processed runs/quickstart/data [--index runs/quickstart/index]
+    python benchmarks/bench_retrieval.py --processed runs/quickstart/prepare [--index runs/quickstart/index]
 """
 
 from __future__ import annotations

@@ -339,9 +339,9 @@ class CRMTrainConfig:
     DNN layers {1, 2, 3} of {64, 128, 256}); ``launch/configs/sim_<dataset>.yaml`` hold each dataset's.
     """
 
-    data_dir: str = "runs/quickstart/data"
+    data_dir: str = "runs/quickstart/prepare"
     """Processed dataset (the output of ``reclora-ds prepare``)."""
-    output_dir: str = "runs/quickstart/crm"
+    output_dir: str = "runs/quickstart/sim"
     """Run folder: config.yaml, checkpoints/{last,best}, tb/, metrics.json, train_log.jsonl."""
     model: str = "sim"
     """``sim`` (the paper's CRM), ``din`` (w/o long retriever) or ``logreg`` (baseline)."""
@@ -440,11 +440,11 @@ class PLoRATrainConfig:
     the CRM's own for the CRM). ``launch/configs/plora_<dataset>.yaml`` hold each dataset's settings.
     """
 
-    data_dir: str = "runs/quickstart/data"
+    data_dir: str = "runs/quickstart/prepare"
     """Processed dataset (``reclora-ds prepare``)."""
     output_dir: str = "runs/quickstart/plora"
     """Run folder: config.yaml, ds_config.json, checkpoints/, adapter/, tb/, metrics.json."""
-    crm_path: str = "runs/quickstart/crm"
+    crm_path: str = "runs/quickstart/sim"
     """Stage-1 run folder (its checkpoints/best) or checkpoint folder; mode ``plora`` only."""
     backbone: str = "default"
     """``default`` (SmolLM2-135M-Instruct) or a local Hugging Face causal-LM folder (e.g. Vicuna-7B)."""

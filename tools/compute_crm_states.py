@@ -1,7 +1,7 @@
 """CRM states for stage 2: the frozen CRM's hidden vector of every sample of a split (or of listed samples).
 
-    python tools/compute_crm_states.py --checkpoint runs/quickstart/crm/checkpoints/best \
-        --data runs/quickstart/data --split fewshot --out runs/quickstart/crm_states/fewshot.safetensors
+    python tools/compute_crm_states.py --checkpoint runs/quickstart/sim/checkpoints/best \
+        --data runs/quickstart/prepare --split fewshot --out runs/quickstart/crm_states/fewshot.safetensors
     python tools/compute_crm_states.py --checkpoint RUN_DIR --data DATA --sample-ids ids.npy --out states.npz
 
 Eval mode, no gradients, deterministic; the library call is

@@ -12,7 +12,7 @@ or ``.npz`` with the same two arrays.
 
 Example::
 
-    ids, hidden = compute_crm_states("runs/quickstart/crm/checkpoints/best", "runs/quickstart/data",
+    ids, hidden = compute_crm_states("runs/quickstart/sim/checkpoints/best", "runs/quickstart/prepare",
                                      split="fewshot")
     save_crm_states("runs/quickstart/crm_states/fewshot.safetensors", ids, hidden)
 """
