@@ -1,0 +1,774 @@
+"""PLoRA training-step cost against peft's LoRA r=8, on the same model and the same batch (issue #5).
+
+    python benchmarks/bench_plora.py                        # SmolLM2-135M-Instruct, CPU, float32, B=4, T=256
+    python benchmarks/bench_plora.py --tiny                 # smoke run on a random 2-layer Llama (< 1 min)
+    python benchmarks/bench_plora.py --device cuda --dtype bfloat16 --batch 8
+    python benchmarks/bench_plora.py --profile              # + where PLoRA's extra time goes
+
+Variants, all on ``q_proj`` and ``v_proj`` with r=8, alpha=16, adapter dropout 0 (stage 2's settings):
+
+  * ``lora``                 peft's ``LoraConfig`` / ``get_peft_model``, as ``RecLLM`` mode ``lora`` builds it
+                             (the baseline);
+  * ``plora-N{2,4,16}-products`` / ``-factors``   :func:`reclora_ds.models.inject.inject_plora` with one gate
+    per adapted projection (gate dropout 0.1, the default), routed by
+    :func:`reclora_ds.models.inject.route_gate_inputs` with a random CRM state [B, 256] standing in for the
+    frozen CRM's (the CRM itself is not run: it is not part of PLoRA's cost).
+
+The step is stage 2's (``RecLLM._forward_lm``): a left-padded batch of prompts (lengths drawn in
+[0.8 T, T]) ending with the two tokens of ``"Yes."``; the LM gets ``attention_mask``, ``position_ids``
+from the mask and ``logits_to_keep`` = 3, so the LM head only runs on the last 3 positions, and the loss is
+:func:`reclora_ds.models.rec_llm.answer_loss` on the answer tokens. A training step is that forward +
+backward + ``AdamW.step`` over the trainable parameters + ``zero_grad``; an inference step is the forward in
+``eval`` mode under ``torch.no_grad`` (``RecLLM.score``).
+
+Every variant wraps its own copy of ONE loaded model whose frozen tensors are shared (``deepcopy`` with the
+parameters in the memo), so all run the same weights on the same batch. After ``--warmup`` untimed steps of
+each kind per variant and one untimed step per variant that measures memory, the variants run round-robin
+for ``--trials`` trials (the first variant of a trial rotates, so none always follows the same neighbour),
+each trial timing one training step then one inference step of every variant. The table gives each
+variant's median, the median and range of the per-trial paired ratios to ``lora`` (variant time / lora's
+time in the same trial: the load of the machine moves both), and the memory. PASS / MISS compares the
+median paired training ratio of every PLoRA variant with the target (CPU 1.10, CUDA 1.05).
+
+Clocks: every step is timed on the wall clock and on the process CPU time (``time.process_time``). On a CPU
+with one torch thread the verdict uses CPU time: it is the step's cost without the time slices that other
+processes on a shared machine take from it (wall-clock ratios swung 0.6-1.5 from trial to trial on the
+shared 2-core machine, CPU-time ones far less); the wall-clock ratios are printed beside it. With more
+threads (CPU time adds the threads up) and on CUDA the verdict uses the wall clock.
+
+Threads: one by default (``--threads``), as stage 2 runs on a CPU: the quickstart launches two DeepSpeed
+ranks with ``OMP_NUM_THREADS=1`` on a 2-core machine, each stepping a micro batch of 4. (With two OpenMP
+threads on a 2-core machine that other processes also use, steps were about 3x slower and erratic.)
+
+Memory: on CPU, the peak of the process RSS sampled every millisecond by a thread during one training step,
+minus the RSS just before it (after ``gc.collect()`` and glibc ``malloc_trim(0)``, so heap memory freed by
+earlier steps does not hide the step's own growth): what one step allocates on top of the model, the
+optimizer state and the other variants. On CUDA, ``torch.cuda.max_memory_allocated()`` during the step
+minus ``torch.cuda.memory_allocated()`` before it. ``saved`` is exact: the bytes of the distinct tensors
+autograd keeps for backward in that step (parameters excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import ctypes
+import gc
+import os
+import platform
+import resource
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import psutil
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reclora_ds.data.prompts import IGNORE_INDEX
+from reclora_ds.models.inject import inject_plora, route_gate_inputs
+from reclora_ds.models.plora import PLoRAConfig, PLoRAGate, PLoRALinear
+from reclora_ds.models.rec_llm import answer_loss, position_ids_from_mask
+
+TARGET_MODULES = ("q_proj", "v_proj")
+RANK = 8
+ALPHA = 16.0
+CRM_DIM = 256
+EXPERT_COUNTS = (2, 4, 16)
+MIXINGS = ("products", "factors")
+BASELINE = "lora"
+TARGET_RATIO = {"cpu": 1.10, "cuda": 1.05}
+ANSWER_TOKENS = 2  # "Yes." / "No." are two tokens of SmolLM2's tokenizer (resolve_answer_tokens)
+MIN_PROMPT_SHARE = 0.8  # prompt lengths are drawn in [0.8 T, T], left-padded to T
+RSS_SAMPLE_S = 0.001
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MIB = 1 << 20
+
+
+# ------------------------------------------------------------------------------------------- model
+
+
+def load_base(args: argparse.Namespace, device: torch.device) -> nn.Module:
+    """The frozen causal LM every variant wraps: the backbone (as stage 2 loads it), or a random tiny Llama."""
+    if args.tiny:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            vocab_size=1024,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            attn_implementation="sdpa",
+        )
+        model = LlamaForCausalLM(config).to(DTYPES[args.dtype])
+    else:
+        from reclora_ds.models.rec_llm import load_causal_lm
+
+        model, _ = load_causal_lm(args.backbone, args.dtype, attn_implementation="sdpa")
+    model.config.use_cache = False
+    model.requires_grad_(False)
+    return model.to(device).train()
+
+
+def shared_copy(base: nn.Module) -> nn.Module:
+    """A deep copy of ``base`` whose parameters are ``base``'s own tensors (frozen, so safe to share)."""
+    memo = {id(param): param for param in base.parameters()}
+    return copy.deepcopy(base, memo)
+
+
+def build_lora(base: nn.Module) -> nn.Module:
+    """peft's LoRA r=8 with the settings of ``RecLLM`` mode ``lora``."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=RANK,
+        lora_alpha=ALPHA,
+        lora_dropout=0.0,
+        target_modules=list(TARGET_MODULES),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(shared_copy(base), config)
+
+
+def build_plora(base: nn.Module, num_experts: int, mixing: str) -> nn.Module:
+    model = shared_copy(base)
+    config = PLoRAConfig(
+        num_experts=num_experts,
+        rank=RANK,
+        alpha=ALPHA,
+        temperature=1.0,
+        mixing=mixing,
+        target_modules=TARGET_MODULES,
+        crm_dim=CRM_DIM,
+    )
+    inject_plora(model, config)
+    return model
+
+
+# ------------------------------------------------------------------------------------------- batch
+
+
+@dataclass
+class Batch:
+    """A stage-2 micro batch: left-padded prompts ending with the answer tokens, and a CRM state."""
+
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T], 0 on the left padding
+    position_ids: torch.Tensor  # [B, T]
+    labels: torch.Tensor  # [B, K]: the last K positions' labels (answer ids, IGNORE_INDEX elsewhere)
+    crm_state: torch.Tensor  # [B, d_c]
+
+    @property
+    def keep(self) -> int:
+        """K, the positions that go through the LM head (the answer position and the answer tokens)."""
+        return self.labels.shape[1]
+
+
+def make_batch(batch: int, seq: int, vocab: int, device: torch.device, seed: int) -> Batch:
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(int(MIN_PROMPT_SHARE * seq), seq + 1, (batch,), generator=generator)
+    input_ids = torch.randint(1, vocab, (batch, seq), generator=generator)
+    attention_mask = (torch.arange(seq)[None, :] >= seq - lengths[:, None]).long()
+    input_ids = input_ids * attention_mask  # pad id 0 on the left
+    keep = ANSWER_TOKENS + 1
+    labels = torch.full((batch, keep), IGNORE_INDEX, dtype=torch.long)
+    labels[:, 1:] = input_ids[:, -ANSWER_TOKENS:]
+    crm_state = torch.randn(batch, CRM_DIM, generator=generator)
+    return Batch(
+        input_ids.to(device),
+        attention_mask.to(device),
+        position_ids_from_mask(attention_mask).to(device),
+        labels.to(device),
+        crm_state.to(device),
+    )
+
+
+# ----------------------------------------------------------------------------------------- variants
+
+
+@dataclass
+class Variant:
+    """One adapted model with its optimizer, and the measurements taken on it."""
+
+    name: str
+    model: nn.Module
+    routed_plora: bool  # True: PLoRA, run inside route_gate_inputs; False: peft's LoRA
+    optimizer: torch.optim.Optimizer = field(init=False)
+    times: dict[str, list[float]] = field(default_factory=dict)  # "train wall" -> seconds per trial, ...
+    step_bytes: int = 0
+    saved_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        self.optimizer = torch.optim.AdamW(self.trainable(), lr=1e-4, weight_decay=0.0)
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [param for param in self.model.parameters() if param.requires_grad]
+
+    def routed(self, batch: Batch):
+        return (
+            route_gate_inputs(self.model, batch.crm_state) if self.routed_plora else contextlib.nullcontext()
+        )
+
+    def logits(self, batch: Batch) -> torch.Tensor:
+        """The LM's logits of the last K positions [B, K, V], as ``RecLLM._forward_lm`` asks for them."""
+        return self.model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+            logits_to_keep=batch.keep,
+        ).logits
+
+    def train_step(self, batch: Batch) -> None:
+        with self.routed(batch):
+            loss = answer_loss(self.logits(batch), batch.labels)
+            loss.backward()  # inside the routing block, as checkpointed layers need
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def infer_step(self, batch: Batch) -> None:
+        self.model.eval()
+        try:
+            with torch.no_grad(), self.routed(batch):
+                self.logits(batch)
+        finally:
+            self.model.train()
+
+
+def variant_names() -> list[str]:
+    return [BASELINE] + [f"plora-N{n}-{mixing}" for n in EXPERT_COUNTS for mixing in MIXINGS]
+
+
+def build_variants(base: nn.Module, names: list[str]) -> list[Variant]:
+    variants = [Variant(BASELINE, build_lora(base), routed_plora=False)]
+    for num_experts in EXPERT_COUNTS:
+        for mixing in MIXINGS:
+            name = f"plora-N{num_experts}-{mixing}"
+            if name in names:
+                variants.append(Variant(name, build_plora(base, num_experts, mixing), routed_plora=True))
+    return variants
+
+
+# ------------------------------------------------------------------------------------------- timing
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(step: Callable[[], None], device: torch.device) -> tuple[float, float]:
+    """Wall-clock seconds of one call of ``step``, and the process CPU seconds it took (all threads)."""
+    synchronize(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    step()
+    synchronize(device)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _malloc_trim() -> None:
+    """Give freed heap pages back to the OS (glibc only), so the RSS before a step is its true floor."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class RSSPeak:
+    """Peak process RSS above the level at entry, sampled by a thread every ``RSS_SAMPLE_S``."""
+
+    def __init__(self) -> None:
+        self.process = psutil.Process()
+        self.baseline = 0
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(RSS_SAMPLE_S)
+
+    def __enter__(self) -> RSSPeak:
+        gc.collect()
+        _malloc_trim()
+        self.baseline = self.peak = self.process.memory_info().rss
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.baseline
+
+
+def step_memory(step: Callable[[], None], device: torch.device) -> int:
+    """Bytes one call of ``step`` needs above what is allocated before it (see the module docstring)."""
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with RSSPeak() as rss:
+        step()
+    return rss.growth
+
+
+class SavedForBackward:
+    """Bytes of the distinct storages autograd saves for backward inside the block (exact, noise-free).
+
+    A ``saved_tensors_hooks`` pack hook sees every tensor a forward saves; storages are counted once,
+    so views of one buffer and frozen weights saved by many ops are not double-counted. Parameters
+    (frozen or not) are left out: they exist whether or not a step runs.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.storages: dict[int, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self.parameter_storages:
+            self.storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    def __enter__(self) -> SavedForBackward:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
+
+    @property
+    def total(self) -> int:
+        return sum(self.storages.values())
+
+
+def loadavg() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} {five:.2f} {fifteen:.2f} (1/5/15 min, {os.cpu_count()} CPUs)"
+
+
+# ------------------------------------------------------------------------------------------- report
+
+
+def paired_ratios(values: list[float], base: list[float]) -> list[float]:
+    """Per-trial ratios: the variant's time over lora's time in the same round-robin trial."""
+    return [v / b for v, b in zip(values, base, strict=True)]
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def clocks_of(device: torch.device) -> tuple[str, ...]:
+    """The clocks reported, the judged one first.
+
+    On a CPU with one torch thread, the process CPU time of a step is its cost without the time slices
+    other processes take from it (the machine is shared), so the verdict uses it; the wall clock is shown
+    beside it. With more threads CPU time adds up the threads, and on CUDA it is no measure of the step:
+    the verdict then uses the wall clock.
+    """
+    if device.type == "cpu" and torch.get_num_threads() == 1:
+        return ("cpu", "wall")
+    return ("wall", "cpu") if device.type == "cpu" else ("wall",)
+
+
+def _median_range(values: list[float]) -> str:
+    return f"{statistics.median(values):.3f} [{min(values):.3f}-{max(values):.3f}]"
+
+
+def print_table(variants: list[Variant], target: float, clocks: tuple[str, ...]) -> None:
+    """One markdown row per variant; ratios are to the first variant (lora), paired per trial."""
+    base = variants[0]
+    judged = f"train {clocks[0]}"
+    header = ["variant", "trainable params"]
+    for kind in ("train", "infer"):
+        header.append(f"{kind} s ({' / '.join(clocks)})")
+        header += [f"{kind} x lora, {clock}" for clock in clocks]
+    header += ["step memory MiB", "saved MiB"]
+    print("| " + " | ".join(header) + " |")
+    print("|---|" + "---:|" * (len(header) - 1))
+    for v in variants:
+        cells = [v.name, f"{sum(p.numel() for p in v.trainable()):,}"]
+        for kind in ("train", "infer"):
+            cells.append(" / ".join(f"{statistics.median(v.times[f'{kind} {c}']):.4g}" for c in clocks))
+            for clock in clocks:
+                key = f"{kind} {clock}"
+                ratios = paired_ratios(v.times[key], base.times[key])
+                flag = " (!)" if key == judged and statistics.median(ratios) > target else ""
+                cells.append(_median_range(ratios) + flag)
+        cells += [f"{v.step_bytes / MIB:.0f}", f"{v.saved_bytes / MIB:.0f}"]
+        print("| " + " | ".join(cells) + " |")
+    print(
+        f"s = median seconds per step; x lora = each trial's variant time / lora's time in the same trial: "
+        f"median [min-max] over the trials; (!) = median {judged} ratio above the target {target:.2f}"
+    )
+
+
+def print_verdict(variants: list[Variant], target: float, device: torch.device, clock: str) -> None:
+    """PASS when every PLoRA variant's median paired training ratio (on ``clock``) is at most the target."""
+    base = variants[0]
+    key = f"train {clock}"
+    ratios = {v.name: statistics.median(paired_ratios(v.times[key], base.times[key])) for v in variants[1:]}
+    if not ratios:
+        return
+    worst = max(ratios, key=ratios.get)
+    over = {name: r for name, r in ratios.items() if r > target}
+    what = f"median paired {clock}-time train-step ratio to lora r={RANK}"
+    kind = "CUDA" if device.type == "cuda" else "CPU"
+    if over:
+        listed = ", ".join(f"{name} {r:.3f}" for name, r in sorted(over.items(), key=lambda kv: -kv[1]))
+        print(
+            f"MISS: {len(over)} of {len(ratios)} PLoRA variants above the {kind} target {target:.2f} ({what}): {listed}"
+        )
+    else:
+        print(
+            f"PASS: all {len(ratios)} PLoRA variants at most the {kind} target {target:.2f} ({what}); "
+            f"the largest is {worst} {ratios[worst]:.3f}"
+        )
+
+
+# ------------------------------------------------------------------------------------------ profile
+
+
+def _aten_calls(ops: dict[str, list[float]]) -> float:
+    """Calls of aten operators (nested ones included): a proxy for per-op dispatch and kernel-launch cost."""
+    return sum(calls for key, (_, calls) in ops.items() if key.startswith("aten::"))
+
+
+def profile_ops(variants: list[Variant], batch: Batch, device: torch.device, top: int, steps: int) -> None:
+    """Self time per aten op in a training step, each PLoRA variant against lora: where the extra goes.
+
+    Each variant is profiled for ``steps`` single steps, round-robin like the timing, and the per-op
+    totals are averaged over its steps (one profiled step under a noisy load is not worth much).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    totals: dict[str, dict[str, list[float]]] = {v.name: {} for v in variants}  # variant -> op -> [ms, calls]
+    for _ in range(steps):
+        for v in variants:
+            with profile(activities=activities) as prof:
+                v.train_step(batch)
+                synchronize(device)
+            for event in prof.key_averages():
+                entry = totals[v.name].setdefault(event.key, [0.0, 0.0])
+                entry[0] += getattr(event, attr) / 1e3 / steps
+                entry[1] += event.count / steps
+
+    where = "device" if device.type == "cuda" else "CPU"
+    base = totals[variants[0].name]
+    base_sum = sum(ms for ms, _ in base.values())
+    print(f"\n## Profile: self {where} ms per op and training step (mean of {steps} profiled steps each)")
+    base_calls = _aten_calls(base)
+    print(f"lora: {base_sum:.0f} ms over all ops, {base_calls:.0f} aten op calls")
+    for v in variants[1:]:
+        ops = totals[v.name]
+        total = sum(ms for ms, _ in ops.values())
+        diff = {k: ops.get(k, [0.0, 0])[0] - base.get(k, [0.0, 0])[0] for k in set(ops) | set(base)}
+        calls = _aten_calls(ops)
+        print(
+            f"\n{v.name}: {total:.0f} ms over all ops ({total - base_sum:+.0f} ms vs lora), {calls:.0f} aten op "
+            f"calls ({calls - base_calls:+.0f}); largest differences:"
+        )
+        print("| op | lora ms | variant ms | diff ms | lora calls | variant calls |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for key in sorted(diff, key=lambda k: -abs(diff[k]))[:top]:
+            b_ms, b_calls = base.get(key, [0.0, 0])
+            v_ms, v_calls = ops.get(key, [0.0, 0])
+            print(f"| {key} | {b_ms:.1f} | {v_ms:.1f} | {diff[key]:+.1f} | {b_calls:.0f} | {v_calls:.0f} |")
+
+
+class GroupedGatesExperiment(nn.Module):
+    """EXPERIMENT, not the library's code: the G per-layer gates of a model as ONE batched pass.
+
+    Same math as G :class:`PLoRAGate` calls (LayerNorm -> Linear -> ReLU -> Dropout -> Linear ->
+    softmax(beta / tp)), with the G gates' parameters stacked on a leading axis, so a forward + backward
+    is about 20 operator calls whatever G is, instead of about 20 per gate. Built from copies of the
+    model's gate parameters (their values, not the same tensors). Shapes: crm_state [B, d_c] -> [G, B, N].
+    """
+
+    def __init__(self, gates: list[PLoRAGate]) -> None:
+        super().__init__()
+        first = gates[0]
+        self.temperature = first.temperature
+        self.dropout_p = first.dropout.p
+        self.eps = first.norm.eps
+        self.crm_dim = first.norm.normalized_shape[0]
+
+        def stack(get: Callable[[PLoRAGate], torch.Tensor]) -> nn.Parameter:
+            return nn.Parameter(torch.stack([get(g).detach().clone() for g in gates]))
+
+        self.norm_weight = stack(lambda g: g.norm.weight)  # [G, d_c]
+        self.norm_bias = stack(lambda g: g.norm.bias)  # [G, d_c]
+        self.w_in = stack(lambda g: g.proj_in.weight)  # [G, d_h, d_c]
+        self.b_in = stack(lambda g: g.proj_in.bias)  # [G, d_h]
+        self.w_out = stack(lambda g: g.proj_out.weight)  # [G, N, d_h]
+        self.b_out = stack(lambda g: g.proj_out.bias)  # [G, N]
+
+    def forward(self, crm_state: torch.Tensor) -> torch.Tensor:
+        # the normalisation itself is the same for every gate; only its affine part differs
+        normed = F.layer_norm(crm_state.detach(), (self.crm_dim,), eps=self.eps)  # [B, d_c]
+        normed = torch.addcmul(
+            self.norm_bias[:, None], normed[None], self.norm_weight[:, None]
+        )  # [G, B, d_c]
+        hidden = torch.baddbmm(self.b_in[:, None], normed, self.w_in.transpose(1, 2)).relu()  # [G, B, d_h]
+        hidden = F.dropout(hidden, self.dropout_p, self.training)
+        beta = torch.baddbmm(self.b_out[:, None], hidden, self.w_out.transpose(1, 2))  # [G, B, N]
+        return torch.softmax(beta / self.temperature, dim=-1)
+
+
+def check_grouped_gates(
+    grouped: GroupedGatesExperiment, gates: list[PLoRAGate], crm_state: torch.Tensor
+) -> None:
+    """The experiment must compute what the gates compute (checked in eval mode, dropout off)."""
+    modes = [g.training for g in gates], grouped.training
+    for module in (*gates, grouped):
+        module.eval()
+    with torch.no_grad():
+        expected = torch.stack([g(crm_state) for g in gates])
+        got = grouped(crm_state)
+    for g, mode in zip(gates, modes[0], strict=True):
+        g.train(mode)
+    grouped.train(modes[1])
+    torch.testing.assert_close(got, expected)
+
+
+def _adapted_layers(model: nn.Module) -> list[nn.Module]:
+    """The PLoRA layers, or peft's LoRA layers, of ``model`` in module order."""
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, PLoRALinear) or (hasattr(m, "lora_A") and hasattr(m, "base_layer"))
+    ]
+
+
+def component_times(variants: list[Variant], batch: Batch, device: torch.device, repeats: int) -> None:
+    """Adapter path alone (no base GEMM) and gates alone, fwd + bwd at the model's real shapes, all layers.
+
+    Calls the variant's own modules: ``lora_B(lora_A(x)) * scaling`` for peft, ``PLoRALinear._mix_*`` times
+    its scale for PLoRA (with its real gate's weights, detached), and every gate of the model on the CRM
+    state. The frozen base projections of the same layers (forward + input gradient) are the reference.
+    Variants run round-robin, ``repeats`` times, medians.
+    """
+    size, seq = batch.input_ids.shape
+    dtype = next(iter(variants[0].trainable())).dtype
+    inputs: dict[int, torch.Tensor] = {}  # one input per width, made once: not part of the timed passes
+
+    def input_for(layer: nn.Module) -> torch.Tensor:
+        if layer.in_features not in inputs:
+            inputs[layer.in_features] = torch.randn(size, seq, layer.in_features, device=device, dtype=dtype)
+        x = inputs[layer.in_features].requires_grad_(True)
+        x.grad = None
+        return x
+
+    def base_pass(layers: list[nn.Module]) -> None:
+        for layer in layers:
+            layer.base_layer(input_for(layer)).sum().backward()
+
+    def adapter_pass(v: Variant, layers: list[nn.Module]) -> None:
+        for layer in layers:
+            x = input_for(layer)
+            if isinstance(layer, PLoRALinear):
+                alpha = layer.plora_gate(batch.crm_state).detach()
+                mix = layer._mix_products if layer.mixing == "products" else layer._mix_factors
+                out = mix(x, alpha) * layer.scale
+            else:
+                out = layer.lora_B["default"](layer.lora_A["default"](x)) * layer.scaling["default"]
+            out.sum().backward()
+
+    def gate_pass(v: Variant) -> None:
+        gates = [m for m in v.model.modules() if isinstance(m, PLoRAGate)]
+        if gates:
+            torch.stack([g(batch.crm_state).sum() for g in gates]).sum().backward()
+
+    def grouped_gate_pass(grouped: GroupedGatesExperiment, crm_state: torch.Tensor) -> None:
+        grouped(crm_state).sum().backward()
+
+    runs: dict[str, Callable[[], None]] = {
+        "base q,v projections": lambda: base_pass(_adapted_layers(variants[0].model))
+    }
+    for v in variants:
+        runs[f"{v.name} adapter deltas"] = lambda v=v: adapter_pass(v, _adapted_layers(v.model))
+        if v.routed_plora:
+            runs[f"{v.name} gates"] = lambda v=v: gate_pass(v)
+            gates = [m for m in v.model.modules() if isinstance(m, PLoRAGate)]
+            grouped = GroupedGatesExperiment(gates).train(v.model.training)
+            check_grouped_gates(grouped, gates, batch.crm_state)
+            runs[f"{v.name} gates, grouped (EXPERIMENT)"] = lambda g=grouped: grouped_gate_pass(
+                g, batch.crm_state
+            )
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    clock = 1 if clocks_of(device)[0] == "cpu" else 0  # index into timed()'s (wall, cpu)
+    for run in runs.values():  # warm-up
+        run()
+    for _ in range(repeats):
+        for name, run in runs.items():
+            times[name].append(timed(run, device)[clock])
+    for v in variants:
+        v.optimizer.zero_grad(set_to_none=True)
+    layers = len(_adapted_layers(variants[0].model))
+    print(
+        f"\n## Components: forward + backward ms per training step over all {layers} adapted projections "
+        f"(median of {repeats}, {clocks_of(device)[0]} time)"
+    )
+    print("| component | ms |")
+    print("|---|---:|")
+    for name, values in times.items():
+        print(f"| {name} | {statistics.median(values) * 1e3:.1f} |")
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backbone", default="default", help="backbone folder or 'default' (SmolLM2-135M)")
+    parser.add_argument("--tiny", action="store_true", help="a random 2-layer Llama, small batch: smoke run")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="sequences per batch (default 4, stage 2's CPU micro batch; --tiny 2)",
+    )
+    parser.add_argument(
+        "--seq", type=int, default=None, help="tokens per padded prompt (default 256; --tiny 32)"
+    )
+    parser.add_argument(
+        "--trials", type=int, default=None, help="round-robin trials (default 4; --tiny 3; 0: only --profile)"
+    )
+    parser.add_argument("--warmup", type=int, default=1, help="untimed train + infer steps per variant")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch.set_num_threads (default 1, as each of stage 2's CPU ranks runs; 0: torch's default)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        default=None,
+        choices=variant_names()[1:],
+        help="PLoRA variants (lora always runs)",
+    )
+    parser.add_argument("--profile", action="store_true", help="per-op and per-component breakdown after")
+    parser.add_argument("--profile-top", type=int, default=12, help="ops shown per variant")
+    parser.add_argument("--profile-steps", type=int, default=2, help="profiled training steps per variant")
+    parser.add_argument("--profile-repeats", type=int, default=5, help="repeats of each component timing")
+    args = parser.parse_args()
+    args.batch = args.batch or (2 if args.tiny else 4)
+    args.seq = args.seq or (32 if args.tiny else 256)
+    args.trials = args.trials if args.trials is not None else (3 if args.tiny else 4)
+    if args.seq <= ANSWER_TOKENS + 1:
+        parser.error(f"--seq must be above {ANSWER_TOKENS + 1}")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    started = time.perf_counter()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    target = TARGET_RATIO["cuda" if device.type == "cuda" else "cpu"]
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+    print(
+        f"# bench_plora: {where}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, device {device}, {args.dtype}"
+    )
+    print(f"load average before: {loadavg()}")
+
+    torch.manual_seed(args.seed)
+    base = load_base(args, device)
+    batch = make_batch(args.batch, args.seq, base.config.vocab_size, device, args.seed)
+    names = variant_names() if args.only is None else [BASELINE, *args.only]
+    variants = build_variants(base, names)
+    lengths = batch.attention_mask.sum(dim=1).tolist()
+    print(
+        f"model {'tiny random Llama' if args.tiny else args.backbone}: "
+        f"{sum(p.numel() for p in base.parameters()):,} params, {base.config.num_hidden_layers} layers; "
+        f"batch {args.batch} x {args.seq} tokens (prompt lengths {lengths}, left-padded), LM head on the "
+        f"last {batch.keep}; variants: {', '.join(v.name for v in variants)}",
+        flush=True,
+    )
+
+    for v in variants:  # warm-up, then one untimed training step that measures memory
+        for _ in range(args.warmup):
+            v.train_step(batch)
+            v.infer_step(batch)
+        with SavedForBackward(v.model) as saved:
+            v.step_bytes = step_memory(lambda v=v: v.train_step(batch), device)
+        v.saved_bytes = saved.total
+
+    for trial in range(args.trials):
+        start = trial % len(variants)
+        for v in variants[start:] + variants[:start]:
+            for kind, step in (("train", v.train_step), ("infer", v.infer_step)):
+                wall, cpu = timed(lambda step=step: step(batch), device)
+                v.times.setdefault(f"{kind} wall", []).append(wall)
+                v.times.setdefault(f"{kind} cpu", []).append(cpu)
+        times = ", ".join(
+            f"{v.name} {v.times['train wall'][-1]:.3f}/{v.times['train cpu'][-1]:.3f}/"
+            f"{v.times['infer wall'][-1]:.3f}/{v.times['infer cpu'][-1]:.3f}"
+            for v in variants
+        )
+        print(
+            f"trial {trial + 1}/{args.trials} (train wall/cpu, infer wall/cpu s): {times}; load {loadavg()}",
+            flush=True,
+        )
+
+    print(f"\nload average after: {loadavg()}")
+    if args.trials:
+        memory = (
+            "torch.cuda.max_memory_allocated during one training step - memory_allocated before it"
+            if device.type == "cuda"
+            else "peak RSS (sampled every 1 ms) during one training step - RSS before it (after malloc_trim)"
+        )
+        print(
+            f"train = forward + backward + AdamW.step on the trainable params; infer = forward, no grad, "
+            f"eval mode; {args.trials} round-robin trials; wall = time.perf_counter, cpu = process CPU time "
+            f"(time.process_time).\nstep memory = {memory}; saved = bytes autograd "
+            f"keeps for backward in one training step (distinct storages, parameters excluded); "
+            f"process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB "
+            f"(all variants together)\n"
+        )
+        clocks = clocks_of(device)
+        print_table(variants, target, clocks)
+        print()
+        print_verdict(variants, target, device, clocks[0])
+        if args.tiny:
+            print(
+                "(--tiny is a smoke run: on a 64-wide toy model the ratios measure per-operator overhead, "
+                "not the setting of the target)"
+            )
+
+    if args.profile:
+        profile_ops(variants, batch, device, args.profile_top, args.profile_steps)
+        component_times(variants, batch, device, args.profile_repeats)
+    print(f"\nwall time {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
