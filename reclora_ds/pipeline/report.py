@@ -5,7 +5,8 @@ Rows of the results table (all on the test split):
 * ``sim`` on the whole test split (``sim/metrics.json``);
 * for every stage-2 mode, the LLM on the test samples it evaluated (``plora.eval_max_samples`` of them, or
   all), read from ``<mode>/predictions_test.parquet``, and ``sim`` rescored on exactly those samples, so
-  the CRM and the LLMs are compared on the same rows.
+  the CRM and the LLMs are compared on the same rows (modes that evaluated the same samples share one
+  ``test subset`` label and one ``sim`` row).
 
 Every metric is recomputed from per-sample predictions with :mod:`reclora_ds.metrics` (AUC, log loss, and
 group AUC over users); the stage wall times come from the pipeline's records.
@@ -14,6 +15,7 @@ group AUC over users); the stage wall times come from the pipeline's records.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -42,6 +44,7 @@ def results_rows(run_dir: Path, settings: PipelineSettings) -> list[dict[str, An
     sim_dir = run_dir / "sim"
     sim_test = json.loads((sim_dir / "metrics.json").read_text())["test"]
     rows = [{"model": "sim", "eval_set": "test (all)", **{k: float(sim_test[k]) for k in (*METRICS, "n")}}]
+    subsets: dict[bytes, str] = {}  # sample ids -> their label; sim is scored once per distinct subset
     for mode in settings.pipeline.modes:
         path = run_dir / mode / "predictions_test.parquet"
         if not path.is_file():
@@ -50,14 +53,20 @@ def results_rows(run_dir: Path, settings: PipelineSettings) -> list[dict[str, An
         ids = pred["sample_id"].to_numpy(np.int64)
         labels = pred["label"].to_numpy(np.float64)
         users = pred["user_index"].to_numpy(np.int64)
-        subset = f"test ({len(ids)} evaluated by {mode})"
-        got_ids, _, logits = compute_crm_outputs(sim_dir, run_dir / "prepare", sample_ids=ids)
-        if not np.array_equal(got_ids, ids):
-            raise RuntimeError("the CRM scored other samples than asked")
-        sim_p = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
-        rows.append({"model": "sim", "eval_set": subset, **_metrics(labels, sim_p, users)})
+        key = hashlib.sha256(np.sort(ids).tobytes()).digest()
+        if key not in subsets:
+            subsets[key] = f"test subset {chr(ord('A') + len(subsets))} ({len(ids)})"
+            got_ids, _, logits = compute_crm_outputs(sim_dir, run_dir / "prepare", sample_ids=ids)
+            if not np.array_equal(got_ids, ids):
+                raise RuntimeError("the CRM scored other samples than asked")
+            sim_p = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+            rows.append({"model": "sim", "eval_set": subsets[key], **_metrics(labels, sim_p, users)})
         rows.append(
-            {"model": mode, "eval_set": subset, **_metrics(labels, pred["p"].to_numpy(np.float64), users)}
+            {
+                "model": mode,
+                "eval_set": subsets[key],
+                **_metrics(labels, pred["p"].to_numpy(np.float64), users),
+            }
         )
     return rows
 
@@ -83,7 +92,7 @@ def _plot(path: Path, rows: list[dict[str, Any]], times: list[dict[str, Any]], t
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    labels = [f"{r['model']}\n{r['eval_set'].split(' evaluated')[0]}" for r in rows]
+    labels = [f"{r['model']}\n{r['eval_set']}" for r in rows]
     x = np.arange(len(rows))
     ax1.bar(x - 0.2, [r["auc"] for r in rows], 0.4, label="AUC")
     ax1.bar(x + 0.2, [r["gauc"] for r in rows], 0.4, label="group AUC")
