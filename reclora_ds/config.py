@@ -269,6 +269,20 @@ def config_from_dict(cls: type[T], data: Mapping[str, Any], source: str = "<dict
     return cfg
 
 
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML config file (empty file: ``{}``); ConfigError when it is not one."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError([f"config file not found: {p}"], str(path))
+    try:
+        loaded = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"not valid YAML: {exc}"], str(path)) from exc
+    if not isinstance(loaded, Mapping):
+        raise ConfigError([f"top level must be a mapping, got {type(loaded).__name__}"], str(path))
+    return dict(loaded)
+
+
 def load_config(
     cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = (), section: str | None = None
 ) -> T:
@@ -277,21 +291,10 @@ def load_config(
     Overrides may be written with or without the section prefix (``min_history=3`` or
     ``prepare.min_history=3`` when ``section="prepare"``).
     """
-    data: dict[str, Any] = {}
     source = str(path) if path else "<defaults>"
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError([f"config file not found: {p}"], source)
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError([f"not valid YAML: {exc}"], source) from exc
-        if not isinstance(loaded, Mapping):
-            raise ConfigError([f"top level must be a mapping, got {type(loaded).__name__}"], source)
-        if section is not None:
-            loaded = loaded.get(section, {}) or {}
-        data = dict(loaded)
+    data = read_yaml_mapping(path) if path is not None else {}
+    if section is not None and path is not None:
+        data = dict(data.get(section, {}) or {})
     tree, problems = parse_overrides(overrides)
     if section is not None and section in tree and isinstance(tree[section], dict):
         tree = merge({k: v for k, v in tree.items() if k != section}, tree[section])

@@ -21,8 +21,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from reclora_ds.config import (
     ConfigError,
     CRMTrainConfig,
@@ -31,6 +29,7 @@ from reclora_ds.config import (
     config_from_dict,
     merge,
     parse_overrides,
+    read_yaml_mapping,
 )
 from reclora_ds.retrieval.embeddings import ItemEmbeddingConfig
 
@@ -115,18 +114,7 @@ def load_pipeline_settings(path: str | Path | None, overrides: Sequence[str] = (
         ConfigError: unknown sections or keys, wrong types, failed checks (all of them, per section).
     """
     source = str(path) if path else "<defaults>"
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError([f"config file not found: {p}"], source)
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError([f"not valid YAML: {exc}"], source) from exc
-        if not isinstance(loaded, Mapping):
-            raise ConfigError([f"top level must be a mapping, got {type(loaded).__name__}"], source)
-        data = dict(loaded)
+    data = read_yaml_mapping(path) if path is not None else {}
     tree, problems = parse_overrides(overrides)
     data = merge(data, tree)
     problems += [
