@@ -16,7 +16,7 @@ import logging
 import sys
 
 from reclora_ds.config import ConfigError, PLoRATrainConfig, load_config
-from reclora_ds.distributed import is_main_process
+from reclora_ds.distributed import exit_process, is_main_process
 from reclora_ds.training.plora_recipe import run_plora_training
 
 CONFIG_SECTION = "plora"
@@ -42,4 +42,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())  # not sys.exit: see reclora_ds.distributed.exit_process

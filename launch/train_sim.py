@@ -14,7 +14,7 @@ import logging
 import sys
 
 from reclora_ds.config import ConfigError, CRMTrainConfig, load_config
-from reclora_ds.distributed import is_main_process
+from reclora_ds.distributed import exit_process, is_main_process
 from reclora_ds.training.crm_recipe import run_crm_training
 
 
@@ -37,4 +37,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())  # not sys.exit: see reclora_ds.distributed.exit_process

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 from reclora_ds.backbone import BackboneError
 from reclora_ds.config import ConfigError, load_config
-from reclora_ds.distributed import destroy, dist_info, init_distributed
+from reclora_ds.distributed import destroy, dist_info, exit_process, init_distributed
 from reclora_ds.retrieval.embeddings import ItemEmbeddingConfig, extract_item_embeddings
 
 # A rank that finishes its shard early waits at a barrier for the slowest one (torch's default is 30 min).
@@ -80,4 +80,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())  # not sys.exit: see reclora_ds.distributed.exit_process

@@ -23,7 +23,7 @@ import time
 from reclora_ds.backbone import BackboneError
 from reclora_ds.config import ConfigError, PLoRATrainConfig, load_config
 from reclora_ds.data.processed import ALL_SPLITS
-from reclora_ds.distributed import destroy, init_distributed, is_main_process
+from reclora_ds.distributed import destroy, exit_process, init_distributed, is_main_process
 from reclora_ds.models.adapter_io import AdapterConfigMismatchError, AdapterKeyError
 from reclora_ds.models.rec_llm import MODES
 from reclora_ds.training.checkpoint import CheckpointError
@@ -108,4 +108,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())  # not sys.exit: see reclora_ds.distributed.exit_process

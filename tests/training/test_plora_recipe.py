@@ -20,9 +20,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
+from sklearn.metrics import roc_auc_score
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import LlamaForCausalLM
 
@@ -224,7 +226,14 @@ def test_zero_shot_evaluates_the_whole_splits_without_training(plora_assets, tmp
         assert metrics[split]["n"] == splits[split]["rows"]
         assert 0.0 < metrics[split]["auc"] < 1.0 and math.isfinite(metrics[split]["logloss"])
     assert metrics["steps"] == 0 and metrics["trainable_parameters"] == 0
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "ds_config.json", "metrics.json", "tb"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.yaml", "ds_config.json", "metrics.json", "predictions_test.parquet", "predictions_valid.parquet", "tb",
+    ]  # fmt: skip
+    pred = pq.read_table(out / "predictions_test.parquet").to_pandas()  # the evaluated samples, one row each
+    assert len(pred) == splits["test"]["rows"] and pred["sample_id"].is_monotonic_increasing
+    assert pred["p"].between(0, 1).all() and roc_auc_score(pred["label"], pred["p"]) == pytest.approx(
+        metrics["test"]["auc"]
+    )
 
 
 def test_lora_mode_trains_peft_lora_only(plora_assets, tmp_path, no_launcher_env):
@@ -311,6 +320,7 @@ def test_deepspeed_zero2_two_ranks_through_the_entry_point(plora_assets, tmp_pat
     assert len(events) == 1 and Path(events[0]).name.startswith("events.out.tfevents")
     tags = ("step00000004", "step00000008")
     expected = {"config.yaml", "ds_config.json", "metrics.json", "checkpoints/latest"}
+    expected |= {"predictions_valid.parquet", "predictions_test.parquet"}
     expected |= {
         f"adapter/{name}" for name in ("adapter_model.safetensors", "plora_config.json", "rec_llm.json")
     }
