@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the whole job: prepare -> SIM -> embeddings -> index -> retrieval -> CRM states -> "
         "LoRA/PLoRA -> report (reruns skip finished stages)",
     )
-    p.add_argument("--config", required=True, help="pipeline YAML (sections pipeline, prepare, sim, embeddings, plora)")
+    p.add_argument(
+        "--config", required=True, help="pipeline YAML (sections pipeline, prepare, sim, embeddings, plora)"
+    )
     p.add_argument("--from", dest="from_stage", metavar="STAGE", help="redo this stage and every later one")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sim.epochs=2 plora.max_steps=10")
     p.set_defaults(func=_pipeline)
