@@ -17,6 +17,9 @@ Run-directory contract (each path can be given on its own instead):
                                         them: tensors ``sample_id`` int64 [N] and ``hidden`` float32
                                         [N, d_c] (or an .npz with the same two arrays)      (--states)
     RUN_DIR/data/                       the processed dataset; only for --user-index        (--data)
+
+A pipeline run folder (``runs/<name>`` of ``reclora-ds pipeline``, recognised by its ``_pipeline/``) works
+too: its ``plora/adapter``, ``crm_states/test.safetensors`` and ``prepare/`` are used.
     backbone                            the adapter's base_model_name_or_path               (--backbone)
 
 --user-index picks that user's most recent sample (largest timestamp, then sample id) among the samples
@@ -96,7 +99,10 @@ def load_backbone(folder: Path) -> torch.nn.Module:
 def export(args: argparse.Namespace) -> dict:
     """Build backbone + PLoRA from the adapter, load it, pick the sample, write the peft folder."""
     run_dir = Path(args.run_dir) if args.run_dir else None
-    adapter_dir = Path(args.adapter) if args.adapter else run_dir / "adapter"
+    pipeline_run = run_dir is not None and (run_dir / "_pipeline").is_dir()
+    adapter_dir = (
+        Path(args.adapter) if args.adapter else run_dir / ("plora/adapter" if pipeline_run else "adapter")
+    )
     states_path = Path(args.states) if args.states else run_dir / DEFAULT_STATES
     manifest = read_plora_adapter_config(adapter_dir)
     backbone_arg = args.backbone or manifest.base_model_name_or_path
@@ -113,7 +119,7 @@ def export(args: argparse.Namespace) -> dict:
     if args.sample_id is not None:
         sample_id = args.sample_id
     else:
-        data_dir = Path(args.data) if args.data else run_dir / "data"
+        data_dir = Path(args.data) if args.data else run_dir / ("prepare" if pipeline_run else "data")
         sample_id = most_recent_sample(data_dir, args.user_index, sample_ids)
     crm_state = crm_state_of(sample_ids, hidden, sample_id)
 
