@@ -173,8 +173,17 @@ def test_bad_settings_are_reported_together_before_any_work(tmp_path, ml1m_dir):
 
 
 def test_killed_in_plora_resumes_from_its_checkpoint(tmp_path, ml1m_dir, plora_assets):
+    # Tiny steps take ~30 ms: 600 of them with a checkpoint every 50 leave many seconds between the first
+    # checkpoint (the kill) and the end of training, on a quiet machine too.
+    steps = 600
     config = tiny_config(
-        tmp_path, ml1m_dir, plora_assets["backbone"], "killed", max_steps=12, checkpoint_every=2
+        tmp_path,
+        ml1m_dir,
+        plora_assets["backbone"],
+        "killed",
+        epochs=20,
+        max_steps=steps,
+        checkpoint_every=50,
     )
     run_dir = tmp_path / "runs" / "killed"
     latest = run_dir / "plora" / "checkpoints" / "latest"
@@ -186,7 +195,7 @@ def test_killed_in_plora_resumes_from_its_checkpoint(tmp_path, ml1m_dir, plora_a
         while not latest.is_file():
             assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             assert time.time() < deadline, "no PLoRA checkpoint within 10 minutes"
-            time.sleep(0.5)
+            time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the pipeline, its launcher and every rank
     proc.wait()
     assert not (run_dir / "plora" / "metrics.json").exists()
@@ -197,5 +206,5 @@ def test_killed_in_plora_resumes_from_its_checkpoint(tmp_path, ml1m_dir, plora_a
     run_pipeline(config)
     metrics = json.loads((run_dir / "plora" / "metrics.json").read_text())
     assert metrics["resumed_from"], "the rerun started PLoRA from scratch"
-    assert metrics["steps"] == 12
+    assert metrics["steps"] == steps
     assert json.loads((run_dir / "_pipeline" / "plora.json").read_text())["status"] == "done"
