@@ -120,6 +120,14 @@ def write_report(run_dir: str | Path, settings: PipelineSettings) -> Path:
         _write_csv(run_dir / "stage_times.csv", times)
     p = settings.pipeline
     _plot(run_dir / "results.png", rows, times, f"reclora_ds pipeline {p.name}")
+    table = [
+        "| model | evaluated on | n | AUC | log loss | group AUC |",
+        "|---|---|---:|---:|---:|---:|",
+        *[
+            f"| {r['model']} | {r['eval_set']} | {int(r['n'])} | {r['auc']:.4f} | {r['logloss']:.4f} | {r['gauc']:.4f} |"
+            for r in rows
+        ],
+    ]
     lines = [
         f"# Pipeline `{p.name}`",
         "",
@@ -127,12 +135,7 @@ def write_report(run_dir: str | Path, settings: PipelineSettings) -> Path:
         f"`{settings.plora.backbone}`; stage-2 modes {', '.join(p.modes)}; few-shot training on "
         f"`{settings.plora.train_split}` ({settings.plora.max_steps or 'all'} steps, batch {settings.plora.batch_size}).",
         "",
-        "| model | evaluated on | n | AUC | log loss | group AUC |",
-        "|---|---|---:|---:|---:|---:|",
-        *[
-            f"| {r['model']} | {r['eval_set']} | {int(r['n'])} | {r['auc']:.4f} | {r['logloss']:.4f} | {r['gauc']:.4f} |"
-            for r in rows
-        ],
+        *table,
         "",
         "| stage | wall time (s) |",
         "|---|---:|",
@@ -146,5 +149,5 @@ def write_report(run_dir: str | Path, settings: PipelineSettings) -> Path:
     ]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
-    print("\n".join(lines[4 : 6 + len(rows)]))
+    print("\n".join(table))
     return path

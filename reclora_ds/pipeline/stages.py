@@ -61,29 +61,28 @@ class Stage:
     run_inline: Callable[[], None] | None = None
 
 
-def files_fingerprint(paths: list[Path]) -> str:
-    """sha256 over the names, sizes and contents of ``paths`` (raw inputs; read once per plan)."""
-    h = hashlib.sha256()
-    for path in sorted(paths):
-        h.update(f"{path.name}:{path.stat().st_size}\n".encode())
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+def files_fingerprint(folder: Path, paths: list[Path]) -> str:
+    """sha256 over the relative names, sizes and modification times of ``paths`` under ``folder``.
+
+    Metadata, not contents: a plan stays instant on raw data of many GB (``prepare`` records the files'
+    content sha256 in its metadata.json). Replacing or editing a file changes its size or mtime.
+    """
+    listing = sorted(f"{p.relative_to(folder)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in paths)
+    return hashlib.sha256("\n".join(listing).encode()).hexdigest()
 
 
-def raw_files(raw_dir: str) -> list[Path]:
-    """The raw dataset files prepare reads (every regular file of the folder; bundled sample when empty)."""
+def raw_files_fingerprint(raw_dir: str) -> str:
+    """The raw dataset files prepare reads: every regular file of the folder (bundled sample when empty)."""
     from reclora_ds.data.prepare import bundled_dataset
 
     folder = Path(raw_dir).expanduser() if raw_dir else Path(bundled_dataset())
     if not folder.is_dir():
         raise FileNotFoundError(f"prepare.raw_dir {folder} is not a folder")
-    return [p for p in folder.iterdir() if p.is_file()]
+    return files_fingerprint(folder, [p for p in folder.iterdir() if p.is_file()])
 
 
 def backbone_fingerprint(backbone: str) -> str:
-    """The default backbone is fixed by its pinned wheel; a local folder by its files' names and sizes."""
+    """The default backbone is fixed by its pinned wheel; a local folder by its files (see files_fingerprint)."""
     if backbone == "default":
         from reclora_ds import backbone as bb
 
@@ -91,8 +90,7 @@ def backbone_fingerprint(backbone: str) -> str:
     folder = Path(backbone).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"backbone folder {folder} does not exist")
-    listing = sorted(f"{p.relative_to(folder)}:{p.stat().st_size}" for p in folder.rglob("*") if p.is_file())
-    return hashlib.sha256("\n".join(listing).encode()).hexdigest()
+    return files_fingerprint(folder, [p for p in folder.rglob("*") if p.is_file()])
 
 
 def _as_overrides(cfg: Any) -> list[str]:
@@ -126,7 +124,7 @@ def build_stages(settings: PipelineSettings, run_report: Callable[[], None] | No
             {"prepare": config_to_dict(prepare)},
             [Command("-m", ["reclora_ds", "prepare", "--config", str(d["prepare"] / CONFIG_FILE)])],
             {CONFIG_FILE: _yaml("prepare", prepare)},
-            fingerprint=lambda: files_fingerprint(raw_files(prepare.raw_dir)),
+            fingerprint=lambda: raw_files_fingerprint(prepare.raw_dir),
         ),
         Stage(
             "backbone",

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from sklearn.metrics import log_loss, roc_auc_score
 
 from reclora_ds.metrics import group_auc
@@ -158,6 +159,35 @@ def test_rerun_skips_everything_and_changes_redo_only_downstream(finished):
     assert planned_actions(config, "pipeline.short_k=4")["embeddings"] == "skip"
     forced = planned_actions(config, from_stage="index")
     assert [s for s, a in forced.items() if a == "forced"] == STAGES[STAGES.index("index") :]
+
+
+def test_a_changed_raw_file_makes_prepare_and_all_after_it_stale(finished, tmp_path):
+    """Over a copy of the raw files: unchanged -> every stage skipped; one rating of ratings.dat changed
+    -> prepare and every stage after it redone, the backbone skipped."""
+    import shutil
+
+    config, _, _ = finished
+    raw = tmp_path / "raw"
+    shutil.copytree(yaml.safe_load(config.read_text())["prepare"]["raw_dir"], raw)
+    data = yaml.safe_load(config.read_text())
+    data["prepare"]["raw_dir"] = str(raw)
+    data["pipeline"]["runs_dir"] = str(tmp_path / "runs")
+    copied = tmp_path / "copied.yaml"
+    copied.write_text(yaml.safe_dump(data))
+    # records of a finished run over the copied raw files (the plan reads only their hash and status)
+    runner = PipelineRunner(load_pipeline_settings(copied))
+    for item in runner.plan():
+        runner._write_record(item.stage.name, {"stage": item.stage.name, "hash": item.hash, "status": "done"})
+    assert set(planned_actions(copied).values()) == {"skip", "run"}
+
+    ratings = raw / "ratings.dat"
+    lines = ratings.read_text(encoding="latin-1").splitlines(keepends=True)
+    user, item, rating, ts = lines[0].rstrip("\n").split("::")
+    lines[0] = f"{user}::{item}::{6 - int(rating)}::{ts}\n"
+    ratings.write_text("".join(lines), encoding="latin-1")
+    actions = planned_actions(copied)
+    assert actions["backbone"] == "skip"
+    assert all(actions[s] == "redo" for s in STAGES if s not in ("backbone", "report")), actions
 
 
 def test_bad_settings_are_reported_together_before_any_work(tmp_path, ml1m_dir):
