@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 RANK_ENV, LOCAL_RANK_ENV, WORLD_SIZE_ENV = "RANK", "LOCAL_RANK", "WORLD_SIZE"
 MASTER_ADDR_ENV, MASTER_PORT_ENV = "MASTER_ADDR", "MASTER_PORT"
 
+# Processes on this node: torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE.
+LOCAL_WORLD_SIZE_ENVS = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE")
+
 T = TypeVar("T")
 
 _created_group = False  # this process has set up a process group (see exit_process)
@@ -80,6 +83,19 @@ def dist_info() -> DistInfo:
     if dist.is_available() and dist.is_initialized():
         return DistInfo(dist.get_rank(), local_rank, dist.get_world_size())
     return DistInfo(_env_int(RANK_ENV, 0), local_rank, _env_int(WORLD_SIZE_ENV, 1))
+
+
+def local_world_size() -> int | None:
+    """How many processes of the job run on this node, as the launcher says; None when it did not say."""
+    for name in LOCAL_WORLD_SIZE_ENVS:
+        if os.environ.get(name, "") != "":
+            return _env_int(name, 0)
+    return None
+
+
+def rendezvous_address() -> tuple[str, str]:
+    """The launcher's ``(MASTER_ADDR, MASTER_PORT)``; empty strings where it set none."""
+    return os.environ.get(MASTER_ADDR_ENV, ""), os.environ.get(MASTER_PORT_ENV, "")
 
 
 def launched() -> bool:

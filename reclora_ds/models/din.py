@@ -5,13 +5,13 @@ Shape legend:
     L    history length (the loader's ``history_length``; ``history_mode="recent"`` gives the most recent L)
     F    categorical fields of a sample
     E    embedding width of one field
-    D    width of an item / behaviour (``E * len(behaviour_fields)``)
+    D    width of an item / behaviour (``E * len(behaviour_fields)``, or ``E`` with ``item_merge="sum"``)
     d_c  width of the CRM state (the tower's last layer)
 
 The network (the authors' DIN, reclora-facts section 2)::
 
     fields   = [emb(f) for f in metadata fields]                       F x [B, E]
-    target   = [emb(f)(target item) for f in behaviour_fields]         [B, D]
+    target   = merge(emb(f)(target item) for f in behaviour_fields)    [B, D]   (concat or sum)
     h_j      = ReLU(Linear([item emb of behaviour j; rating emb j]))   [B, L, D]
     interest = sum_j mask_j * MLP([t, h_j, t - h_j, t * h_j]) * h_j    [B, D]   (no softmax)
     hidden   = tower([fields; interest])                               [B, d_c]  the CRM state
@@ -76,10 +76,11 @@ class DIN(nn.Module):
         self.spec = spec
         self.behaviour_fields = spec.behaviour_fields(config)
         embedding_dim = config.embedding_dim
-        item_dim = embedding_dim * len(self.behaviour_fields)  # D
+        self.item_merge = config.item_merge
+        item_dim = embedding_dim * (len(self.behaviour_fields) if self.item_merge == "concat" else 1)  # D
         self.hidden_dim = config.hidden_dim
         self.embeddings = FieldEmbeddings(spec, embedding_dim)
-        self.behaviour_encoder = BehaviourEncoder(item_dim, embedding_dim)
+        self.behaviour_encoder = BehaviourEncoder(item_dim, embedding_dim, self.item_merge)
         self.attention = TargetAttention(
             item_dim, config.attention_hidden, config.attention_layers, config.dropout
         )
@@ -91,15 +92,19 @@ class DIN(nn.Module):
         return self.forward_behaviours(batch, Behaviours.from_batch(batch, self.behaviour_fields))
 
     def target_items(self, fields: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The target item's embedding [B, D] from the per-field embeddings [B, E] of the sample."""
-        return torch.cat([fields[name] for name in self.behaviour_fields], dim=-1)
+        """The target item's vector [B, D] from the per-field embeddings [B, E] of the sample."""
+        parts = [fields[name] for name in self.behaviour_fields]
+        return torch.cat(parts, dim=-1) if self.item_merge == "concat" else torch.stack(parts).sum(0)
 
     def forward_behaviours(self, batch: Mapping[str, torch.Tensor], behaviours: Behaviours) -> CRMOutput:
         """Logit and CRM state for the sample features of ``batch`` and the history ``behaviours``."""
         fields = self.embeddings.fields(batch)  # name -> [B, E]
         target = self.target_items(fields)  # [B, D]
-        items = self.embeddings.items(behaviours.ids, self.behaviour_fields)  # [B, L, D]
-        history = self.behaviour_encoder(items, self.embeddings.rating(behaviours.rating))  # [B, L, D]
+        tables = [self.embeddings.tables[name].weight for name in self.behaviour_fields]
+        ids = [behaviours.ids[name] for name in self.behaviour_fields]
+        history = self.behaviour_encoder(  # [B, L, D]
+            [*tables, self.embeddings.rating.weight], [*ids, behaviours.rating]
+        )
         interest = self.attention(target, history, behaviours.mask)  # [B, D]
         features = torch.cat([*fields.values(), interest], dim=-1)  # [B, F*E + D]
         hidden = self.tower(features)  # [B, d_c]

@@ -4,7 +4,7 @@ Shape legend:
     B    batch (samples)
     L    lifelong history window given to the model (the loader's ``history_length``, e.g. a few hundred)
     K    behaviours the general search unit keeps (``top_k``, 60 in the paper)
-    D    width of an item / behaviour (``E * len(behaviour_fields)``)
+    D    width of an item / behaviour (``E * len(behaviour_fields)``, or ``E`` with ``item_merge="sum"``)
     d_c  width of the CRM state
 
 Two stages (Pi et al., CIKM 2020), as the paper's CRM (§3.2, §3.4):
@@ -51,6 +51,7 @@ from reclora_ds.models.crm import (
     CRMConfig,
     CRMOutput,
     FeatureSpec,
+    gather_rows,
     history_key,
     require,
 )
@@ -103,12 +104,29 @@ class SIM(DIN):
     def search_scores(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Soft-search relevance ``<e(target), e(h_j)>`` [B, L] (``-inf`` where the mask is False).
 
+        The item vector concatenates or sums the ``behaviour_fields`` embeddings, so the inner product is a
+        sum over fields: ``sum_f <T_f[target_f], T_f[h_j,f]>`` (concat) or ``sum_f <t, T_f[h_j,f]>`` with
+        ``t = sum_g T_g[target_g]`` (sum). A field whose table has no more rows than the window (a genre)
+        is scored against its whole table once and its scores gathered per position.
+
         Differentiable (an auxiliary loss may use it); :meth:`search` calls it under ``no_grad``.
         """
         behaviours = Behaviours.from_batch(batch, self.behaviour_fields)
-        target = self.embeddings.items(batch, self.behaviour_fields)  # [B, D]
-        items = self.embeddings.items(behaviours.ids, self.behaviour_fields)  # [B, L, D]
-        scores = torch.einsum("bld,bd->bl", items, target)  # [B, L]
+        tables = {name: self.embeddings.tables[name].weight for name in self.behaviour_fields}  # [V_f, E]
+        targets = {name: gather_rows(table, batch[name]) for name, table in tables.items()}  # [B, E] each
+        if self.item_merge == "sum":
+            merged = torch.stack(list(targets.values())).sum(0)  # [B, E]
+            targets = dict.fromkeys(targets, merged)
+        scores = torch.zeros(
+            behaviours.mask.shape, dtype=self.head.weight.dtype, device=behaviours.mask.device
+        )
+        for name, table in tables.items():
+            target = targets[name]  # [B, E]
+            ids = behaviours.ids[name]  # [B, L]
+            if table.shape[0] <= ids.shape[1]:
+                scores = scores + (target @ table.T).gather(1, ids)  # [B, V] -> [B, L]
+            else:
+                scores = scores + torch.linalg.vecdot(gather_rows(table, ids), target.unsqueeze(1))  # [B, L]
         return scores.masked_fill(~behaviours.mask, float("-inf"))
 
     @torch.no_grad()

@@ -67,11 +67,13 @@ from tqdm.auto import tqdm
 
 from reclora_ds import distributed as dist_utils
 from reclora_ds.config import CRMTrainConfig, config_to_dict, save_config
+from reclora_ds.cpu_allocator import keep_freed_memory
 from reclora_ds.data.loader import CRMBatchLoader
 from reclora_ds.data.processed import ProcessedDataset
 from reclora_ds.metrics import evaluate_predictions
 from reclora_ds.models.crm import CRMConfig, FeatureSpec
 from reclora_ds.models.registry import build_crm
+from reclora_ds.shm_allreduce import enable_shm_allreduce
 from reclora_ds.training.checkpoint import (
     WEIGHTS_FILE,
     CRMCheckpointInfo,
@@ -145,8 +147,15 @@ def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int) -> 
 def build_optimizer(
     model: nn.Module, cfg: CRMTrainConfig, total_steps: int
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over every parameter and its LambdaLR schedule (:func:`lr_factor`)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    """AdamW over every parameter and its LambdaLR schedule (:func:`lr_factor`).
+
+    The fused implementation (one kernel over all parameters) when the parameters live on the CPU or a GPU:
+    the same update as the default one, about 2x faster on the CPU for a CRM's few hundred thousand
+    parameters.
+    """
+    params = list(model.parameters())
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: lr_factor(step, cfg.lr_schedule, cfg.warmup_steps, total_steps),
@@ -199,15 +208,23 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
-    """DDP-wrap ``model`` when a multi-rank process group exists (rank 0's weights are broadcast)."""
+def wrap_ddp(model: nn.Module, device: torch.device, cpu_allreduce: str = "auto") -> nn.Module:
+    """DDP-wrap ``model`` when a multi-rank process group exists (rank 0's weights are broadcast).
+
+    On the CPU, ``cpu_allreduce`` picks the gradient transport (``CRMTrainConfig.cpu_allreduce``): ``shm``
+    or ``auto`` register DeepSpeed's shared-memory all-reduce (:mod:`reclora_ds.shm_allreduce`; ``auto``
+    falls back to gloo when it cannot be used), ``gloo`` keeps DDP's own.
+    """
     if not dist_utils.is_distributed():
         return model
-    return DistributedDataParallel(
+    ddp = DistributedDataParallel(
         model,
         device_ids=[device.index] if device.type == "cuda" else None,
         gradient_as_bucket_view=True,
     )
+    if device.type == "cpu" and cpu_allreduce != "gloo":
+        enable_shm_allreduce(ddp, required=cpu_allreduce == "shm")
+    return ddp
 
 
 def resolve_device(name: str, info: dist_utils.DistInfo) -> torch.device:
@@ -297,6 +314,8 @@ class CRMRecipe:
         self.info = dist_utils.init_distributed(backend=backend)
         self.is_main = self.info.is_main
         self.device = resolve_device(cfg.device, self.info)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.dataset = ProcessedDataset(cfg.data_dir)
         self.spec = FeatureSpec.from_metadata(self.dataset.metadata)
 
@@ -319,7 +338,7 @@ class CRMRecipe:
         self.total_steps = cfg.epochs * steps_per_epoch
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
-        self.ddp_model = wrap_ddp(self.model, self.device)
+        self.ddp_model = wrap_ddp(self.model, self.device, cfg.cpu_allreduce)
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg, self.total_steps)
 
         self.last_dir = self.out / "checkpoints" / "last"

@@ -82,6 +82,7 @@ from reclora_ds.metrics import (
 )
 from reclora_ds.models.plora import PLoRAConfig
 from reclora_ds.models.rec_llm import RecLLMConfig, build_rec_llm
+from reclora_ds.shm_allreduce import unlink_own_segment
 from reclora_ds.training.checkpoint import CheckpointError, atomic_dir, rng_state, set_rng_state
 from reclora_ds.training.crm_recipe import lr_factor
 from reclora_ds.training.logger import MetricLogger, build_logger
@@ -485,6 +486,10 @@ class PLoRARecipe:
             lr_scheduler=schedule,
         )
         self.device = self.engine.device
+        # Under the deepspeed launcher (LOCAL_SIZE set) DeepSpeed's CPU comm maps a 66 MB shared-memory
+        # segment per rank and never unlinks it; once every rank has mapped them all, drop our name.
+        dist_utils.barrier()
+        unlink_own_segment(self.info.rank)
 
     def _maybe_resume(self) -> bool:
         latest = self.ckpt_dir / LATEST_FILE

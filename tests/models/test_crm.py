@@ -210,16 +210,23 @@ def _mlp_by_hand(x: torch.Tensor, layers: nn.Sequential) -> torch.Tensor:
     return x
 
 
-@pytest.mark.parametrize("attention_layers", [1, 3])
-def test_din_equals_hand_written_loop(attention_layers):
-    model = build("din", attention_layers=attention_layers)
+def merge_by_hand(parts: list[torch.Tensor], how: str) -> torch.Tensor:
+    return torch.cat(parts) if how == "concat" else parts[0] + parts[1]
+
+
+@pytest.mark.parametrize(
+    ("attention_layers", "item_merge"), [(1, "concat"), (3, "concat"), (1, "sum"), (3, "sum")]
+)
+def test_din_equals_hand_written_loop(attention_layers, item_merge):
+    model = build("din", attention_layers=attention_layers, item_merge=item_merge)
     batch = make_batch(ML1M_META, batch=4, length=9, seed=6, lengths=[9, 4, 0, 6])
     out = model(batch)
     tables = model.embeddings.tables
     enc = model.behaviour_encoder.proj
     for b in range(4):
-        target = torch.cat(
-            [tables["item_id"].weight[batch["item_id"][b]], tables["genre"].weight[batch["genre"][b]]]
+        target = merge_by_hand(
+            [tables["item_id"].weight[batch["item_id"][b]], tables["genre"].weight[batch["genre"][b]]],
+            item_merge,
         )
         interest = torch.zeros_like(target)
         for j in range(9):
@@ -227,8 +234,13 @@ def test_din_equals_hand_written_loop(attention_layers):
                 continue
             item = torch.cat(
                 [
-                    tables["item_id"].weight[batch["hist_item"][b, j]],
-                    tables["genre"].weight[batch["hist_genre"][b, j]],
+                    merge_by_hand(
+                        [
+                            tables["item_id"].weight[batch["hist_item"][b, j]],
+                            tables["genre"].weight[batch["hist_genre"][b, j]],
+                        ],
+                        item_merge,
+                    ),
                     model.embeddings.rating.weight[batch["hist_rating"][b, j]],
                 ]
             )
@@ -257,26 +269,29 @@ def test_authors_behaviour_encoder_with_item_id_only():
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_sim_soft_search_selects_top_k_by_inner_product():
+@pytest.mark.parametrize("item_merge", ["concat", "sum"])
+def test_sim_soft_search_selects_top_k_by_inner_product(item_merge):
     k, length = 4, 12
-    model = build("sim", search="soft", top_k=k)
+    model = build("sim", search="soft", top_k=k, item_merge=item_merge)
     batch = make_batch(ML1M_META, batch=6, length=length, seed=8, lengths=[12, 3, 0, 7, 12, 5])
     index, valid = model.search(batch)
     assert index.shape == valid.shape == (6, k)
     tables = model.embeddings.tables
     for b in range(6):
         # Independent reference: float64 dot products of the concatenated item embeddings, sorted.
-        target = torch.cat(
-            [tables["item_id"].weight[batch["item_id"][b]], tables["genre"].weight[batch["genre"][b]]]
+        target = merge_by_hand(
+            [tables["item_id"].weight[batch["item_id"][b]], tables["genre"].weight[batch["genre"][b]]],
+            item_merge,
         )
         real = [j for j in range(length) if batch["hist_mask"][b, j]]
         score = {}
         for j in real:
-            item = torch.cat(
+            item = merge_by_hand(
                 [
                     tables["item_id"].weight[batch["hist_item"][b, j]],
                     tables["genre"].weight[batch["hist_genre"][b, j]],
-                ]
+                ],
+                item_merge,
             )
             score[j] = float(target.detach().double() @ item.detach().double())
         best = sorted(score.values(), reverse=True)[:k]
@@ -397,6 +412,7 @@ def test_adamw_steps_reduce_bce_and_gradients_reach_every_part(name, overrides):
         ({"dropout": 1.0}, "dropout"),
         ({"dropout": -0.1}, "dropout"),
         ({"search": "semantic"}, "search"),
+        ({"item_merge": "mean"}, "item_merge"),
         ({"behaviour_fields": "item_id"}, "behaviour_fields"),
         ({"behaviour_fields": ("item_id", "item_id")}, "behaviour_fields"),
     ],
@@ -415,6 +431,7 @@ def test_config_defaults_and_per_dataset_settings():
         "soft",
         60,
     )
+    assert (config.item_merge, config.dropout) == ("sum", 0.0)  # chosen by validation (docs/CRM_RESULTS.md)
     assert CRMConfig(tower=[128, 256]).tower == (128, 256)
     assert CRMConfig.for_dataset("ml-25m").attention_layers == 3
     assert CRMConfig.for_dataset("goodreads").embedding_dim == 32

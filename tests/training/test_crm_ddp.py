@@ -66,11 +66,13 @@ def global_batches(seed: int = 0) -> list[dict[str, torch.Tensor]]:
     return batches
 
 
-def train(batches: list[dict[str, torch.Tensor]], rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
+def train(
+    batches: list[dict[str, torch.Tensor]], rank: int = 0, world: int = 1, allreduce: str = "gloo"
+) -> dict[str, torch.Tensor]:
     """``STEPS`` AdamW steps of the recipe's train_step; rank r takes its contiguous part of each batch."""
     torch.manual_seed(0)
     model = build_crm("sim", CONFIG, FeatureSpec.from_metadata(META))
-    ddp = wrap_ddp(model, torch.device("cpu"))
+    ddp = wrap_ddp(model, torch.device("cpu"), allreduce)  # "shm" raises when it cannot be used
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
     for batch in batches:
         size = len(batch["label"]) // world
@@ -79,11 +81,11 @@ def train(batches: list[dict[str, torch.Tensor]], rank: int = 0, world: int = 1)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def worker(out: Path) -> None:
+def worker(out: Path, allreduce: str) -> None:
     info = D.init_distributed("gloo")
     torch.set_num_threads(1)
-    state = train(global_batches(), info.rank, info.world_size)
-    torch.save(state, out / f"rank{info.rank}.pt")
+    state = train(global_batches(), info.rank, info.world_size, allreduce)
+    torch.save(state, out / f"{allreduce}_rank{info.rank}.pt")
     D.barrier()
     D.destroy()
 
@@ -96,32 +98,45 @@ def launch_env(rank: int, port: int) -> dict[str, str]:
         WORLD_SIZE=str(WORLD),
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
+        LOCAL_WORLD_SIZE=str(WORLD),  # as torchrun sets it: every rank on this node
         OMP_NUM_THREADS="1",
     )
     return env
 
 
 def test_ddp_steps_equal_one_process_with_twice_the_batch(tmp_path):
-    port = D.free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, "--worker", str(tmp_path)],
-            env=launch_env(rank, port),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for rank in range(WORLD)
-    ]
-    outputs = [p.communicate(timeout=120)[0].decode() for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(outputs)
+    """Through gloo's TCP all-reduce and through DeepSpeed's shared-memory one (cpu_allreduce=shm): both
+    equal one process with the whole batches, and each other bit for bit (the same float sums)."""
+    states = {}
+    for allreduce in ("gloo", "shm"):
+        port = D.free_port()
+        procs = [
+            subprocess.Popen(
+                [sys.executable, __file__, "--worker", str(tmp_path), allreduce],
+                env=launch_env(rank, port),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+            for rank in range(WORLD)
+        ]
+        # A cold extension cache makes DeepSpeed JIT-build its shm op first (about 30 s - 2 min).
+        outputs = [p.communicate(timeout=600)[0].decode() for p in procs]
+        assert all(p.returncode == 0 for p in procs), "\n".join(outputs)
+        # Nothing is left in /dev/shm: each rank unlinked its segment once every rank had mapped it.
+        assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_127.0.0.1_{port}_*"))
+        states[allreduce] = [torch.load(tmp_path / f"{allreduce}_rank{r}.pt") for r in range(WORLD)]
 
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
     reference = train(global_batches())  # one process, the whole batches (twice the per-rank batch)
     torch.manual_seed(0)
     initial = build_crm("sim", CONFIG, FeatureSpec.from_metadata(META)).state_dict()
-    for name, want in reference.items():
-        assert torch.equal(rank0[name], rank1[name]), f"{name} differs between the ranks"
-        torch.testing.assert_close(rank0[name], want, rtol=0, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    for allreduce, (rank0, rank1) in states.items():
+        for name, want in reference.items():
+            assert torch.equal(rank0[name], rank1[name]), f"{allreduce}: {name} differs between the ranks"
+            torch.testing.assert_close(
+                rank0[name], want, rtol=0, atol=1e-6, msg=lambda m, n=name, a=allreduce: f"{a} {n}: {m}"
+            )
+    for name in reference:
+        assert torch.equal(states["shm"][0][name], states["gloo"][0][name]), f"shm and gloo differ on {name}"
     moved = [n for n in reference if not torch.equal(reference[n], initial[n])]
     assert len(moved) == len(reference), "every tensor was trained"
 
@@ -214,4 +229,6 @@ def test_two_process_entry_point(ml_small_prepared, tmp_path):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--worker", type=Path, required=True)
-    worker(parser.parse_args().worker)
+    parser.add_argument("allreduce", choices=["gloo", "shm"])
+    args = parser.parse_args()
+    worker(args.worker, args.allreduce)

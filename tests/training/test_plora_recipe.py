@@ -264,14 +264,14 @@ def test_lora_mode_trains_peft_lora_only(plora_assets, tmp_path, no_launcher_env
 # ----------------------------------------------------------------------------------------------------------
 
 
-def deepspeed_command(args: list[str]) -> list[str]:
+def deepspeed_command(args: list[str], port: int | None = None) -> list[str]:
     launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
     return [
         launcher,
         "--num_gpus",
         "2",
         "--master_port",
-        str(free_port()),
+        str(port or free_port()),
         str(ENTRY),
         "--config",
         str(QUICKSTART),
@@ -294,14 +294,17 @@ def test_deepspeed_zero2_two_ranks_through_the_entry_point(plora_assets, tmp_pat
         "log_every=1",
         "short_history_length=3",  # short prompts: the full-split evaluations stay quick
     ]
+    port = free_port()
     run = subprocess.run(
-        deepspeed_command(overrides(plora_assets, out, *extra)),
+        deepspeed_command(overrides(plora_assets, out, *extra), port),
         env=clean_env(),
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    # DeepSpeed's CPU comm maps a 66 MB /dev/shm segment per rank and never unlinks it; the recipe does.
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == 8
