@@ -197,8 +197,10 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. crm.attention_hidden=64")
     args = parser.parse_args()
     if args.worker:
+        from reclora_ds.distributed import exit_process
+
         worker(args)
-        return
+        exit_process(0)  # not a plain return: see reclora_ds.distributed.exit_process
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(args.data) if args.data else None

@@ -20,7 +20,8 @@ Two stages (Pi et al., CIKM 2020), as the paper's CRM (§3.2, §3.4):
      ``history_mode="retrieved"`` with the semantic retrieval of :mod:`reclora_ds.retrieval`, which is
      what the paper's "retrieval consistent with RecLoRA" means).
 
-   The kept behaviours are re-laid in chronological order (the loader's histories are oldest first).
+   :meth:`SIM.search` returns the kept positions in chronological order (the loader's histories are oldest
+   first); the forward skips that sort, since the exact search unit sums over positions.
 2. **Exact search unit** (ESU): DIN's target attention over the K kept behaviours, then the tower
    (:class:`reclora_ds.models.din.DIN`; SIM is a DIN subclass with the same parameters).
 
@@ -97,11 +98,14 @@ class SIM(DIN):
         """Logit [B] and CRM state [B, d_c]: search the history, then attend over the kept behaviours."""
         behaviours = Behaviours.from_batch(batch, self.behaviour_fields)
         if self.search_mode != "precomputed":
-            index, valid = self.search(batch)
+            # Any order will do: the exact search unit sums over positions.
+            index, valid = self.search(batch, behaviours, chronological=False)
             behaviours = behaviours.gather(index, valid)  # [B, L] -> [B, K]
         return self.forward_behaviours(batch, behaviours)
 
-    def search_scores(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def search_scores(
+        self, batch: Mapping[str, torch.Tensor], behaviours: Behaviours | None = None
+    ) -> torch.Tensor:
         """Soft-search relevance ``<e(target), e(h_j)>`` [B, L] (``-inf`` where the mask is False).
 
         The item vector concatenates or sums the ``behaviour_fields`` embeddings, so the inner product is a
@@ -110,8 +114,10 @@ class SIM(DIN):
         is scored against its whole table once and its scores gathered per position.
 
         Differentiable (an auxiliary loss may use it); :meth:`search` calls it under ``no_grad``.
+        ``behaviours``: the batch's history when the caller already has it (else read from ``batch``).
         """
-        behaviours = Behaviours.from_batch(batch, self.behaviour_fields)
+        if behaviours is None:
+            behaviours = Behaviours.from_batch(batch, self.behaviour_fields)
         tables = {name: self.embeddings.tables[name].weight for name in self.behaviour_fields}  # [V_f, E]
         targets = {name: gather_rows(table, batch[name]) for name, table in tables.items()}  # [B, E] each
         if self.item_merge == "sum":
@@ -130,19 +136,28 @@ class SIM(DIN):
         return scores.masked_fill(~behaviours.mask, float("-inf"))
 
     @torch.no_grad()
-    def search(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(
+        self,
+        batch: Mapping[str, torch.Tensor],
+        behaviours: Behaviours | None = None,
+        chronological: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The general search unit: positions ``index`` [B, K'] of the kept behaviours, in chronological
         order, and ``valid`` [B, K'] (False on slots with nothing kept); ``K' = min(top_k, L)``.
 
         ``soft``: the top-K by :meth:`search_scores`. ``hard``: the K most recent (largest position)
-        behaviours of the target's category. Not available for ``precomputed``.
+        behaviours of the target's category. Not available for ``precomputed``. ``behaviours``: the
+        batch's history when the caller already has it (else read from ``batch``). ``chronological=False``
+        skips putting the K positions in order (the forward does not need it).
         """
         if self.search_mode == "precomputed":
             raise RuntimeError("SIM(search='precomputed') has no search unit: the batch history is the top-K")
-        mask = batch["hist_mask"].bool()
+        if behaviours is None:
+            behaviours = Behaviours.from_batch(batch, self.behaviour_fields)
+        mask = behaviours.mask
         k = min(self.top_k, mask.shape[1])
         if self.search_mode == "soft":
-            scores = self.search_scores(batch)  # [B, L]
+            scores = self.search_scores(batch, behaviours)  # [B, L]
             keep = mask
         else:
             category = self.spec.category_field
@@ -153,6 +168,7 @@ class SIM(DIN):
             )
             position = torch.arange(mask.shape[1], device=mask.device, dtype=torch.float32)  # 0 = oldest
             scores = torch.where(keep, position, torch.full_like(position, -1.0))  # [B, L], recent = large
-        index = scores.topk(k, dim=1).indices  # [B, K]
-        index = index.sort(dim=1).values  # chronological order
+        index = scores.topk(k, dim=1, sorted=False).indices  # [B, K]
+        if chronological:
+            index = index.sort(dim=1).values
         return index, keep.gather(1, index)
