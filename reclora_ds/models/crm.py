@@ -362,7 +362,7 @@ class BehaviourEncoder(nn.Module):
     .. math::
 
         h = \\mathrm{ReLU}\\Big(b + \\sum_f W_f\\, T_f[\\mathrm{id}_f]\\Big)
-          = \\mathrm{ReLU}\\Big(b + \\sum_f (T_f W_f^\top)[\\mathrm{id}_f]\\Big)
+          = \\mathrm{ReLU}\\Big(b + \\sum_f (T_f W_f^\\top)[\\mathrm{id}_f]\\Big)
 
     so each table is projected once per row (:func:`projected_rows`) and a behaviour costs gathers and adds
     instead of a (D + E) x D product. With summed item fields (``merge="sum"``) every item table goes

@@ -123,9 +123,11 @@ class CRMCheckpointInfo:
             rating_vocab_size=int(spec["rating_vocab_size"]),
         )
         history = data["history"]
+        # Checkpoints written before CRMConfig.item_merge existed concatenated the item fields.
+        crm_config = {"item_merge": "concat", **data["crm_config"]}
         return cls(
             model=data["model"],
-            config=CRMConfig(**data["crm_config"]),
+            config=CRMConfig(**crm_config),
             feature_spec=feature_spec,
             hidden_dim=int(data["hidden_dim"]),
             history_mode=history["mode"],

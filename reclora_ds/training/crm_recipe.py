@@ -150,8 +150,8 @@ def build_optimizer(
     """AdamW over every parameter and its LambdaLR schedule (:func:`lr_factor`).
 
     The fused implementation (one kernel over all parameters) when the parameters live on the CPU or a GPU:
-    the same update as the default one, about 2x faster on the CPU for a CRM's few hundred thousand
-    parameters.
+    the same update as the default one, 1.4 ms less per step of the quickstart SIM on the CPU
+    (docs/CRM_RESULTS.md, section 4).
     """
     params = list(model.parameters())
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)

@@ -160,6 +160,13 @@ def test_load_crm_rebuilds_from_the_checkpoint_alone(finished_run, tmp_path):
         ckpt.load_crm(alone)
 
 
+def test_a_checkpoint_from_before_item_merge_loads_as_concatenated(finished_run):
+    data = ckpt.read_info(finished_run / "checkpoints" / "best").to_dict()
+    assert data["crm_config"]["item_merge"] == "sum"  # the default, saved with every checkpoint
+    del data["crm_config"]["item_merge"]  # what a checkpoint written before the field existed holds
+    assert ckpt.CRMCheckpointInfo.from_dict(data).config.item_merge == "concat"
+
+
 def test_crm_states_are_deterministic_and_equal_the_eval_forward(finished_run, data_dir, tmp_path):
     model, info = ckpt.load_crm(finished_run)
     ids, hidden = compute_crm_states(finished_run, data_dir, split="test", batch_size=1000)
