@@ -1,4 +1,5 @@
-"""Two-process gloo checks of stage-1 training: DDP steps equal a single process with twice the batch,
+"""Two-process checks of stage-1 training: DDP steps (gradients through gloo and through the shared-memory
+all-reduce) equal a single process with twice the batch,
 ranks read disjoint shards (the same ones ``split_dataset_by_node`` gives), metrics are exact over the
 whole split, and only rank 0 writes files.
 
