@@ -289,13 +289,13 @@ class FieldEmbeddings(nn.Module):
         embedding_dim: E.
 
     Shapes:
-        ``fields(batch)``: dict of [B] -> dict of [B, E]; ``items(ids, names, merge)``: dict of [...] -> [..., D].
+        ``fields(batch)``: dict of [B] -> dict of [B, E]; ``forward(batch)``: -> [B, F, E].
 
     Example:
         >>> spec = FeatureSpec((FieldSpec("user_id", "user", 5), FieldSpec("item_id", "item", 9)))
         >>> emb = FieldEmbeddings(spec, embedding_dim=4)
-        >>> emb.items({"item_id": torch.tensor([[2, 3, 0]])}, ("item_id",)).shape
-        torch.Size([1, 3, 4])
+        >>> emb({"user_id": torch.tensor([2, 3]), "item_id": torch.tensor([4, 0])}).shape
+        torch.Size([2, 2, 4])
     """
 
     def __init__(self, spec: FeatureSpec, embedding_dim: int) -> None:
@@ -314,13 +314,6 @@ class FieldEmbeddings(nn.Module):
         """Every field's embedding of the sample: name -> [B, E], in spec order."""
         require(batch, self.names)
         return {name: self.tables[name](batch[name]) for name in self.names}
-
-    def items(
-        self, ids: Mapping[str, torch.Tensor], names: tuple[str, ...], merge: str = "concat"
-    ) -> torch.Tensor:
-        """The item vectors of the item fields ``names``, concatenated or summed: ids [...] each -> [..., D]."""
-        parts = [gather_rows(self.tables[name].weight, ids[name]) for name in names]
-        return torch.cat(parts, dim=-1) if merge == "concat" else torch.stack(parts).sum(0)
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """All fields stacked: [B, F, E]."""

@@ -121,8 +121,8 @@ class SIM(DIN):
         tables = {name: self.embeddings.tables[name].weight for name in self.behaviour_fields}  # [V_f, E]
         targets = {name: gather_rows(table, batch[name]) for name, table in tables.items()}  # [B, E] each
         if self.item_merge == "sum":
-            merged = torch.stack(list(targets.values())).sum(0)  # [B, E]
-            targets = dict.fromkeys(targets, merged)
+            # every field is scored against the summed target t = sum_g T_g[target_g]: [B, E]
+            targets = dict.fromkeys(targets, self.target_items(targets))
         scores = torch.zeros(
             behaviours.mask.shape, dtype=self.head.weight.dtype, device=behaviours.mask.device
         )

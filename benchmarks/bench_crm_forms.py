@@ -1,0 +1,172 @@
+"""The CRM's cost-saving forms against the plain formulas they replace, side by side in one process.
+
+    python benchmarks/bench_crm_forms.py [--data DIR] [--config launch/configs/sim_quickstart.yaml]
+                                         [--batch 128] [--steps 25] [--repeats 3] [key=value ...]
+
+One thread, the batch of one rank of a 2-rank run (128), the same weights and batches for every variant:
+
+  * ``shipped``           the model as it is (every form below, fused AdamW)
+  * ``plain encoder``     ``BehaviourEncoder`` as ``ReLU(Linear([item; rating]))`` over gathered embeddings,
+                          instead of projected table rows
+  * ``plain attention``   the attention's first Linear over the concatenated ``[t, h, t - h, t * h]``,
+                          instead of ``u_t + A_t h``
+  * ``plain search``      the soft search as one inner product of gathered item vectors (einsum),
+                          instead of field by field
+  * ``all plain``         the three together
+  * ``unfused AdamW``     the shipped model with ``torch.optim.AdamW``'s default (foreach) implementation
+
+Before timing, the forward of ``all plain`` is compared with the shipped one (max |difference| of the
+logits and states, eval mode). The variants run round-robin ``--repeats`` times; each line is the median
+run, in ms per training step (forward, backward, AdamW), with every run's figure. Glibc's malloc thresholds
+are set as the recipe sets them (``reclora_ds.cpu_allocator``); ``bench_crm.py --allocator`` measures that
+setting itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from reclora_ds.config import CRMTrainConfig, load_config
+from reclora_ds.cpu_allocator import keep_freed_memory
+from reclora_ds.data.loader import CRMBatchLoader
+from reclora_ds.data.processed import ProcessedDataset
+from reclora_ds.models.crm import BehaviourEncoder, Behaviours, FeatureSpec, TargetAttention
+from reclora_ds.models.registry import build_crm
+from reclora_ds.models.sim import SIM
+from reclora_ds.training.crm_recipe import crm_config, train_step
+
+ROOT = Path(__file__).parents[1]
+DEFAULT_CONFIG = ROOT / "launch" / "configs" / "sim_quickstart.yaml"
+
+
+# The plain formulas (what the shipped forms compute, written the direct way).
+def plain_encoder(
+    self: BehaviourEncoder, tables: list[torch.Tensor], ids: list[torch.Tensor]
+) -> torch.Tensor:
+    parts = [F.embedding(index, table) for table, index in zip(tables[:-1], ids[:-1], strict=True)]
+    item = torch.cat(parts, dim=-1) if self.merge == "concat" else torch.stack(parts).sum(0)
+    return self.act(self.proj(torch.cat([item, F.embedding(ids[-1], tables[-1])], dim=-1)))
+
+
+def plain_attention(
+    self: TargetAttention, target: torch.Tensor, behaviours: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    t = target.unsqueeze(1).expand_as(behaviours)
+    features = torch.cat([t, behaviours, t - behaviours, t * behaviours], dim=-1)
+    scores = self.out(self.mlp(features)).squeeze(-1)
+    return torch.where(mask, scores, torch.zeros_like(scores))
+
+
+def plain_search(self: SIM, batch: dict, behaviours: Behaviours | None = None) -> torch.Tensor:
+    if behaviours is None:
+        behaviours = Behaviours.from_batch(batch, self.behaviour_fields)
+    tables = {name: self.embeddings.tables[name].weight for name in self.behaviour_fields}
+    target = self.target_items({name: F.embedding(batch[name], t) for name, t in tables.items()})  # [B, D]
+    items = self.target_items({name: F.embedding(behaviours.ids[name], t) for name, t in tables.items()})
+    scores = torch.einsum("bld,bd->bl", items, target)  # [B, L, D] . [B, D]
+    return scores.masked_fill(~behaviours.mask, float("-inf"))
+
+
+PLAIN = {
+    "encoder": (BehaviourEncoder, "forward", plain_encoder),
+    "attention": (TargetAttention, "weights", plain_attention),
+    "search": (SIM, "search_scores", plain_search),
+}
+VARIANTS = {  # name -> (plain forms, fused AdamW)
+    "shipped": ((), True),
+    "plain encoder": (("encoder",), True),
+    "plain attention": (("attention",), True),
+    "plain search": (("search",), True),
+    "all plain": (("encoder", "attention", "search"), True),
+    "unfused AdamW": ((), False),
+}
+
+
+@contextlib.contextmanager
+def plain_forms(names: tuple[str, ...]) -> Iterator[None]:
+    saved = {name: getattr(PLAIN[name][0], PLAIN[name][1]) for name in names}
+    try:
+        for name in names:
+            cls, attr, fn = PLAIN[name]
+            setattr(cls, attr, fn)
+        yield
+    finally:
+        for name, original in saved.items():
+            setattr(PLAIN[name][0], PLAIN[name][1], original)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="", help="processed dataset (default: prepare the bundled sample)")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="a CRMTrainConfig YAML file")
+    parser.add_argument("--batch", type=int, default=128, help="samples per step (one rank's share)")
+    parser.add_argument("--steps", type=int, default=25, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="runs of each variant (the median is reported)"
+    )
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. crm.item_merge=concat")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    keep_freed_memory()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(args.data) if args.data else None
+        if data is None:
+            from reclora_ds.config import PrepareConfig
+            from reclora_ds.data.prepare import prepare_dataset
+
+            data = Path(tmp) / "data"
+            prepare_dataset(PrepareConfig(raw_dir="", output_dir=str(data), few_shot_size=1000))
+        cfg = load_config(CRMTrainConfig, args.config, [f"data_dir={data}", *args.overrides])
+        ds = ProcessedDataset(cfg.data_dir)
+        spec = FeatureSpec.from_metadata(ds.metadata)
+        loader = CRMBatchLoader(ds, "train", args.batch, history_length=cfg.history_length, shuffle=True)
+        batches = [b for _, b in zip(range(args.warmup + args.steps), loader, strict=False)]
+
+        def build() -> torch.nn.Module:
+            torch.manual_seed(cfg.seed)
+            return build_crm(cfg.model, crm_config(cfg), spec)
+
+        model = build().eval()
+        with torch.no_grad():
+            shipped = model(batches[0])
+            with plain_forms(("encoder", "attention", "search")):
+                plain = model(batches[0])
+        print(
+            f"config {args.config} {' '.join(args.overrides)}; model {cfg.model} {crm_config(cfg)}; "
+            f"L={cfg.history_length}, batch {args.batch}, 1 thread"
+        )
+        print(
+            f"all plain vs shipped forward: max |d logit| {(plain.logit - shipped.logit).abs().max():.2e}, "
+            f"max |d state| {(plain.hidden - shipped.hidden).abs().max():.2e}"
+        )
+
+        runs: dict[str, list[float]] = {name: [] for name in VARIANTS}
+        for _ in range(args.repeats):
+            for name, (forms, fused) in VARIANTS.items():
+                with plain_forms(forms):
+                    model = build()
+                    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=fused or None)
+                    for batch in batches[: args.warmup]:
+                        train_step(model, batch, optimizer)
+                    start = time.perf_counter()
+                    for batch in batches[args.warmup :]:
+                        train_step(model, batch, optimizer)
+                    runs[name].append(1e3 * (time.perf_counter() - start) / args.steps)
+        for name, ms in runs.items():
+            spread = ", ".join(f"{m:.1f}" for m in ms)
+            print(f"{name:>16}: {statistics.median(ms):6.1f} ms/step  (runs: {spread})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
