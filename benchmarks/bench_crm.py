@@ -17,7 +17,8 @@ run with the recipe's own pieces (``CRMBatchLoader`` on the train split, ``build
 Each prints global samples/s (all ranks), ms per step and the share of the step's wall time spent
 waiting for the next batch (data loading). ``--profile`` adds a per-operator breakdown of one rank's step.
 ``--allocator`` adds a 1-rank run without :func:`reclora_ds.cpu_allocator.keep_freed_memory` (glibc's
-default malloc thresholds), side by side with the others.
+default malloc thresholds), and ``--kernels`` a 2-rank shm run without the C++ search kernel
+(``cpu_kernels=false``, :mod:`reclora_ds.cpu_kernels`), side by side with the others.
 The target of the issue is 20,000 samples/s on 2 CPU cores.
 """
 
@@ -42,6 +43,7 @@ def worker(args: argparse.Namespace) -> None:
     """One rank: timed training steps with the recipe's pieces; rank 0 prints one JSON line."""
     import torch
 
+    from reclora_ds import cpu_kernels
     from reclora_ds import distributed as D
     from reclora_ds.config import CRMTrainConfig, load_config
     from reclora_ds.cpu_allocator import keep_freed_memory
@@ -54,6 +56,8 @@ def worker(args: argparse.Namespace) -> None:
     info = D.init_distributed("gloo")
     if args.keep_freed_memory:
         keep_freed_memory()  # as the recipe does on the CPU
+    if cfg.cpu_kernels:
+        cpu_kernels.load()  # as the recipe does on the CPU
     torch.manual_seed(cfg.seed)
     ds = ProcessedDataset(cfg.data_dir)
     model = build_crm(cfg.model, crm_config(cfg), FeatureSpec.from_metadata(ds.metadata))
@@ -190,6 +194,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="per-operator breakdown (1 rank, 1 thread)")
     parser.add_argument("--allocator", action="store_true", help="also 1 rank with glibc's default malloc")
+    parser.add_argument(
+        "--kernels",
+        action="store_true",
+        help="also 2 ranks without the C++ kernels (cpu_kernels=false)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--default-malloc", dest="keep_freed_memory", action="store_false", help=argparse.SUPPRESS
@@ -219,6 +228,8 @@ def main() -> None:
         ]
         if args.allocator:
             layouts.insert(1, (1, 1, ("--default-malloc",), " default malloc"))
+        if args.kernels:
+            layouts.append((2, 1, ("cpu_allreduce=shm", "cpu_kernels=false"), " shm, no C++ kernels"))
         # Round-robin over the layouts, --repeats times, so that a burst of load on the shared machine hits
         # every layout alike; each line reports the median run.
         runs: dict[int, list[dict]] = {i: [] for i in range(len(layouts))}

@@ -31,6 +31,8 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import nn
 
+from reclora_ds import cpu_kernels
+
 SEARCHES = ("soft", "hard", "precomputed")
 ITEM_MERGES = ("concat", "sum")
 FIELD_SOURCES = ("user", "item")
@@ -457,19 +459,28 @@ class TargetAttention(nn.Module):
         self.mlp = mlp_layers(4 * dim, (hidden,) * layers, dropout)
         self.out = nn.Linear(hidden, 1)
 
-    def weights(self, target: torch.Tensor, behaviours: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Masked attention weights ``m_j w_j``: [B, L] (0 where the mask is False)."""
+    def first_layer(self, target: torch.Tensor, behaviours: torch.Tensor) -> torch.Tensor:
+        """The MLP's first Linear on ``[t, h_j, t - h_j, t * h_j]``, as ``u_t + A_t h_j``: [B, L, H]."""
         first = self.mlp[0]  # Linear(4D -> H), applied in its split form (see the class docstring)
         w_t, w_h, w_diff, w_prod = first.weight.split(target.shape[-1], dim=1)  # 4 x [H, D]
         target_term = torch.addmm(first.bias, target, (w_t + w_diff).T)  # u_t: [B, H]
         per_target = torch.addcmul((w_h - w_diff).T, target.unsqueeze(2), w_prod.T)  # A_t^T: [B, D, H]
-        hidden = torch.baddbmm(target_term.unsqueeze(1), behaviours, per_target)  # [B, L, H]
-        hidden = self.mlp[1:](hidden)  # ReLU, Dropout, further layers
+        return torch.baddbmm(target_term.unsqueeze(1), behaviours, per_target)  # [B, L, H]
+
+    def weights(self, target: torch.Tensor, behaviours: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Masked attention weights ``m_j w_j``: [B, L] (0 where the mask is False)."""
+        hidden = self.mlp[1:](self.first_layer(target, behaviours))  # ReLU, Dropout, further layers
         scores = self.out(hidden).squeeze(-1)  # [B, L, 1] -> [B, L]
         # where, not a product: a masked position contributes an exact 0 whatever its score.
         return torch.where(mask, scores, torch.zeros_like(scores))
 
     def forward(self, target: torch.Tensor, behaviours: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        dropout_active = self.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.mlp)
+        if len(self.mlp) == 3 and not dropout_active:
+            # one hidden layer: ReLU, output layer, mask and weighted sum in one function (a C++ kernel
+            # once reclora_ds.cpu_kernels is loaded)
+            pre = self.first_layer(target, behaviours)  # [B, L, H]
+            return cpu_kernels.attention_pool(pre, self.out.weight[0], self.out.bias, mask, behaviours)
         weights = self.weights(target, behaviours, mask)  # [B, L]
         return torch.einsum("bl,bld->bd", weights, behaviours)  # [B, D]
 

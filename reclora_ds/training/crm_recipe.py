@@ -65,6 +65,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from reclora_ds import cpu_kernels
 from reclora_ds import distributed as dist_utils
 from reclora_ds.config import CRMTrainConfig, config_to_dict, save_config
 from reclora_ds.cpu_allocator import keep_freed_memory
@@ -316,6 +317,8 @@ class CRMRecipe:
         self.device = resolve_device(cfg.device, self.info)
         if self.device.type == "cpu":
             keep_freed_memory()
+            if cfg.cpu_kernels:
+                cpu_kernels.load()
         self.dataset = ProcessedDataset(cfg.data_dir)
         self.spec = FeatureSpec.from_metadata(self.dataset.metadata)
 

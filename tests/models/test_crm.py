@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reclora_ds import cpu_kernels
 from reclora_ds.models import crm, din, logreg, registry, sim
 from reclora_ds.models.crm import CRMConfig, CRMOutput, FeatureSpec
 from reclora_ds.models.din import DIN
@@ -116,6 +117,15 @@ def assert_same_output(a: CRMOutput, b: CRMOutput) -> None:
     torch.testing.assert_close(a.hidden, b.hidden)
 
 
+@pytest.fixture(params=["pytorch", "c++"])
+def kernels(request, monkeypatch):
+    """Run a test with the PyTorch forms and again with reclora_ds.cpu_kernels' C++ kernels loaded."""
+    if request.param == "c++":
+        cpu_kernels.load(required=True)
+    monkeypatch.setattr(cpu_kernels, "_loaded", request.param == "c++")
+    return request.param
+
+
 MODEL_VARIANTS = [
     ("din", {}),
     ("sim", {"search": "soft", "top_k": 4}),
@@ -151,7 +161,7 @@ def test_forward_shapes_and_head(meta, name, overrides):
 
 
 @pytest.mark.parametrize(("name", "overrides"), MODEL_VARIANTS)
-def test_padded_positions_never_matter(name, overrides):
+def test_padded_positions_never_matter(name, overrides, kernels):
     model = build(name, **overrides)
     if name == "logreg":
         randomise_embeddings(model)
@@ -217,7 +227,7 @@ def merge_by_hand(parts: list[torch.Tensor], how: str) -> torch.Tensor:
 @pytest.mark.parametrize(
     ("attention_layers", "item_merge"), [(1, "concat"), (3, "concat"), (1, "sum"), (3, "sum")]
 )
-def test_din_equals_hand_written_loop(attention_layers, item_merge):
+def test_din_equals_hand_written_loop(attention_layers, item_merge, kernels):
     model = build("din", attention_layers=attention_layers, item_merge=item_merge)
     batch = make_batch(ML1M_META, batch=4, length=9, seed=6, lengths=[9, 4, 0, 6])
     out = model(batch)
@@ -270,7 +280,7 @@ def test_authors_behaviour_encoder_with_item_id_only():
 
 
 @pytest.mark.parametrize("item_merge", ["concat", "sum"])
-def test_sim_soft_search_selects_top_k_by_inner_product(item_merge):
+def test_sim_soft_search_selects_top_k_by_inner_product(item_merge, kernels):
     k, length = 4, 12
     model = build("sim", search="soft", top_k=k, item_merge=item_merge)
     batch = make_batch(ML1M_META, batch=6, length=length, seed=8, lengths=[12, 3, 0, 7, 12, 5])
