@@ -5,14 +5,16 @@
 
 One thread, the batch of one rank of a 2-rank run (128), the same weights and batches for every variant:
 
-  * ``shipped``           the model as it is (every form below, fused AdamW)
+  * ``shipped``           the model as it is (every form below, the C++ kernels, fused AdamW)
+  * ``no C++ kernels``    the shipped forms with :mod:`reclora_ds.cpu_kernels` not loaded: the soft search's
+                          inner products and the attention's ReLU / output layer / weighted sum as PyTorch ops
   * ``plain encoder``     ``BehaviourEncoder`` as ``ReLU(Linear([item; rating]))`` over gathered embeddings,
                           instead of projected table rows
   * ``plain attention``   the attention's first Linear over the concatenated ``[t, h, t - h, t * h]``,
                           instead of ``u_t + A_t h``
   * ``plain search``      the soft search as one inner product of gathered item vectors (einsum),
                           instead of field by field
-  * ``all plain``         the three together
+  * ``all plain``         the three together, without the C++ kernels
   * ``unfused AdamW``     the shipped model with ``torch.optim.AdamW``'s default (foreach) implementation
 
 Before timing, the forward of ``all plain`` is compared with the shipped one (max |difference| of the
@@ -35,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from reclora_ds import cpu_kernels
 from reclora_ds.config import CRMTrainConfig, load_config
 from reclora_ds.cpu_allocator import keep_freed_memory
 from reclora_ds.data.loader import CRMBatchLoader
@@ -57,13 +60,9 @@ def plain_encoder(
     return self.act(self.proj(torch.cat([item, F.embedding(ids[-1], tables[-1])], dim=-1)))
 
 
-def plain_attention(
-    self: TargetAttention, target: torch.Tensor, behaviours: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
+def plain_first_layer(self: TargetAttention, target: torch.Tensor, behaviours: torch.Tensor) -> torch.Tensor:
     t = target.unsqueeze(1).expand_as(behaviours)
-    features = torch.cat([t, behaviours, t - behaviours, t * behaviours], dim=-1)
-    scores = self.out(self.mlp(features)).squeeze(-1)
-    return torch.where(mask, scores, torch.zeros_like(scores))
+    return self.mlp[0](torch.cat([t, behaviours, t - behaviours, t * behaviours], dim=-1))
 
 
 def plain_search(self: SIM, batch: dict, behaviours: Behaviours | None = None) -> torch.Tensor:
@@ -78,30 +77,34 @@ def plain_search(self: SIM, batch: dict, behaviours: Behaviours | None = None) -
 
 PLAIN = {
     "encoder": (BehaviourEncoder, "forward", plain_encoder),
-    "attention": (TargetAttention, "weights", plain_attention),
+    "attention": (TargetAttention, "first_layer", plain_first_layer),
     "search": (SIM, "search_scores", plain_search),
 }
-VARIANTS = {  # name -> (plain forms, fused AdamW)
-    "shipped": ((), True),
-    "plain encoder": (("encoder",), True),
-    "plain attention": (("attention",), True),
-    "plain search": (("search",), True),
-    "all plain": (("encoder", "attention", "search"), True),
-    "unfused AdamW": ((), False),
+VARIANTS = {  # name -> (plain forms, fused AdamW, C++ kernels)
+    "shipped": ((), True, True),
+    "no C++ kernels": ((), True, False),
+    "plain encoder": (("encoder",), True, True),
+    "plain attention": (("attention",), True, True),
+    "plain search": (("search",), True, True),
+    "all plain": (("encoder", "attention", "search"), True, False),
+    "unfused AdamW": ((), False, True),
 }
 
 
 @contextlib.contextmanager
-def plain_forms(names: tuple[str, ...]) -> Iterator[None]:
+def plain_forms(names: tuple[str, ...], kernels: bool = True) -> Iterator[None]:
     saved = {name: getattr(PLAIN[name][0], PLAIN[name][1]) for name in names}
+    loaded = cpu_kernels._loaded
     try:
         for name in names:
             cls, attr, fn = PLAIN[name]
             setattr(cls, attr, fn)
+        cpu_kernels._loaded = loaded and kernels
         yield
     finally:
         for name, original in saved.items():
             setattr(PLAIN[name][0], PLAIN[name][1], original)
+        cpu_kernels._loaded = loaded
 
 
 def main() -> None:
@@ -118,6 +121,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     keep_freed_memory()
+    cpu_kernels.load(required=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(args.data) if args.data else None
@@ -140,7 +144,7 @@ def main() -> None:
         model = build().eval()
         with torch.no_grad():
             shipped = model(batches[0])
-            with plain_forms(("encoder", "attention", "search")):
+            with plain_forms(("encoder", "attention", "search"), kernels=False):
                 plain = model(batches[0])
         print(
             f"config {args.config} {' '.join(args.overrides)}; model {cfg.model} {crm_config(cfg)}; "
@@ -153,8 +157,8 @@ def main() -> None:
 
         runs: dict[str, list[float]] = {name: [] for name in VARIANTS}
         for _ in range(args.repeats):
-            for name, (forms, fused) in VARIANTS.items():
-                with plain_forms(forms):
+            for name, (forms, fused, kernels) in VARIANTS.items():
+                with plain_forms(forms, kernels):
                     model = build()
                     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=fused or None)
                     for batch in batches[: args.warmup]:
