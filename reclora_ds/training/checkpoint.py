@@ -38,6 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from reclora_ds import cpu_kernels
 from reclora_ds.models.crm import CRMConfig, FeatureSpec, FieldSpec
 from reclora_ds.models.registry import build_crm
 
@@ -289,7 +290,11 @@ def load_crm(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.M
     """Rebuild a CRM from a checkpoint folder alone (no dataset needed); returns ``(model in eval mode, info)``.
 
     ``path``: a checkpoint folder (``checkpoints/best``, ``checkpoints/last``) or a run folder (its best).
+    On the CPU it also loads :mod:`reclora_ds.cpu_kernels` (built on first use), so every stage that reads a
+    CRM computes its states with the kernels stage 1 trained it with.
     """
+    if torch.device(device).type == "cpu":
+        cpu_kernels.load()
     folder = resolve_checkpoint(path)
     info = read_info(folder)
     model = build_crm(info.model, info.config, info.feature_spec)

@@ -17,8 +17,8 @@ from reclora_ds import cpu_kernels
 
 @pytest.fixture
 def kernels(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_loaded", cpu_kernels._loaded)  # this process's state, after the test
     cpu_kernels.load(required=True)
-    monkeypatch.setattr(cpu_kernels, "_loaded", True)
     return getattr(torch.ops, cpu_kernels.LIBRARY)
 
 

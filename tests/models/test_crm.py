@@ -120,6 +120,7 @@ def assert_same_output(a: CRMOutput, b: CRMOutput) -> None:
 @pytest.fixture(params=["pytorch", "c++"])
 def kernels(request, monkeypatch):
     """Run a test with the PyTorch forms and again with reclora_ds.cpu_kernels' C++ kernels loaded."""
+    monkeypatch.setattr(cpu_kernels, "_loaded", cpu_kernels._loaded)  # this process's state, after the test
     if request.param == "c++":
         cpu_kernels.load(required=True)
     monkeypatch.setattr(cpu_kernels, "_loaded", request.param == "c++")
