@@ -60,9 +60,12 @@ def plain_encoder(
     return self.act(self.proj(torch.cat([item, F.embedding(ids[-1], tables[-1])], dim=-1)))
 
 
-def plain_first_layer(self: TargetAttention, target: torch.Tensor, behaviours: torch.Tensor) -> torch.Tensor:
+def plain_first_layer(
+    self: TargetAttention, target: torch.Tensor, behaviours: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     t = target.unsqueeze(1).expand_as(behaviours)
-    return self.mlp[0](torch.cat([t, behaviours, t - behaviours, t * behaviours], dim=-1))
+    whole = self.mlp[0](torch.cat([t, behaviours, t - behaviours, t * behaviours], dim=-1))  # [B, L, H]
+    return whole, whole.new_zeros(whole.shape[0], whole.shape[2])  # the target's part is already in
 
 
 def plain_search(self: SIM, batch: dict, behaviours: Behaviours | None = None) -> torch.Tensor:
@@ -77,7 +80,7 @@ def plain_search(self: SIM, batch: dict, behaviours: Behaviours | None = None) -
 
 PLAIN = {
     "encoder": (BehaviourEncoder, "forward", plain_encoder),
-    "attention": (TargetAttention, "first_layer", plain_first_layer),
+    "attention": (TargetAttention, "first_layer_parts", plain_first_layer),
     "search": (SIM, "search_scores", plain_search),
 }
 VARIANTS = {  # name -> (plain forms, fused AdamW, C++ kernels)

@@ -98,42 +98,50 @@ def gather_dot(table: torch.Tensor, ids: torch.Tensor, query: torch.Tensor) -> t
 
 
 def attention_pool(
-    pre: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor, behaviours: torch.Tensor
+    pre: torch.Tensor,
+    target_term: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    mask: torch.Tensor,
+    behaviours: torch.Tensor,
 ) -> torch.Tensor:
-    """DIN's activation unit after its first layer: ``sum_j m_j (w . ReLU(pre_j) + c) h_j``.
+    """DIN's activation unit from its first layer on: ``sum_j m_j (w . ReLU(pre_j + u) + c) h_j``.
 
-    pre [B, L, H] (the first layer's output, before its ReLU), weight [H] and bias [1] (the H -> 1 output
-    layer), mask [B, L] bool, behaviours [B, L, D] -> [B, D]. Differentiable in pre, weight, bias and
-    behaviours.
+    pre [B, L, H] and target_term u [B, H] (the first layer's per-behaviour and per-target parts; their
+    sum is the layer's output), weight [H] and bias [1] (the H -> 1 output layer), mask [B, L] bool,
+    behaviours [B, L, D] -> [B, D]. Differentiable in everything but the mask.
 
     The C++ kernel (forward and backward, one pass over the [B, L, H] activations each way) when it is
     loaded and the tensors are float32 on the CPU; else the same function through PyTorch ops.
     """
-    if _usable(pre, weight, bias, behaviours):
-        return _AttentionPool.apply(pre, weight, bias, mask, behaviours)
-    scores = torch.nn.functional.linear(torch.relu(pre), weight.unsqueeze(0), bias).squeeze(-1)  # [B, L]
+    if _usable(pre, target_term, weight, bias, behaviours):
+        return _AttentionPool.apply(pre, target_term, weight, bias, mask, behaviours)
+    hidden = torch.relu(pre + target_term.unsqueeze(1))  # [B, L, H]
+    scores = torch.nn.functional.linear(hidden, weight.unsqueeze(0), bias).squeeze(-1)  # [B, L]
     scores = torch.where(mask, scores, torch.zeros_like(scores))  # an exact 0 on masked positions
     return torch.einsum("bl,bld->bd", scores, behaviours)
 
 
 class _AttentionPool(torch.autograd.Function):
-    """:func:`attention_pool` through the kernel; the backward recomputes ReLU from ``pre``.
+    """:func:`attention_pool` through the kernel; the backward recomputes ``x = pre + u`` and its ReLU.
 
-    With ``g_s = <g_out, h_j>`` on a kept position: ``g_pre = g_s w * [pre > 0]``, ``g_w = sum g_s ReLU(pre)``,
-    ``g_c = sum g_s``, ``g_h_j = s_j g_out``; masked positions get 0.
+    With ``g_s = <g_out, h_j>`` on a kept position: ``g_pre_j = g_s w * [x_j > 0]``, ``g_u = sum_j g_pre_j``,
+    ``g_w = sum g_s ReLU(x_j)``, ``g_c = sum g_s``, ``g_h_j = s_j g_out``; masked positions get 0.
     """
 
     @staticmethod
-    def forward(ctx, pre, weight, bias, mask, behaviours):  # noqa: ANN001, ANN205 (autograd's signature)
-        out, scores = getattr(torch.ops, LIBRARY).attention_pool(pre, weight, bias, mask, behaviours)
-        ctx.save_for_backward(pre, weight, mask, behaviours, scores)
+    def forward(ctx, pre, target_term, weight, bias, mask, behaviours):  # noqa: ANN001, ANN205 (autograd's)
+        out, scores = getattr(torch.ops, LIBRARY).attention_pool(
+            pre, target_term, weight, bias, mask, behaviours
+        )
+        ctx.save_for_backward(pre, target_term, weight, mask, behaviours, scores)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_out):  # noqa: ANN001, ANN205
-        pre, weight, mask, behaviours, scores = ctx.saved_tensors
-        g_pre, g_w, g_c, g_h = getattr(torch.ops, LIBRARY).attention_pool_backward(
-            g_out, pre, weight, mask, behaviours, scores
+        pre, target_term, weight, mask, behaviours, scores = ctx.saved_tensors
+        g_pre, g_u, g_w, g_c, g_h = getattr(torch.ops, LIBRARY).attention_pool_backward(
+            g_out, pre, target_term, weight, mask, behaviours, scores
         )
-        return g_pre, g_w, g_c, None, g_h
+        return g_pre, g_u, g_w, g_c, None, g_h

@@ -459,17 +459,21 @@ class TargetAttention(nn.Module):
         self.mlp = mlp_layers(4 * dim, (hidden,) * layers, dropout)
         self.out = nn.Linear(hidden, 1)
 
-    def first_layer(self, target: torch.Tensor, behaviours: torch.Tensor) -> torch.Tensor:
-        """The MLP's first Linear on ``[t, h_j, t - h_j, t * h_j]``, as ``u_t + A_t h_j``: [B, L, H]."""
+    def first_layer_parts(
+        self, target: torch.Tensor, behaviours: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MLP's first Linear on ``[t, h_j, t - h_j, t * h_j]`` in two parts: ``A_t h_j`` [B, L, H] and
+        ``u_t`` [B, H]; their sum (``u_t`` broadcast over L) is the layer's output."""
         first = self.mlp[0]  # Linear(4D -> H), applied in its split form (see the class docstring)
         w_t, w_h, w_diff, w_prod = first.weight.split(target.shape[-1], dim=1)  # 4 x [H, D]
         target_term = torch.addmm(first.bias, target, (w_t + w_diff).T)  # u_t: [B, H]
         per_target = torch.addcmul((w_h - w_diff).T, target.unsqueeze(2), w_prod.T)  # A_t^T: [B, D, H]
-        return torch.baddbmm(target_term.unsqueeze(1), behaviours, per_target)  # [B, L, H]
+        return torch.bmm(behaviours, per_target), target_term  # [B, L, H], [B, H]
 
     def weights(self, target: torch.Tensor, behaviours: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Masked attention weights ``m_j w_j``: [B, L] (0 where the mask is False)."""
-        hidden = self.mlp[1:](self.first_layer(target, behaviours))  # ReLU, Dropout, further layers
+        behaviour_term, target_term = self.first_layer_parts(target, behaviours)
+        hidden = self.mlp[1:](behaviour_term + target_term.unsqueeze(1))  # ReLU, Dropout, further layers
         scores = self.out(hidden).squeeze(-1)  # [B, L, 1] -> [B, L]
         # where, not a product: a masked position contributes an exact 0 whatever its score.
         return torch.where(mask, scores, torch.zeros_like(scores))
@@ -477,10 +481,12 @@ class TargetAttention(nn.Module):
     def forward(self, target: torch.Tensor, behaviours: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         dropout_active = self.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.mlp)
         if len(self.mlp) == 3 and not dropout_active:
-            # one hidden layer: ReLU, output layer, mask and weighted sum in one function (a C++ kernel
-            # once reclora_ds.cpu_kernels is loaded)
-            pre = self.first_layer(target, behaviours)  # [B, L, H]
-            return cpu_kernels.attention_pool(pre, self.out.weight[0], self.out.bias, mask, behaviours)
+            # one hidden layer: the first layer's sum, ReLU, output layer, mask and weighted sum in one
+            # function (a C++ kernel once reclora_ds.cpu_kernels is loaded)
+            behaviour_term, target_term = self.first_layer_parts(target, behaviours)
+            return cpu_kernels.attention_pool(
+                behaviour_term, target_term, self.out.weight[0], self.out.bias, mask, behaviours
+            )
         weights = self.weights(target, behaviours, mask)  # [B, L]
         return torch.einsum("bl,bld->bd", weights, behaviours)  # [B, D]
 

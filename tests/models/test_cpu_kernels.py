@@ -26,9 +26,9 @@ def gather_dot_reference(table, ids, query):
     return (table.double()[ids] * query.double()[:, None, :]).sum(-1)  # [B, L]
 
 
-def attention_pool_reference(pre, weight, bias, mask, behaviours):
-    """sum_j m_j (w . ReLU(pre_j) + c) h_j, the formula of TargetAttention with one hidden layer."""
-    scores = torch.relu(pre) @ weight + bias  # [B, L]
+def attention_pool_reference(pre, target_term, weight, bias, mask, behaviours):
+    """sum_j m_j (w . ReLU(pre_j + u) + c) h_j, the formula of TargetAttention with one hidden layer."""
+    scores = torch.relu(pre + target_term[:, None, :]) @ weight + bias  # [B, L]
     return ((scores * mask)[..., None] * behaviours).sum(1)  # [B, D]
 
 
@@ -73,12 +73,14 @@ def test_gather_dot_is_differentiable_when_autograd_needs_it(kernels):
 def attention_inputs(seed: int = 2):
     g = torch.Generator().manual_seed(seed)
     pre = torch.randn(5, 13, 16, generator=g)
-    pre[0, 0, :4] = 0.0  # ReLU's kink: no gradient there, as in PyTorch
+    target_term = torch.randn(5, 16, generator=g)
+    pre[0, 0, :4] = -target_term[0, :4]  # ReLU's kink: no gradient there, as in PyTorch
     mask = torch.rand(5, 13, generator=g) > 0.3
     mask[2] = False  # a sample with no history at all
     mask[3] = True
     return (
         pre,
+        target_term,
         torch.randn(16, generator=g),
         torch.randn(1, generator=g),
         mask,
@@ -87,23 +89,24 @@ def attention_inputs(seed: int = 2):
 
 
 def test_attention_pool_forward_and_backward_equal_reference(kernels):
-    pre, weight, bias, mask, behaviours = (
-        t.requires_grad_(t.dtype != torch.bool) for t in attention_inputs()
-    )
-    out = cpu_kernels.attention_pool(pre, weight, bias, mask, behaviours)
+    inputs = [t.requires_grad_(t.dtype != torch.bool) for t in attention_inputs()]
+    pre, target_term, weight, bias, mask, behaviours = inputs
+    out = cpu_kernels.attention_pool(*inputs)
     assert out.grad_fn is not None and "AttentionPool" in type(out.grad_fn).__name__  # the kernel ran
     g_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
-    grads = torch.autograd.grad(out, [pre, weight, bias, behaviours], g_out)
+    differentiable = [pre, target_term, weight, bias, behaviours]
+    grads = torch.autograd.grad(out, differentiable, g_out)
 
-    ref_inputs = [t.detach().double().requires_grad_() for t in (pre, weight, bias, behaviours)]
-    ref = attention_pool_reference(*ref_inputs[:3], mask, ref_inputs[3])
+    ref_inputs = [t.detach().double().requires_grad_() for t in differentiable]
+    ref = attention_pool_reference(*ref_inputs[:4], mask, ref_inputs[4])
     ref_grads = torch.autograd.grad(ref, ref_inputs, g_out.double())
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
     assert torch.equal(out[2], torch.zeros(8))  # nothing kept: an exact 0
-    for name, got, want in zip(("pre", "weight", "bias", "behaviours"), grads, ref_grads, strict=True):
+    names = ("pre", "target_term", "weight", "bias", "behaviours")
+    for name, got, want in zip(names, grads, ref_grads, strict=True):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5, msg=f"gradient of {name}")
     assert torch.equal(grads[0][~mask], torch.zeros_like(grads[0][~mask]))  # masked positions: no gradient
-    assert torch.equal(grads[3][~mask], torch.zeros_like(grads[3][~mask]))
+    assert torch.equal(grads[4][~mask], torch.zeros_like(grads[4][~mask]))
 
 
 def test_attention_pool_without_kernels_is_the_same_function(kernels, monkeypatch):
@@ -116,11 +119,13 @@ def test_attention_pool_without_kernels_is_the_same_function(kernels, monkeypatc
 
 
 def test_attention_pool_rejects_disagreeing_shapes(kernels):
-    pre, weight, bias, mask, behaviours = attention_inputs()
+    pre, target_term, weight, bias, mask, behaviours = attention_inputs()
     with pytest.raises(RuntimeError, match="disagree"):
-        kernels.attention_pool(pre, weight, bias, mask, behaviours[:, :5])
+        kernels.attention_pool(pre, target_term, weight, bias, mask, behaviours[:, :5])
+    with pytest.raises(RuntimeError, match="disagree"):
+        kernels.attention_pool(pre, target_term[:, :3], weight, bias, mask, behaviours)
     with pytest.raises(RuntimeError, match="bool mask"):
-        kernels.attention_pool(pre, weight, bias, mask.float(), behaviours)
+        kernels.attention_pool(pre, target_term, weight, bias, mask.float(), behaviours)
 
 
 def test_a_failed_build_falls_back_or_raises(monkeypatch, caplog):
