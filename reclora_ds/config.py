@@ -396,8 +396,9 @@ class CRMTrainConfig:
     on one node; about 5x less time per step than gloo here), ``gloo`` (TCP), or ``auto`` (``shm`` when it
     can be used, else ``gloo``). See ``reclora_ds.shm_allreduce``."""
     cpu_kernels: bool = True
-    """On the CPU, build (once, cached) and use the C++ kernel of SIM's soft search; PyTorch ops are used
-    when it cannot be built. See ``reclora_ds.cpu_kernels``."""
+    """On the CPU, build (once, cached) and use the C++ kernels of SIM's soft search and DIN's attention;
+    PyTorch ops are used when they cannot be built. Later readers of the checkpoint (``load_crm``) load them
+    whatever this says. See ``reclora_ds.cpu_kernels``."""
     progress: bool = True
     """tqdm progress bars on rank 0."""
 
