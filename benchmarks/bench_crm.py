@@ -17,10 +17,11 @@ run with the recipe's own pieces (``CRMBatchLoader`` on the train split, ``build
 Each prints global samples/s (all ranks; wall time of the timed steps, the figure the target is about),
 ms per step, the share of the step's wall time spent waiting for the next batch (data loading), and the
 median and 90th percentile of rank 0's step times: this machine's host takes a core away now and then,
-and with 2 ranks the other one waits, so the mean step sits above the median. ``--profile`` adds a per-operator breakdown of one rank's step.
-``--allocator`` adds a 1-rank run without :func:`reclora_ds.cpu_allocator.keep_freed_memory` (glibc's
-default malloc thresholds), and ``--kernels`` a 2-rank shm run without the C++ search kernel
-(``cpu_kernels=false``, :mod:`reclora_ds.cpu_kernels`), side by side with the others.
+and with 2 ranks the other one waits, so the mean step sits above the median. ``--profile`` adds a
+per-operator breakdown of one rank's step. ``--allocator`` adds a 1-rank run without
+:func:`reclora_ds.cpu_allocator.keep_freed_memory` (glibc's default malloc thresholds), and ``--kernels``
+a 2-rank shm run without the C++ kernels (``cpu_kernels=false``, :mod:`reclora_ds.cpu_kernels`), side by
+side with the others.
 The target of the issue is 20,000 samples/s on 2 CPU cores.
 """
 
