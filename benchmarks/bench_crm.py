@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bundled_data import processed_data
+
 TARGET_SAMPLES_PER_S = 20_000
 ROOT = Path(__file__).parents[1]
 DEFAULT_CONFIG = ROOT / "launch" / "configs" / "sim_quickstart.yaml"
@@ -222,13 +224,7 @@ def main() -> None:
         exit_process(0)  # not a plain return: see reclora_ds.distributed.exit_process
 
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(args.data) if args.data else None
-        if data is None:
-            from reclora_ds.config import PrepareConfig
-            from reclora_ds.data.prepare import prepare_dataset
-
-            data = Path(tmp) / "data"
-            prepare_dataset(PrepareConfig(raw_dir="", output_dir=str(data), few_shot_size=1000))
+        data = processed_data(args.data, tmp)
         print(f"config {args.config} {' '.join(args.overrides)}; data {data}; {os.cpu_count()} CPU cores")
         layouts = [
             (1, 1, (), ""),

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bundled_data import processed_data
 
 from reclora_ds import cpu_kernels
 from reclora_ds.config import CRMTrainConfig, load_config
@@ -127,13 +128,7 @@ def main() -> None:
     cpu_kernels.load(required=True)
 
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(args.data) if args.data else None
-        if data is None:
-            from reclora_ds.config import PrepareConfig
-            from reclora_ds.data.prepare import prepare_dataset
-
-            data = Path(tmp) / "data"
-            prepare_dataset(PrepareConfig(raw_dir="", output_dir=str(data), few_shot_size=1000))
+        data = processed_data(args.data, tmp)
         cfg = load_config(CRMTrainConfig, args.config, [f"data_dir={data}", *args.overrides])
         ds = ProcessedDataset(cfg.data_dir)
         spec = FeatureSpec.from_metadata(ds.metadata)

@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from bundled_data import processed_data
 
-from reclora_ds.config import PrepareConfig
 from reclora_ds.data.loader import RATING_SCALE, CRMBatchLoader
 from reclora_ds.data.processed import ProcessedDataset, feature_columns
 
@@ -96,12 +95,7 @@ def main() -> None:
     torch.set_num_threads(1)
 
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(args.data) if args.data else None
-        if data is None:
-            from reclora_ds.data.prepare import prepare_dataset
-
-            data = Path(tmp) / "data"
-            prepare_dataset(PrepareConfig(raw_dir="", output_dir=str(data), few_shot_size=1000))
+        data = processed_data(args.data, tmp)
         ds = ProcessedDataset(data)
         n_train = ds.metadata["splits"]["train"]["rows"]
         print(f"data {data}: train {n_train:,} samples, batch {args.batch_size}, L={args.history_length}")

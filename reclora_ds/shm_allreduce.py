@@ -1,10 +1,11 @@
 """Shared-memory gradient all-reduce for CPU DDP on one node: DeepSpeed's shm kernel as a DDP comm hook.
 
 DDP on CPU all-reduces every bucket of gradients through gloo, which goes over TCP even between two
-processes of one machine. For a SIM step on the 2-core benchmark machine that costs 5-7 ms per step
-(0.45 M fp32 gradients), as much as the step's whole backward. DeepSpeed ships a same-node all-reduce
-over POSIX shared memory (``deepspeed_shm_comm``, the op its CPU accelerator JIT-builds and uses for
-tensor-parallel inference); it costs about 1 ms for the same buffer. :func:`enable_shm_allreduce`
+processes of one machine. DeepSpeed ships a same-node all-reduce over POSIX shared memory
+(``deepspeed_shm_comm``, the op its CPU accelerator JIT-builds and uses for tensor-parallel inference).
+For the default SIM's 0.45 M fp32 gradients on the 2-core benchmark machine a 2-rank step takes 11.7 ms
+with it against 17.8 ms through gloo (``benchmarks/bench_crm.py``, docs/CRM_RESULTS.md section 4).
+:func:`enable_shm_allreduce`
 registers it as the DDP communication hook, so DDP keeps bucketing, ordering and the division by the world
 size, and only the transport changes. The sum of two ranks' buffers is the same float sum gloo computes,
 so parameters stay bitwise identical to a gloo run (``tests/training/test_crm_ddp.py``).

@@ -151,8 +151,8 @@ def build_optimizer(
     """AdamW over every parameter and its LambdaLR schedule (:func:`lr_factor`).
 
     The fused implementation (one kernel over all parameters) when the parameters live on the CPU or a GPU:
-    the same update as the default one, 1.4 ms less per step of the quickstart SIM on the CPU
-    (docs/CRM_RESULTS.md, section 4).
+    the same update as the default one, 1.2-1.3 ms less per 128-sample step of the quickstart SIM on one
+    CPU core (``benchmarks/bench_crm_forms.py``, "unfused AdamW"; docs/CRM_RESULTS.md, section 4).
     """
     params = list(model.parameters())
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
