@@ -348,17 +348,23 @@ class CRMTrainConfig:
     output_dir: str = "runs/quickstart/sim"
     """Run folder: config.yaml, checkpoints/{last,best}, tb/, metrics.json, train_log.jsonl."""
     model: str = "sim"
-    """``sim`` (the paper's CRM), ``din`` (w/o long retriever) or ``logreg`` (baseline)."""
+    """``sim`` (the paper's CRM), ``din`` or ``logreg`` (baseline). The paper's "w/o long retriever" CRM
+    is the default SIM with ``history_mode=recent``: a SIM without a search unit over the most recent 60
+    is DIN on them."""
     crm: CRMConfig = dataclasses.field(default_factory=CRMConfig)
     """Model settings of the CRM (``reclora_ds.models.crm.CRMConfig``): sizes, dropout, SIM's search."""
-    history_mode: str = "recent"
-    """Loader history: ``recent`` (the last ``history_length`` behaviours) or ``retrieved`` (a retrieval
-    file, ``retrieved_path``; pair it with ``crm.search=precomputed``)."""
-    history_length: int = 256
-    """L, behaviours per sample given to the model. SIM: the lifelong window its search unit scans for the
-    top ``crm.top_k``; DIN: the most recent L (60 in the paper)."""
-    retrieved_path: str = ""
-    """Retrieved-history file (sample_id -> timeline rows) for ``history_mode=retrieved``."""
+    history_mode: str = "retrieved"
+    """The behaviours each sample gives the CRM. ``retrieved`` (the paper, App. B.2): the ``history_length``
+    behaviours of the sample's *whole* prior history most similar to the target, re-sorted into time
+    order, from the retrieval folder ``retrieval_dir`` (the same retrieval as the prompts'); pair it with
+    ``crm.search=precomputed``. ``recent``: the last ``history_length`` behaviours (the "w/o long
+    retriever" ablation with 60; or the window SIM's own ``soft`` / ``hard`` search scans, e.g. 256)."""
+    history_length: int = 60
+    """L, behaviours per sample given to the model: K_long = 60 retrieved (a K the retrieval folder holds),
+    or the length of the recent window. The run logs how many samples have a longer history."""
+    retrieval_dir: str = "runs/quickstart/retrieval"
+    """Retrieval folder (``tools/retrieve_histories.py``: ``rows_k<L>.npy``...) for ``history_mode=retrieved``;
+    the pipeline sets it to its retrieval stage's output."""
     epochs: int = 10
     """Maximum number of passes over the training split (early stopping usually ends sooner)."""
     batch_size: int = 256
@@ -410,11 +416,15 @@ class CRMTrainConfig:
             raise ValueError(f"model must be one of {sorted(CRM_MODELS)}, got {self.model!r}")
         if self.history_mode not in HISTORY_MODES:
             raise ValueError(f"history_mode must be one of {HISTORY_MODES}, got {self.history_mode!r}")
-        if self.history_mode == "retrieved" and not self.retrieved_path:
-            raise ValueError("history_mode=retrieved needs retrieved_path (the retrieval step's output)")
-        if self.crm.search == "precomputed" and self.history_mode != "retrieved" and self.model == "sim":
+        if self.history_mode == "retrieved" and not self.retrieval_dir:
             raise ValueError(
-                "crm.search=precomputed reads the loader's history as the top-K: use history_mode=retrieved"
+                "history_mode=retrieved needs retrieval_dir (the retrieval stage's output folder)"
+            )
+        if self.model == "sim" and self.history_mode == "retrieved" and self.crm.search != "precomputed":
+            raise ValueError(
+                f"crm.search={self.crm.search} is SIM's own search over a window of the history, but "
+                "history_mode=retrieved already gives the retrieved top-K: use crm.search=precomputed, or "
+                "history_mode=recent with history_length = the window the search scans (e.g. 256)"
             )
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
@@ -501,9 +511,17 @@ class PLoRATrainConfig:
     eval_batch_size: int = 16
     """Samples per rank per forward in evaluation."""
     eval_max_samples: int = 0
-    """Evaluate on about this many samples of each split (each rank's first rows); 0 = the whole split."""
+    """Final evaluation of each split on a seeded uniform sample of this many sample ids (the same ids for
+    any number of ranks and for every model with the same ``eval_subset_seed``); 0 = the whole split."""
+    eval_subset_seed: int = 0
+    """Seed of the uniform evaluation subsets (kept apart from ``seed``, so runs of several training seeds
+    are compared on the same samples)."""
     eval_every: int = 0
     """Validate every this many optimizer steps (and at the end); 0 = at the end only."""
+    periodic_eval_samples: int = 0
+    """Samples of the periodic validation (``eval_every``): a seeded uniform subset of the first eval split,
+    fixed for the whole run, that keeps validation affordable at full-dataset size; 0 = the same set as the
+    final evaluation (``eval_max_samples``)."""
     eval_splits: tuple[str, ...] = ("valid", "test")
     """Splits evaluated at the end (the first one is also the periodic validation split)."""
     lr: float = 1e-3
@@ -556,7 +574,9 @@ class PLoRATrainConfig:
             "long_history_length",
             "max_steps",
             "eval_max_samples",
+            "eval_subset_seed",
             "eval_every",
+            "periodic_eval_samples",
             "warmup_steps",
             "checkpoint_every",
             "num_threads",

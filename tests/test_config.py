@@ -76,16 +76,48 @@ def test_saved_config_round_trips(tmp_path):
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_config_parses(path):
+def test_every_shipped_config_loads_through_its_real_loader(path):
+    """Pipeline files through the pipeline's loader (and its stage plan), stage files through their stage's."""
+    from reclora_ds.config import CRMTrainConfig, PLoRATrainConfig
+    from reclora_ds.pipeline.config import load_pipeline_settings
+    from reclora_ds.pipeline.stages import build_stages
+
     data = yaml.safe_load(path.read_text())
-    if "prepare" in data:
+    kind = path.name.split("_")[0]
+    if "pipeline" in data or path.name == "quickstart.yaml":
+        settings = load_pipeline_settings(path)
+        assert [s.name for s in build_stages(settings)][-1] == "report"
+        load_config(PrepareConfig, path, section="prepare")  # `reclora-ds prepare --config` reads it too
+    elif kind == "prepare":
         load_config(PrepareConfig, path, section="prepare")
+    elif kind == "sim":
+        load_config(CRMTrainConfig, path)
+    elif kind == "plora":
+        load_config(PLoRATrainConfig, path, section="plora")
+    else:
+        pytest.fail(f"{path.name}: no known loader for this shipped config")
+
+
+def test_pipeline_owned_keys_set_by_the_user_are_errors_naming_the_key(tmp_path):
+    from reclora_ds.pipeline.config import load_pipeline_settings
+
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"sim": {"output_dir": "elsewhere"}, "plora": {"epochs": 2}}))
+    with pytest.raises(ConfigError) as err:
+        load_pipeline_settings(path, ["plora.retrieval_dir=/x", "plora.mode=lora", "prepare.output_dir=o"])
+    text = str(err.value)
+    for key in ("sim.output_dir", "plora.retrieval_dir", "plora.mode", "prepare.output_dir"):
+        assert f"{key} is set by the pipeline" in text
+    # modelling keys stay the user's, per mode: the prompt history and the CRM's history
+    path.write_text(yaml.safe_dump({"plora": {"epochs": 2}}))
+    settings = load_pipeline_settings(path, ["plora.short_history=recent", "sim.history_mode=recent"])
+    assert settings.plora.short_history == "recent" and settings.sim.history_mode == "recent"
 
 
 def test_literal_fields_and_exponent_floats():
     from reclora_ds.config import CRMTrainConfig
 
-    cfg = load_config(CRMTrainConfig, None, ["crm.search=hard", "lr=1e-3"])
+    cfg = load_config(CRMTrainConfig, None, ["crm.search=hard", "history_mode=recent", "lr=1e-3"])
     assert cfg.crm.search == "hard" and cfg.lr == 1e-3
     with pytest.raises(ConfigError, match=r"crm.search: expected one of \['soft', 'hard', 'precomputed'\]"):
         load_config(CRMTrainConfig, None, ["crm.search=fuzzy"])

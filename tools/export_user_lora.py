@@ -19,7 +19,9 @@ Run-directory contract (each path can be given on its own instead):
     RUN_DIR/data/                       the processed dataset; only for --user-index        (--data)
 
 A pipeline run folder (``runs/<name>`` of ``reclora-ds pipeline``, recognised by its ``_pipeline/``) works
-too: its ``plora/adapter``, ``crm_states/test.safetensors`` and ``prepare/`` are used.
+too: its ``plora/adapter`` and ``prepare/`` are used, and its CRM (``sim/``) computes the sample's state on
+the histories it was trained on (no states file needed; ``--user-index`` takes the user's latest sample of
+any split).
     backbone                            the adapter's base_model_name_or_path               (--backbone)
 
 --user-index picks that user's most recent sample (largest timestamp, then sample id) among the samples
@@ -60,8 +62,9 @@ class ExportError(RuntimeError):
     """The inputs do not allow an export (missing sample, user without states, width mismatch)."""
 
 
-def most_recent_sample(data_dir: Path, user_index: int, candidate_ids: np.ndarray) -> int:
-    """The sample id of ``user_index``'s latest sample (timestamp, then id) among ``candidate_ids``."""
+def most_recent_sample(data_dir: Path, user_index: int, candidate_ids: np.ndarray | None) -> int:
+    """The sample id of ``user_index``'s latest sample (timestamp, then id) among ``candidate_ids`` (None:
+    among all its samples)."""
     import pyarrow as pa
 
     from reclora_ds.data.preprocess import SPLITS
@@ -71,9 +74,12 @@ def most_recent_sample(data_dir: Path, user_index: int, candidate_ids: np.ndarra
     columns = ["sample_id", "user_index", "timestamp"]
     table = pa.concat_tables(dataset.read_split(split, columns) for split in SPLITS)
     ids = table.column("sample_id").to_numpy()
-    keep = (table.column("user_index").to_numpy() == user_index) & np.isin(ids, candidate_ids)
+    keep = table.column("user_index").to_numpy() == user_index
+    if candidate_ids is not None:
+        keep &= np.isin(ids, candidate_ids)
     if not keep.any():
-        raise ExportError(f"user {user_index} has no sample in the CRM states file")
+        where = "the CRM states file" if candidate_ids is not None else str(data_dir)
+        raise ExportError(f"user {user_index} has no sample in {where}")
     ids, times = ids[keep], table.column("timestamp").to_numpy()[keep]
     return int(ids[np.lexsort((ids, times))[-1]])
 
@@ -103,24 +109,39 @@ def export(args: argparse.Namespace) -> dict:
     adapter_dir = (
         Path(args.adapter) if args.adapter else run_dir / ("plora/adapter" if pipeline_run else "adapter")
     )
-    states_path = Path(args.states) if args.states else run_dir / DEFAULT_STATES
     manifest = read_plora_adapter_config(adapter_dir)
     backbone_arg = args.backbone or manifest.base_model_name_or_path
     if not backbone_arg:
         raise ExportError(f"{adapter_dir} records no base_model_name_or_path; pass --backbone")
     backbone_dir = resolve_backbone(backbone_arg)
+    data_dir = (
+        Path(args.data)
+        if args.data
+        else (run_dir / ("prepare" if pipeline_run else "data") if run_dir else None)
+    )
 
-    sample_ids, hidden = load_crm_states(states_path)
+    if args.states or not pipeline_run:  # a CRM states file
+        states_path = Path(args.states) if args.states else run_dir / DEFAULT_STATES
+        sample_ids, hidden = load_crm_states(states_path)
+        where = str(states_path)
+        sample_id = args.sample_id
+        if sample_id is None:
+            sample_id = most_recent_sample(data_dir, args.user_index, sample_ids)
+    else:  # a pipeline run: its CRM computes the one state, on the histories it was trained on
+        from reclora_ds.training.crm_states import compute_crm_outputs
+
+        sample_id = args.sample_id
+        if sample_id is None:
+            sample_id = most_recent_sample(data_dir, args.user_index, None)
+        try:
+            sample_ids, hidden, _ = compute_crm_outputs(run_dir / "sim", data_dir, sample_ids=[sample_id])
+        except KeyError as exc:
+            raise ExportError(f"sample {sample_id} is in no split of {data_dir}") from exc
+        where = f"the CRM {run_dir / 'sim'}"
     if hidden.ndim != 2 or hidden.shape[1] != manifest.config.crm_dim:
         raise ExportError(
-            f"{states_path}: CRM states of shape {hidden.shape}, the adapter's gates read d_c = "
-            f"{manifest.config.crm_dim}"
+            f"{where}: CRM states of shape {hidden.shape}, the adapter's gates read d_c = {manifest.config.crm_dim}"
         )
-    if args.sample_id is not None:
-        sample_id = args.sample_id
-    else:
-        data_dir = Path(args.data) if args.data else run_dir / ("prepare" if pipeline_run else "data")
-        sample_id = most_recent_sample(data_dir, args.user_index, sample_ids)
     crm_state = crm_state_of(sample_ids, hidden, sample_id)
 
     model = load_backbone(backbone_dir)
@@ -136,7 +157,7 @@ def export(args: argparse.Namespace) -> dict:
         "rank": int(rank),
         "scaling": manifest.config.scale,
         "adapter": str(adapter_dir),
-        "states": str(states_path),
+        "states": where,
         "base_model_name_or_path": str(backbone_dir),
         "base_model_sha256": manifest.base_model_sha256,
         "gate_weights": {name: alpha.tolist() for name, alpha in gate_weights(model, crm_state).items()},
@@ -147,7 +168,9 @@ def export(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run-dir", help="run folder with adapter/ and crm_states/ (see the contract)")
+    parser.add_argument(
+        "--run-dir", help="run folder with adapter/ and crm_states/, or a pipeline run folder"
+    )
     parser.add_argument("--adapter", help="PLoRA adapter folder (default RUN_DIR/adapter)")
     parser.add_argument(
         "--states", help=f"CRM states .safetensors or .npz (default RUN_DIR/{DEFAULT_STATES})"

@@ -58,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=MODES, help="zero_shot: the bare backbone; default: the run's mode")
     parser.add_argument("--split", required=True, choices=list(ALL_SPLITS))
     parser.add_argument(
-        "--max-samples", type=int, default=0, help="the first N samples of the split; 0 = all"
+        "--max-samples",
+        type=int,
+        default=0,
+        help="a seeded uniform sample of N ids of the split (eval_subset_seed); 0 = all",
     )
     parser.add_argument("--batch-size", type=int, default=0, help="samples per forward; 0 = eval_batch_size")
     parser.add_argument("--out", required=True, help="output .parquet or .csv")

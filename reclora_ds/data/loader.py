@@ -19,8 +19,13 @@ A batch (dict of CPU tensors)::
 
 Histories are laid out oldest first and right-aligned: the most recent item is at position L - 1 and the
 padding is on the left. ``history_mode="recent"`` takes the last L interactions strictly before the
-sample (``Timelines.recent``); ``"retrieved"`` takes precomputed timeline rows per sample from a file
-(:class:`RetrievedHistories`), laid out the same way.
+sample (``Timelines.recent``); ``"retrieved"`` takes the sample's ``rows_k<L>`` of a retrieval folder
+(:class:`reclora_ds.data.histories.RetrievedHistories`: the L most similar behaviours of its whole prior
+history, in time order), laid out the same way.
+
+``sample_ids`` restricts a loader to a subset of the split (e.g. :func:`uniform_sample_ids`, a seeded
+uniform evaluation subset): the subset is fixed by the ids, not by the ranks, so any world size evaluates
+the same samples.
 
 Ranks and epochs:
     * The split's shard files are divided between ranks: with ``n_files % world_size == 0`` rank r reads
@@ -42,15 +47,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from reclora_ds.data.histories import NO_ROW, RetrievedHistories
 from reclora_ds.data.preprocess import PAD_ID
 from reclora_ds.data.processed import ProcessedDataset, feature_columns
 
@@ -59,95 +62,8 @@ log = logging.getLogger(__name__)
 HISTORY_MODES = ("recent", "retrieved")
 RATING_SCALE = 2  # hist_rating = round(RATING_SCALE * rating): half stars become integers
 RATING_BUCKETS = 11  # 0 = pad, 1..10 = 0.5..5 stars (1..5 star scales use the even buckets)
-NO_ROW = -1  # a missing entry in a retrieval file's rows
 DEFAULT_BUFFER_ROWS = 1 << 21  # rows shuffled together in memory (whole files)
 SAMPLE_COLUMNS = ("sample_id", "label", "user_index", "hist_len")
-
-
-class RetrievedHistories:
-    """Precomputed history rows (indices into ``timelines.parquet``) per sample, looked up by sample_id.
-
-    Accepted files:
-        * ``.parquet`` with columns ``sample_id`` (int) and ``rows`` (list of int, any lengths);
-        * ``.npy`` holding a structured array with fields ``sample_id`` (int64) and ``rows`` (int32 [K]),
-          memory-mapped;
-        * ``.npz`` with arrays ``sample_id`` [S] and ``rows`` [S, K].
-
-    ``rows`` entries of :data:`NO_ROW` (-1) are empty slots. Rows are read in file order as a ranking: the
-    loader keeps the first L valid ones and lays them out chronologically (row order = time order within
-    a user), so a file may hold more than L candidates.
-
-    Args:
-        sample_ids: int64 [S], unique.
-        rows: int [S, K].
-    """
-
-    def __init__(self, sample_ids: np.ndarray, rows: np.ndarray):
-        sample_ids = np.asarray(sample_ids, dtype=np.int64)
-        if rows.ndim != 2 or rows.shape[0] != len(sample_ids):
-            raise ValueError(f"rows must be [S, K] with S = {len(sample_ids)}, got {rows.shape}")
-        if len(sample_ids) > 1 and not np.all(sample_ids[1:] > sample_ids[:-1]):
-            order = np.argsort(sample_ids, kind="stable")
-            sample_ids, rows = sample_ids[order], np.asarray(rows)[order]
-            if np.any(sample_ids[1:] == sample_ids[:-1]):
-                raise ValueError("retrieved histories: sample_id values are not unique")
-        self.sample_ids = sample_ids
-        self.rows = rows
-
-    @property
-    def width(self) -> int:
-        """K, the number of row slots per sample."""
-        return self.rows.shape[1]
-
-    @classmethod
-    def load(cls, path: str | Path) -> RetrievedHistories:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{path}: no retrieved-history file; history_mode='retrieved' needs the retrieval step's "
-                "output (sample_id + rows of timeline indices), or use history_mode='recent'"
-            )
-        suffix = path.suffix
-        if suffix == ".parquet":
-            table = pq.read_table(path, columns=["sample_id", "rows"])
-            return cls(table.column("sample_id").to_numpy(), _padded_lists(table.column("rows")))
-        if suffix == ".npy":
-            arr = np.load(path, mmap_mode="r")
-            if arr.dtype.names is None or not {"sample_id", "rows"} <= set(arr.dtype.names):
-                raise ValueError(f"{path}: expected a structured array with fields sample_id and rows")
-            return cls(np.asarray(arr["sample_id"]), arr["rows"])
-        if suffix == ".npz":
-            with np.load(path) as z:
-                return cls(z["sample_id"], z["rows"])
-        raise ValueError(f"{path}: retrieved histories must be .parquet, .npy or .npz")
-
-    def lookup(self, sample_id: np.ndarray) -> np.ndarray:
-        """Rows [B, K] (int64) of the given samples; a sample missing from the file raises KeyError."""
-        pos = np.searchsorted(self.sample_ids, sample_id)
-        pos_c = np.minimum(pos, len(self.sample_ids) - 1)
-        found = (pos < len(self.sample_ids)) & (self.sample_ids[pos_c] == sample_id)
-        if not found.all():
-            missing = sample_id[~found]
-            raise KeyError(
-                f"retrieved histories lack {len(missing)} sample ids (e.g. {missing[:5].tolist()}); "
-                "was the retrieval run on this processed dataset?"
-            )
-        return np.asarray(self.rows[pos_c], dtype=np.int64)
-
-
-def _padded_lists(column: pa.ChunkedArray) -> np.ndarray:
-    """A list<int> Arrow column as int64 [S, K] padded with NO_ROW (K = longest list)."""
-    arr = column.combine_chunks()
-    if isinstance(arr, pa.FixedSizeListArray):
-        return arr.flatten().to_numpy().astype(np.int64).reshape(len(arr), arr.type.list_size)
-    lengths = pc.list_value_length(arr).fill_null(0).to_numpy().astype(np.int64)
-    values = pc.list_flatten(arr).to_numpy().astype(np.int64)
-    width = int(lengths.max()) if len(lengths) else 0
-    out = np.full((len(arr), width), NO_ROW, dtype=np.int64)
-    row = np.repeat(np.arange(len(arr)), lengths)
-    col = np.arange(len(values)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    out[row, col] = values
-    return out
 
 
 class CRMBatchLoader:
@@ -159,7 +75,9 @@ class CRMBatchLoader:
         batch_size: B, samples per batch on this rank.
         history_length: L, history positions per sample.
         history_mode: ``"recent"`` (last L before the sample) or ``"retrieved"`` (from ``retrieved``).
-        retrieved: path of a retrieval file or a :class:`RetrievedHistories`; required for ``"retrieved"``.
+        retrieved: the retrieval folder's histories (:func:`reclora_ds.data.histories.load_retrieved`);
+            required for ``"retrieved"``, and L must be one of its K values.
+        sample_ids: when given, only these samples of the split (each must be in it).
         rank, world_size: this process's place; defaults to a single process.
         shuffle: shuffle file order and rows each epoch (train); False keeps the split's order.
         seed: base of every shuffle (non-negative).
@@ -186,7 +104,8 @@ class CRMBatchLoader:
         batch_size: int,
         history_length: int = 60,
         history_mode: str = "recent",
-        retrieved: str | Path | RetrievedHistories | None = None,
+        retrieved: RetrievedHistories | None = None,
+        sample_ids: np.ndarray | None = None,
         rank: int = 0,
         world_size: int = 1,
         shuffle: bool = False,
@@ -224,7 +143,11 @@ class CRMBatchLoader:
         self._columns = list(dict.fromkeys([*SAMPLE_COLUMNS, *self.fields]))
         self.files = dataset.split_files(split)
         self._file_rows = np.array([pq.ParquetFile(f).metadata.num_rows for f in self.files], dtype=np.int64)
-        self.by_files = len(self.files) % world_size == 0
+        self._subset_rows: list[np.ndarray] | None = None  # per file: local positions of the subset's rows
+        if sample_ids is not None:
+            self._subset_rows = self._locate(np.asarray(sample_ids, dtype=np.int64))
+            self._subset_before = np.cumsum([0] + [len(r) for r in self._subset_rows])[:-1]
+        self.by_files = sample_ids is None and len(self.files) % world_size == 0
         rank_rows = [self._rows_in_files(r, range(len(self.files))) for r in range(world_size)]
         n_rank = rank_rows[rank]
         if even_batches:
@@ -239,13 +162,12 @@ class CRMBatchLoader:
         self._build_lookups()
         self._retrieved: RetrievedHistories | None = None
         if history_mode == "retrieved":
-            if retrieved is None:
+            if not isinstance(retrieved, RetrievedHistories):
                 raise ValueError(
-                    "history_mode='retrieved' needs `retrieved` (a file path or RetrievedHistories)"
+                    "history_mode='retrieved' needs `retrieved` (reclora_ds.data.histories.load_retrieved)"
                 )
-            self._retrieved = (
-                retrieved if isinstance(retrieved, RetrievedHistories) else RetrievedHistories.load(retrieved)
-            )
+            retrieved.require_k(history_length)
+            self._retrieved = retrieved
             self._check_retrieved_covers_split()
 
         self._batches_yielded = 0
@@ -278,18 +200,44 @@ class CRMBatchLoader:
         ids = np.concatenate(
             [pq.read_table(f, columns=["sample_id"]).column("sample_id").to_numpy() for f in self.files]
         )
-        self._retrieved.lookup(ids)  # raises KeyError naming missing ids
+        self._retrieved.lookup(ids, self.history_length)  # raises KeyError naming missing ids
+
+    def _locate(self, sample_ids: np.ndarray) -> list[np.ndarray]:
+        """Per file, the ascending local positions of the rows whose sample_id is in ``sample_ids``."""
+        wanted = np.unique(sample_ids)
+        found, rows = 0, []
+        for f in self.files:
+            ids = pq.read_table(f, columns=["sample_id"]).column("sample_id").to_numpy()
+            rows.append(np.flatnonzero(np.isin(ids, wanted)))
+            found += len(rows[-1])
+        if found != len(wanted):
+            raise ValueError(
+                f"{len(wanted) - found} of the {len(wanted)} requested sample ids are not in split {self.split!r}"
+            )
+        return rows
+
+    def _positions(self, file_index: int, rank: int) -> slice | np.ndarray:
+        """Local row positions of file ``file_index`` that ``rank`` reads.
+
+        Whole files per rank (``by_files``), row striding (row ``i`` of the split goes to rank ``i % W``),
+        or, for a ``sample_ids`` subset, striding over the subset's rows in split order.
+        """
+        W = self.world_size
+        if self._subset_rows is not None:
+            first = int(self._subset_before[file_index])  # the file's first subset row, in split order
+            return self._subset_rows[file_index][(rank - first) % W :: W]
+        if self.by_files:
+            return slice(None) if file_index % W == rank else slice(0, 0)
+        start = int(self._file_rows[:file_index].sum())  # the file's first row in the split
+        return slice((rank - start) % W, None, W)
 
     def _rows_in_files(self, rank: int, file_indices: Any) -> int:
         """Rows of ``rank`` within the given files (canonical file indices)."""
-        if self.by_files:
-            return int(sum(self._file_rows[f] for f in file_indices if f % self.world_size == rank))
-        return int(sum(len(self._striding(f, rank)) for f in file_indices))
-
-    def _striding(self, file_index: int, rank: int) -> range:
-        """Local row positions of file ``file_index`` that belong to ``rank`` under row striding."""
-        start = int(self._file_rows[:file_index].sum())  # the file's first row in the split
-        return range((rank - start) % self.world_size, int(self._file_rows[file_index]), self.world_size)
+        total = 0
+        for f in file_indices:
+            pos = self._positions(f, rank)
+            total += len(pos) if isinstance(pos, np.ndarray) else len(range(int(self._file_rows[f]))[pos])
+        return total
 
     # ------------------------------------------------------------------------------------------------------
     # Epochs and position
@@ -354,10 +302,9 @@ class CRMBatchLoader:
         parts: dict[str, list[np.ndarray]] = {c: [] for c in self._columns}
         for f in files:
             table = pq.read_table(self.files[f], columns=self._columns, memory_map=True)
-            keep = None if self.by_files else self._striding(f, self.rank)
+            keep = self._positions(f, self.rank)
             for c in self._columns:
-                col = table.column(c).to_numpy()
-                parts[c].append(col if keep is None else col[keep.start :: keep.step])
+                parts[c].append(table.column(c).to_numpy()[keep])
         cols = {c: np.concatenate(v) for c, v in parts.items()}
         cols["label"] = cols["label"].astype(np.float32)
         for c in ("sample_id", "hist_len", "user_index", *self.fields):
@@ -444,11 +391,8 @@ class CRMBatchLoader:
         if self.history_mode == "recent":
             rows, valid = self.dataset.timelines.recent(user, hist_len, L)
             return np.where(valid, rows, self._pad_row), valid, np.minimum(hist_len, L)
-        rows = self._retrieved.lookup(cols["sample_id"])  # [B, K], NO_ROW = empty
+        rows = self._retrieved.lookup(cols["sample_id"], L)  # [B, L], NO_ROW = empty
         valid = rows != NO_ROW
-        if rows.shape[1] > L:  # keep the first L valid entries in file (ranking) order
-            valid &= np.cumsum(valid, axis=1) <= L
-            rows = np.where(valid, rows, NO_ROW)
         start = self._offsets[user][:, None]
         outside = valid & ((rows < start) | (rows >= start + hist_len[:, None]))
         if outside.any():
@@ -457,9 +401,7 @@ class CRMBatchLoader:
                 "retrieved rows outside the sample's history (at or after the sample, or another user's) "
                 f"for sample ids {cols['sample_id'][bad[:5]].tolist()}"
             )
-        rows = np.sort(rows, axis=1)[:, -L:]  # NO_ROW (-1) sorts first: chronological, right-aligned
-        if rows.shape[1] < L:
-            rows = np.concatenate([np.full((len(rows), L - rows.shape[1]), NO_ROW), rows], axis=1)
+        rows = np.sort(rows, axis=1)  # NO_ROW (-1) sorts first: chronological, right-aligned
         valid = rows != NO_ROW
         return np.where(valid, rows, self._pad_row), valid, valid.sum(axis=1, dtype=np.int64)
 
@@ -478,3 +420,27 @@ class CRMBatchLoader:
         batch["hist_mask"] = torch.from_numpy(mask)
         batch["hist_len"] = torch.from_numpy(np.ascontiguousarray(count, dtype=np.int64))
         return batch
+
+
+def split_sample_ids(dataset: ProcessedDataset, split: str) -> np.ndarray:
+    """Every sample id of ``split``, ascending (int64)."""
+    parts = [
+        pq.read_table(f, columns=["sample_id"]).column("sample_id").to_numpy()
+        for f in dataset.split_files(split)
+    ]
+    return np.sort(np.concatenate(parts).astype(np.int64))
+
+
+def uniform_sample_ids(dataset: ProcessedDataset, split: str, n: int, seed: int) -> np.ndarray:
+    """A seeded uniform sample (without replacement) of ``n`` sample ids of ``split``, ascending.
+
+    It depends on the split's ids, ``n`` and ``seed`` only (not on ranks, shards or batch sizes), so runs on
+    any number of ranks, and different models, evaluate the same samples. ``n`` at least the split's size
+    gives the whole split.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    ids = split_sample_ids(dataset, split)
+    if n >= len(ids):
+        return ids
+    return np.sort(ids[np.random.default_rng(seed).choice(len(ids), size=n, replace=False)])

@@ -21,6 +21,7 @@ The ID view (CRM) and the text view (prompts) of a sample are joined by ``sample
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -50,6 +51,11 @@ def feature_columns(metadata: dict[str, Any]) -> list[str]:
 def shard_names(split: str, n_rows: int, shards: int) -> list[str]:
     n = max(1, min(shards, n_rows))
     return [f"{split}-{k:05d}-of-{n:05d}.parquet" for k in range(n)]
+
+
+def metadata_sha256(data_dir: str | Path) -> str:
+    """sha256 of a processed dataset's ``metadata.json`` (vocab sizes, splits, raw checksums): its identity."""
+    return hashlib.sha256((Path(data_dir) / "metadata.json").read_bytes()).hexdigest()
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:

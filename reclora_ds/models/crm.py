@@ -93,10 +93,11 @@ class CRMConfig:
     every item vector at the per-behaviour cost of the item id alone (the attention's per-behaviour
     product is D x H) and is the default: on the bundled data it scored valid AUC 0.7708 against 0.7671
     over five seeds (docs/CRM_RESULTS.md)."""
-    search: Literal["soft", "hard", "precomputed"] = "soft"
-    """SIM only. The general search unit: ``soft`` = top-K behaviours by inner product with the target
-    item's embedding, ``hard`` = the K most recent behaviours of the target's category, ``precomputed`` =
-    the batch's history is already the retrieved top-K (e.g. the semantic retrieval), no search."""
+    search: Literal["soft", "hard", "precomputed"] = "precomputed"
+    """SIM only. The general search unit: ``precomputed`` (the paper's) = no search in the model, the
+    batch's history already is the top-K of the Long-Short Modality Retriever (App. B.2: SIM and RecLoRA
+    share one retrieval); ``soft`` = top-K behaviours of the given window by inner product with the target
+    item's embedding; ``hard`` = the K most recent behaviours of the window in the target's category."""
     top_k: int = 60
     """SIM only. K, the number of behaviours the general search unit keeps (ignored by ``precomputed``)."""
 

@@ -2,7 +2,7 @@
 
 Shape legend:
     B    batch (samples)
-    L    lifelong history window given to the model (the loader's ``history_length``, e.g. a few hundred)
+    L    behaviours given to the model: the retrieved top-K (precomputed) or a recent window (soft, hard)
     K    behaviours the general search unit keeps (``top_k``, 60 in the paper)
     D    width of an item / behaviour (``E * len(behaviour_fields)``, or ``E`` with ``item_merge="sum"``)
     d_c  width of the CRM state
@@ -16,21 +16,24 @@ Two stages (Pi et al., CIKM 2020), as the paper's CRM (§3.2, §3.4):
      rating is not part of the query);
    - ``hard``: the K most recent behaviours whose category (``spec.category_field``) equals the target's;
      PAD / OOV categories match nothing, so a sample may keep fewer than K (or none);
-   - ``precomputed``: no search; the batch's history already is the retrieved top-K (the loader's
-     ``history_mode="retrieved"`` with the semantic retrieval of :mod:`reclora_ds.retrieval`, which is
-     what the paper's "retrieval consistent with RecLoRA" means).
+   - ``precomputed`` (default): no search; the batch's history already is the retrieved top-K (the loader's
+     ``history_mode="retrieved"``: the semantic retrieval of :mod:`reclora_ds.retrieval`, the same rows as
+     the prompts', which is what the paper's "retrieval consistent with RecLoRA" means).
 
    :meth:`SIM.search` returns the kept positions in chronological order (the loader's histories are oldest
    first); the forward skips that sort, since the exact search unit sums over positions.
 2. **Exact search unit** (ESU): DIN's target attention over the K kept behaviours, then the tower
    (:class:`reclora_ds.models.din.DIN`; SIM is a DIN subclass with the same parameters).
 
-Default search: ``soft``. It is SIM's learned variant and needs nothing but the ids in the batch: it
-works on every dataset whatever the quality of the category field (ML's single "first genre" is coarse,
-GoodReads shelves are noisy), it never leaves a sample with history an empty sub-history (hard search
-does when no behaviour shares the target's category), and with ``top_k >= L`` it is exactly DIN on the
-whole window. The paper's own numbers come from ``precomputed`` with the semantic retrieval; a stage
-config reproducing them selects it together with the loader's retrieved histories.
+Default search: ``precomputed``, the paper's wiring (App. B.2: "the retrieval methods in SIM, ReLLa and
+RecLoRA maintain the same"): the Long-Short Modality Retriever picks each sample's top-K from its *whole*
+prior history offline, the loader gives those K behaviours in time order (``CRMTrainConfig.history_mode =
+"retrieved"``), and the model attends over them; it is then DIN's exact search unit on the retrieved
+behaviours, and DIN on the most recent K with ``history_mode="recent"`` (the "w/o long retriever" ablation).
+``soft`` and ``hard`` are SIM's own search units over a window of the most recent L behaviours (L is the
+loader's ``history_length``; the training run logs how many samples have a longer history and lose its
+start): ``soft`` needs nothing but the ids in the batch and, with ``top_k >= L``, is exactly DIN on the
+whole window; ``hard`` leaves a sample an empty sub-history when no behaviour shares the target's category.
 
 Gradients: the selection (``topk`` indices, then ``gather`` of integer ids) is not differentiable and
 the search scores are computed under ``no_grad``: no gradient flows through which behaviours were

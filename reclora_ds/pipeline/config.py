@@ -2,16 +2,19 @@
 
 One file drives the whole run (``launch/configs/quickstart.yaml``)::
 
-    pipeline:   PipelineConfig (below): run name, ranks, launcher, which stage-2 modes, index and retrieval
+    pipeline:   PipelineConfig (below): run name, ranks, launcher, which stage-2 modes, index
     prepare:    PrepareConfig            (reclora_ds.config)
     sim:        CRMTrainConfig           (reclora_ds.config)
     embeddings: ItemEmbeddingConfig      (reclora_ds.retrieval.embeddings)
     plora:      PLoRATrainConfig         (reclora_ds.config), shared by every mode of ``pipeline.modes``
 
 Command-line overrides are dotted keys under those sections (``sim.epochs=2 plora.max_steps=10
-pipeline.nproc=1``). Paths that connect the stages (data, CRM, retrieval and output folders) are set by the
-pipeline under ``<runs_dir>/<name>/<stage>``; values given for them in the file are replaced. Every stage
-config is built and validated before the first stage starts.
+pipeline.nproc=1``). The paths that connect the stages (data, CRM, retrieval and output folders, and each
+stage-2 stage's mode) belong to the pipeline, which sets them under ``<runs_dir>/<name>/<stage>``
+(:data:`PIPELINE_OWNED`): a file or override that sets one is an error naming the key, never silently
+replaced. Modelling keys stay the user's: the retrieved K values follow ``sim.history_length`` and
+``plora.short_history_length`` (``reclora_ds.pipeline.stages.retrieval_ks``). Every stage config is built
+and validated before the first stage starts.
 """
 
 from __future__ import annotations
@@ -57,12 +60,6 @@ class PipelineConfig:
     """FAISS index type of the item index (tools/build_faiss_index.py)."""
     pca_components: int = 512
     """PCA width of the index (capped by the LLM's hidden size)."""
-    long_k: int = 60
-    """Retrieved behaviours per sample for the CRM (K_long)."""
-    short_k: int = 10
-    """Retrieved behaviours per sample for the prompt (K_short); ``plora.short_history_length``."""
-    crm_states_splits: tuple[str, ...] = ("fewshot", "test")
-    """Splits whose CRM states are stored (``crm_states/<split>.safetensors``)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -75,8 +72,6 @@ class PipelineConfig:
         bad = [m for m in self.modes if m not in MODES]
         if bad or not self.modes or len(set(self.modes)) != len(self.modes):
             problems.append(f"modes={list(self.modes)} must be distinct values of {list(MODES)}")
-        if self.long_k < 1 or self.short_k < 1:
-            problems.append("long_k and short_k must be >= 1")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -92,6 +87,19 @@ SECTIONS: dict[str, type] = {
     "sim": CRMTrainConfig,
     "embeddings": ItemEmbeddingConfig,
     "plora": PLoRATrainConfig,
+}
+
+
+# The keys the pipeline sets itself (paths between stages, the mode of each stage-2 stage).
+PIPELINE_OWNED: dict[str, tuple[str, ...]] = {
+    "prepare": ("output_dir",),
+    "sim": ("data_dir", "output_dir", "retrieval_dir"),
+    "embeddings": ("backbone",),
+    "plora": ("data_dir", "output_dir", "crm_path", "retrieval_dir", "mode"),
+}
+_OWNED_WHY = {
+    "embeddings.backbone": "the items are embedded with plora.backbone",
+    "plora.mode": "each mode of pipeline.modes is its own stage",
 }
 
 
@@ -122,6 +130,15 @@ def load_pipeline_settings(path: str | Path | None, overrides: Sequence[str] = (
         for key in data
         if key not in SECTIONS
     ]
+    for section, keys in PIPELINE_OWNED.items():
+        given = data.get(section)
+        for key in keys:
+            if isinstance(given, Mapping) and key in given:
+                name = f"{section}.{key}"
+                problems.append(
+                    f"{name} is set by the pipeline ({_OWNED_WHY.get(name, 'it connects the stages under <runs_dir>/<name>/')}); "
+                    "remove it from the file and the overrides"
+                )
     built: dict[str, Any] = {}
     for section, cls in SECTIONS.items():
         value = data.get(section) or {}

@@ -8,8 +8,9 @@ Rows of the results table (all on the test split):
   the CRM and the LLMs are compared on the same rows (modes that evaluated the same samples share one
   ``test subset`` label and one ``sim`` row).
 
-Every metric is recomputed from per-sample predictions with :mod:`reclora_ds.metrics` (AUC, log loss, and
-group AUC over users); the stage wall times come from the pipeline's records.
+Every metric is recomputed from per-sample predictions with :mod:`reclora_ds.metrics` (AUC with its 95% DeLong
+confidence interval, log loss, and group AUC over users); the stage wall times come from the pipeline's
+records. Rows with the same ``eval_set`` were scored on the same sample ids; compare only those.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from reclora_ds.pipeline.config import PipelineSettings
 
 log = logging.getLogger(__name__)
 
-METRICS = ("auc", "logloss", "gauc")
+METRICS = ("auc", "auc_low", "auc_high", "logloss", "gauc")
 
 
 def _metrics(labels: np.ndarray, probs: np.ndarray, users: np.ndarray) -> dict[str, float]:
@@ -75,7 +76,8 @@ def stage_times(run_dir: Path) -> list[dict[str, Any]]:
     """Wall time of every finished stage, in pipeline order of their start."""
     records = [json.loads(p.read_text()) for p in (run_dir / "_pipeline").glob("*.json")]
     done = [r for r in records if r.get("status") == "done"]
-    return [{"stage": r["stage"], "wall_s": r["wall_s"]} for r in sorted(done, key=lambda r: r["started"])]
+    order = sorted(done, key=lambda r: (r["started"], r["finished"]))  # second resolution: ties by end
+    return [{"stage": r["stage"], "wall_s": r["wall_s"]} for r in order]
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -94,7 +96,9 @@ def _plot(path: Path, rows: list[dict[str, Any]], times: list[dict[str, Any]], t
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     labels = [f"{r['model']}\n{r['eval_set']}" for r in rows]
     x = np.arange(len(rows))
-    ax1.bar(x - 0.2, [r["auc"] for r in rows], 0.4, label="AUC")
+    auc = np.array([r["auc"] for r in rows])
+    ci = np.array([[a - r["auc_low"], r["auc_high"] - a] for a, r in zip(auc, rows)]).T  # [2, rows]
+    ax1.bar(x - 0.2, auc, 0.4, yerr=ci, capsize=3, label="AUC (95% CI)")
     ax1.bar(x + 0.2, [r["gauc"] for r in rows], 0.4, label="group AUC")
     ax1.set_xticks(x, labels, fontsize=7)
     ax1.set_ylim(0.4, 1.0)
@@ -121,10 +125,11 @@ def write_report(run_dir: str | Path, settings: PipelineSettings) -> Path:
     p = settings.pipeline
     _plot(run_dir / "results.png", rows, times, f"reclora_ds pipeline {p.name}")
     table = [
-        "| model | evaluated on | n | AUC | log loss | group AUC |",
-        "|---|---|---:|---:|---:|---:|",
+        "| model | evaluated on | n | AUC | AUC 95% CI | log loss | group AUC |",
+        "|---|---|---:|---:|---|---:|---:|",
         *[
-            f"| {r['model']} | {r['eval_set']} | {int(r['n'])} | {r['auc']:.4f} | {r['logloss']:.4f} | {r['gauc']:.4f} |"
+            f"| {r['model']} | {r['eval_set']} | {int(r['n'])} | {r['auc']:.4f} | "
+            f"[{r['auc_low']:.4f}, {r['auc_high']:.4f}] | {r['logloss']:.4f} | {r['gauc']:.4f} |"
             for r in rows
         ],
     ]
@@ -136,6 +141,9 @@ def write_report(run_dir: str | Path, settings: PipelineSettings) -> Path:
         f"`{settings.plora.train_split}` ({settings.plora.max_steps or 'all'} steps, batch {settings.plora.batch_size}).",
         "",
         *table,
+        "",
+        "AUC intervals: DeLong's variance, normal approximation. Compare rows of the same `evaluated on` set "
+        "only (the same sample ids); a difference inside the intervals is within noise.",
         "",
         "| stage | wall time (s) |",
         "|---|---:|",

@@ -1,6 +1,9 @@
 """The stages of the main job, in order, each as commands over the project's own entry points.
 
-    prepare -> backbone -> sim -> embeddings -> index -> retrieval -> crm_states -> <modes> -> report
+    prepare -> backbone -> embeddings -> index -> retrieval -> sim -> <modes> -> report
+
+The CRM (``sim``) trains on the retrieval's output (the paper's wiring, App. B.2: SIM and RecLoRA share one
+retrieval over the whole lifelong history), and stage 2 feeds the frozen CRM the same rows.
 
 Each :class:`Stage` knows its output folder (``<runs_dir>/<name>/<stage>``), the stages it reads, the
 resolved settings that shape its output (hashed by :mod:`reclora_ds.pipeline.runner`, together with its
@@ -107,16 +110,47 @@ def _yaml(section: str | None, cfg: Any) -> str:
     return yaml.safe_dump({section: data} if section else data, sort_keys=False)
 
 
+def retrieval_ks(settings: PipelineSettings) -> tuple[int, ...]:
+    """The K values the retrieval stage must produce: those its readers ask for (descending).
+
+    The CRM's ``sim.history_length`` when it trains on retrieved histories, the prompt's
+    ``plora.short_history_length`` when the prompt is retrieved, and ``plora.long_history_length`` when
+    stage 2 gives the CRM retrieved histories of another length. Empty: no stage reads a retrieval (the
+    "w/o long-short retriever" ablation), and the embeddings, index and retrieval stages are left out.
+    """
+    sim, plora = settings.sim, settings.plora
+    ks = set()
+    if sim.history_mode == "retrieved":
+        ks.add(sim.history_length)
+    if plora.short_history == "retrieved":
+        ks.add(plora.short_history_length)
+    if plora.long_history == "retrieved" or (plora.long_history == "auto" and plora.long_history_length):
+        crm_mode = sim.history_mode if plora.long_history == "auto" else "retrieved"
+        if crm_mode == "retrieved":
+            ks.add(plora.long_history_length or sim.history_length)
+    return tuple(sorted(ks, reverse=True))
+
+
 def build_stages(settings: PipelineSettings, run_report: Callable[[], None] | None = None) -> list[Stage]:
-    """The stages of ``settings``, with every connecting path filled in (configs are copied, not changed)."""
+    """The stages of ``settings``, with every connecting path filled in (configs are copied, not changed).
+
+    Order: prepare, backbone, embeddings, index, retrieval (when a K is read, :func:`retrieval_ks`), the CRM
+    (``sim``, on the retrieval's ``rows_k<L>`` by default), one stage per ``pipeline.modes``, report.
+    """
     p = settings.pipeline
     run = p.run_dir
-    d = {name: run / name for name in ("prepare", "sim", "embeddings", "index", "retrieval", "crm_states")}
+    d = {name: run / name for name in ("prepare", "sim", "embeddings", "index", "retrieval")}
+    ks = retrieval_ks(settings)
+    retrieval = ("retrieval",) if ks else ()
 
     prepare = dataclasses.replace(settings.prepare, output_dir=str(d["prepare"]))
-    sim = dataclasses.replace(settings.sim, data_dir=str(d["prepare"]), output_dir=str(d["sim"]))
+    sim = dataclasses.replace(
+        settings.sim,
+        data_dir=str(d["prepare"]),
+        output_dir=str(d["sim"]),
+        retrieval_dir=str(d["retrieval"]) if settings.sim.history_mode == "retrieved" else "",
+    )
     embeddings = dataclasses.replace(settings.embeddings, backbone=settings.plora.backbone)
-    retrieved = d["retrieval"]
     stages = [
         Stage(
             "prepare",
@@ -135,70 +169,61 @@ def build_stages(settings: PipelineSettings, run_report: Callable[[], None] | No
             else [],
             fingerprint=lambda: backbone_fingerprint(settings.plora.backbone),
         ),
+    ]
+    if ks:
+        stages += [
+            Stage(
+                "embeddings",
+                ("prepare", "backbone"),
+                {"embeddings": config_to_dict(embeddings)},
+                [
+                    Command(
+                        str(ROOT / "tools" / "extract_item_embeddings.py"),
+                        ["--dataset", str(d["prepare"]), "--out", str(d["embeddings"]), *_as_overrides(embeddings)],
+                        "torchrun",
+                    )
+                ],
+            ),
+            Stage(
+                "index",
+                ("prepare", "embeddings"),
+                {"kind": p.index_kind, "pca_components": p.pca_components},
+                [
+                    Command(
+                        str(ROOT / "tools" / "build_faiss_index.py"),
+                        [
+                            "--embeddings", str(d["embeddings"]), "--out", str(d["index"]),
+                            "--processed", str(d["prepare"]), "--kind", p.index_kind,
+                            "--pca-components", str(p.pca_components),
+                        ],
+                    )
+                ],
+            ),
+            Stage(
+                "retrieval",
+                ("prepare", "index"),
+                {"ks": list(ks)},
+                [
+                    Command(
+                        str(ROOT / "tools" / "retrieve_histories.py"),
+                        [
+                            "--processed", str(d["prepare"]), "--index", str(d["index"]),
+                            "--ks", *map(str, ks), "--out", str(d["retrieval"]),
+                        ],
+                    )
+                ],
+            ),
+        ]  # fmt: skip
+    crm_inputs = ("prepare", "retrieval") if settings.sim.history_mode == "retrieved" else ("prepare",)
+    stages.append(
         Stage(
             "sim",
-            ("prepare",),
+            crm_inputs,
             {"sim": config_to_dict(sim)},
             [Command(str(ROOT / "launch" / "train_sim.py"), ["--config", str(d["sim"] / CONFIG_FILE)], "torchrun")],
             {CONFIG_FILE: _yaml(None, sim)},
-        ),
-        Stage(
-            "embeddings",
-            ("prepare", "backbone"),
-            {"embeddings": config_to_dict(embeddings)},
-            [
-                Command(
-                    str(ROOT / "tools" / "extract_item_embeddings.py"),
-                    ["--dataset", str(d["prepare"]), "--out", str(d["embeddings"]), *_as_overrides(embeddings)],
-                    "torchrun",
-                )
-            ],
-        ),
-        Stage(
-            "index",
-            ("prepare", "embeddings"),
-            {"kind": p.index_kind, "pca_components": p.pca_components},
-            [
-                Command(
-                    str(ROOT / "tools" / "build_faiss_index.py"),
-                    [
-                        "--embeddings", str(d["embeddings"]), "--out", str(d["index"]),
-                        "--processed", str(d["prepare"]), "--kind", p.index_kind,
-                        "--pca-components", str(p.pca_components),
-                    ],
-                )
-            ],
-        ),
-        Stage(
-            "retrieval",
-            ("prepare", "index"),
-            {"ks": [p.long_k, p.short_k]},
-            [
-                Command(
-                    str(ROOT / "tools" / "retrieve_histories.py"),
-                    [
-                        "--processed", str(d["prepare"]), "--index", str(d["index"]),
-                        "--ks", str(p.long_k), str(p.short_k), "--out", str(retrieved),
-                    ],
-                )
-            ],
-        ),
-        Stage(
-            "crm_states",
-            ("prepare", "sim"),
-            {"splits": list(p.crm_states_splits)},
-            [
-                Command(
-                    str(ROOT / "tools" / "compute_crm_states.py"),
-                    [
-                        "--checkpoint", str(d["sim"]), "--data", str(d["prepare"]), "--split", split,
-                        "--out", str(d["crm_states"] / f"{split}.safetensors"),
-                    ],
-                )
-                for split in p.crm_states_splits
-            ],
-        ),
-    ]  # fmt: skip
+        )
+    )  # fmt: skip
     for mode in p.modes:
         cfg = dataclasses.replace(
             settings.plora,
@@ -206,14 +231,12 @@ def build_stages(settings: PipelineSettings, run_report: Callable[[], None] | No
             data_dir=str(d["prepare"]),
             output_dir=str(run / mode),
             crm_path=str(d["sim"]),
-            short_history="retrieved",
-            short_history_length=p.short_k,
-            retrieval_dir=str(retrieved),
+            retrieval_dir=str(d["retrieval"]) if ks else "",
         )
         stages.append(
             Stage(
                 mode,
-                ("prepare", "backbone", "sim", "retrieval"),
+                ("prepare", "backbone", "sim", *retrieval),
                 {"plora": config_to_dict(cfg)},
                 [Command(str(ROOT / "launch" / "train_plora.py"), ["--config", str(run / mode / CONFIG_FILE)], "deepspeed")],
                 {CONFIG_FILE: _yaml("plora", cfg)},

@@ -1,5 +1,6 @@
 """Item embeddings -> PCA -> FAISS index (``index``), and the Long-Short Modality Retriever (``retriever``)."""
 
+from reclora_ds.data.histories import RetrievedHistories, load_retrieved
 from reclora_ds.retrieval.index import (
     PCA,
     ItemEmbeddings,
@@ -17,8 +18,6 @@ from reclora_ds.retrieval.index import (
 from reclora_ds.retrieval.retriever import (
     K_LONG,
     K_SHORT,
-    RetrievedHistories,
-    load_retrieved,
     retrieve_histories,
     retrieve_rows,
 )

@@ -8,12 +8,9 @@ rows are re-sorted into chronological order. ``K_long = 60`` feeds the CRM, ``K_
 
 Output: **timeline row indices** (rows of ``timelines.parquet``, so both the item and the rating of each
 behaviour can be looked up), int32 ``[n_samples, K]``, valid rows first and oldest first, padded with -1
-when the history is shorter than K. On disk, beside the processed dataset::
-
-    retrieved/<mode>/sample_ids.npy      int64 [S], ascending (train, valid, test are contiguous ranges)
-    retrieved/<mode>/rows_k60.npy        int32 [S, 60], row i belongs to sample_ids[i]
-    retrieved/<mode>/rows_k10.npy        int32 [S, 10]
-    retrieved/<mode>/retrieval.json      K list, mode, index and dataset-metadata checksums (written last)
+when the history is shorter than K, in the retrieval folder format of :mod:`reclora_ds.data.histories`
+(``sample_ids.npy``, ``rows_k<K>.npy`` per K, ``retrieval.json`` written last), by default
+``<processed>/retrieved/<mode>/``. Every reader opens it with :func:`reclora_ds.data.histories.load_retrieved`.
 
 The work per user grows with the square of the history length. The engine scores a user's samples at once
 as one causal block of the Gram matrix ``S[p, j] = <e(row p), e(row j)>`` for target positions ``p`` and
@@ -39,12 +36,20 @@ import numpy as np
 import torch
 
 from reclora_ds import __version__
+from reclora_ds.data.histories import (
+    FORMAT_VERSION,
+    NO_ROW,
+    RETRIEVAL_MODES,
+    SAMPLE_IDS_FILE,
+    SIDECAR_FILE,
+    rows_file,
+)
+from reclora_ds.data.processed import metadata_sha256
 from reclora_ds.retrieval.index import (
     LoadedIndex,
     RetrievalInputError,
     load_index,
     on_score_grid,
-    sha256_file,
     write_atomic,
 )
 
@@ -53,8 +58,7 @@ log = logging.getLogger(__name__)
 K_LONG = 60  # CRM history (paper §3.4 / reclora-facts §5)
 K_SHORT = 10  # prompt history
 DEFAULT_KS = (K_LONG, K_SHORT)
-MODES = ("similarity", "recent")
-RETRIEVAL_FORMAT_VERSION = 1
+MODES = RETRIEVAL_MODES
 SAMPLE_SPLITS = ("train", "valid", "test")  # fewshot is a subset of train
 DEFAULT_BLOCK_ELEMENTS = 1 << 23  # scores per block: 32 MiB of float32
 DEFAULT_GATHER_ELEMENTS = 1 << 25  # gathered vector floats per block: 128 MiB
@@ -101,7 +105,7 @@ def _fill_recent(
         h = hist_len[s : s + _RECENT_CHUNK].astype(np.int64)
         n_valid = np.minimum(h, k)
         first = base[s : s + _RECENT_CHUNK] + h - n_valid  # [B]
-        rows = np.where(j < n_valid[:, None], first[:, None] + j, -1).astype(np.int32)
+        rows = np.where(j < n_valid[:, None], first[:, None] + j, NO_ROW).astype(np.int32)
         if dest is None:
             out[s : s + len(rows)] = rows
         else:
@@ -418,7 +422,7 @@ def _select_and_write(
         else:
             top = cand_p
         top = np.sort(np.where(top < 0, _PAD_LAST, top), axis=1)  # chronological, padding last
-        out[k][dest] = np.where(top == _PAD_LAST, -1, row_base + top).astype(np.int32)
+        out[k][dest] = np.where(top == _PAD_LAST, NO_ROW, row_base + top).astype(np.int32)
     stats.computed += g * rm * cm
     stats.seconds["select"] += t1 - t0
     stats.seconds["write"] += time.perf_counter() - t1
@@ -456,10 +460,6 @@ def read_samples(ds) -> SampleIndex:
             "re-run prepare"
         )
     return s
-
-
-def metadata_sha256(ds) -> str:
-    return sha256_file(Path(ds.path) / "metadata.json")
 
 
 @dataclass
@@ -546,8 +546,8 @@ def retrieve_histories(
     n = len(samples.sample_id)
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "retrieval.json").unlink(missing_ok=True)  # the old sidecar must not vouch for new files
-    files = {k: f"rows_k{k}.npy" for k in ks}
+    (out / SIDECAR_FILE).unlink(missing_ok=True)  # the old sidecar must not vouch for new files
+    files = {k: rows_file(k) for k in ks}
     arrays = {
         k: np.lib.format.open_memmap(out / (name + ".tmp"), mode="w+", dtype=np.int32, shape=(n, k))
         for k, name in files.items()
@@ -579,10 +579,10 @@ def retrieve_histories(
     arrays.clear()
     for name in files.values():
         os.replace(out / (name + ".tmp"), out / name)
-    np.save(out / "sample_ids.npy.tmp.npy", samples.sample_id)
-    os.replace(out / "sample_ids.npy.tmp.npy", out / "sample_ids.npy")
+    np.save(out / (SAMPLE_IDS_FILE + ".tmp.npy"), samples.sample_id)
+    os.replace(out / (SAMPLE_IDS_FILE + ".tmp.npy"), out / SAMPLE_IDS_FILE)
     meta = {
-        "format_version": RETRIEVAL_FORMAT_VERSION,
+        "format_version": FORMAT_VERSION,
         "reclora_ds_version": __version__,
         "mode": mode,
         "ks": list(ks),
@@ -593,100 +593,12 @@ def retrieve_histories(
         "index": index_info,
         "dataset": {
             "path": str(ds.path),
-            "metadata_sha256": metadata_sha256(ds),
+            "metadata_sha256": metadata_sha256(ds.path),
             "config": ds.metadata.get("config"),
             "counts": ds.metadata.get("counts"),
         },
         "engine": stats.as_dict(),
         "timings_s": {"total": time.perf_counter() - t_start, "peak_rss_mib": _peak_rss_mib()},
     }
-    write_atomic(out / "retrieval.json", json.dumps(meta, indent=2))
+    write_atomic(out / SIDECAR_FILE, json.dumps(meta, indent=2))
     return RetrievalResult(out, meta)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Loading
-# ----------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class RetrievedHistories:
-    """Retrieved rows joined by ``sample_id``; arrays are memory-mapped."""
-
-    sample_ids: np.ndarray  # int64 [S] ascending
-    rows: dict[int, np.ndarray]  # k -> int32 [S, k]
-    meta: dict[str, Any]
-
-    def lookup(self, sample_ids: np.ndarray, k: int) -> np.ndarray:
-        """Rows [B, k] for the given sample ids (KeyError for unknown ids)."""
-        if k not in self.rows:
-            raise KeyError(f"K={k} not retrieved; available: {sorted(self.rows)}")
-        wanted = np.asarray(sample_ids, dtype=np.int64)
-        pos = np.searchsorted(self.sample_ids, wanted)
-        found = (pos < len(self.sample_ids)) & (
-            self.sample_ids[np.minimum(pos, len(self.sample_ids) - 1)] == wanted
-        )
-        if not found.all():
-            raise KeyError(f"sample ids without retrieved histories: {wanted[~found][:10].tolist()}")
-        return np.asarray(self.rows[k][pos])
-
-
-def _config_diff(a: dict | None, b: dict | None) -> str:
-    a, b = a or {}, b or {}
-    diffs = [
-        f"{key}: {a.get(key)!r} -> {b.get(key)!r}"
-        for key in sorted(set(a) | set(b))
-        if a.get(key) != b.get(key)
-    ]
-    return "; ".join(diffs) if diffs else "configs equal (the raw data or the code changed)"
-
-
-def load_retrieved(
-    processed: str | Path,
-    mode: str = "similarity",
-    out_dir: str | Path | None = None,
-    index: str | Path | LoadedIndex | None = None,
-) -> RetrievedHistories:
-    """Open retrieved histories and check they belong to this processed dataset (and index, when given)."""
-    from reclora_ds.data.processed import ProcessedDataset
-
-    ds = ProcessedDataset(processed)
-    d = Path(out_dir) if out_dir else default_out_dir(ds.path, mode)
-    side = d / "retrieval.json"
-    if not side.is_file():
-        raise RetrievalInputError(f"{side}: missing; run tools/retrieve_histories.py --processed {ds.path}")
-    meta = json.loads(side.read_text())
-    if meta.get("format_version") != RETRIEVAL_FORMAT_VERSION:
-        raise RetrievalInputError(
-            f"{side}: format_version {meta.get('format_version')}, expected {RETRIEVAL_FORMAT_VERSION}"
-        )
-    if meta["mode"] != mode:
-        raise RetrievalInputError(f"{side}: holds mode {meta['mode']!r}, asked for {mode!r}")
-    current = metadata_sha256(ds)
-    if meta["dataset"]["metadata_sha256"] != current:
-        raise RetrievalInputError(
-            f"{d}: retrieved for a dataset whose metadata.json has sha256 {meta['dataset']['metadata_sha256']}, "
-            f"but {ds.path} has {current} (prepared with another config or other raw data: "
-            f"{_config_diff(meta['dataset'].get('config'), ds.metadata.get('config'))}); re-run retrieval"
-        )
-    if index is not None:
-        loaded = index if isinstance(index, LoadedIndex) else load_index(index)
-        recorded = (meta.get("index") or {}).get("sha256")
-        if recorded != loaded.sha256:
-            raise RetrievalInputError(
-                f"{d}: retrieved with index sha256 {recorded}, but {loaded.path} has {loaded.sha256}; re-run retrieval"
-            )
-    sample_ids = np.load(d / "sample_ids.npy")
-    rows = {}
-    for k, info in meta["outputs"].items():
-        arr = np.load(d / info["file"], mmap_mode="r")
-        if arr.shape != (len(sample_ids), int(k)) or arr.dtype != np.int32:
-            raise RetrievalInputError(
-                f"{d / info['file']}: {arr.dtype} {arr.shape}, expected int32 {[len(sample_ids), int(k)]}"
-            )
-        rows[int(k)] = arr
-    if len(sample_ids) != meta["n_samples"]:
-        raise RetrievalInputError(
-            f"{d}: sample_ids.npy has {len(sample_ids)} entries, sidecar {meta['n_samples']}"
-        )
-    return RetrievedHistories(sample_ids=sample_ids, rows=rows, meta=meta)

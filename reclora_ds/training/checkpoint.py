@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import random
@@ -39,6 +38,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from reclora_ds import cpu_kernels
+from reclora_ds.data.histories import load_retrieved
 from reclora_ds.models.crm import CRMConfig, FeatureSpec, FieldSpec
 from reclora_ds.models.registry import build_crm
 
@@ -63,7 +63,9 @@ class CRMCheckpointInfo:
         config: the CRMConfig the model was built with.
         feature_spec: the fields and vocabulary sizes of the processed dataset it was trained on.
         hidden_dim: d_c, the width of the CRM state.
-        history_mode, history_length, retrieved_path: the loader settings of its batches.
+        history_mode, history_length: the loader settings of its batches.
+        retrieval_dir, retrieval_sha256: for ``retrieved`` histories, the retrieval folder it was trained on
+            and its sidecar's checksum (:meth:`history_loader_kwargs` refuses another retrieval).
         dataset: ``{"name", "data_dir", "metadata_sha256"}`` of the processed dataset.
         step, epoch: training position when it was saved.
         metrics: validation metrics at that point (empty when none yet).
@@ -76,12 +78,28 @@ class CRMCheckpointInfo:
     hidden_dim: int
     history_mode: str
     history_length: int
-    retrieved_path: str = ""
+    retrieval_dir: str = ""
+    retrieval_sha256: str = ""
     dataset: dict[str, str] = dataclasses.field(default_factory=dict)
     step: int = 0
     epoch: int = 0
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     train_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def history_loader_kwargs(self, dataset_dir: str | Path) -> dict[str, Any]:
+        """The :class:`~reclora_ds.data.loader.CRMBatchLoader` history settings of the CRM's training
+        batches: ``history_mode``, ``history_length`` and, for ``retrieved``, the very retrieval it was
+        trained on (opened, checked against ``dataset_dir`` and the recorded sidecar checksum)."""
+        kwargs: dict[str, Any] = {"history_mode": self.history_mode, "history_length": self.history_length}
+        if self.history_mode == "retrieved":
+            retrieved = load_retrieved(self.retrieval_dir, dataset_dir)
+            if self.retrieval_sha256 and retrieved.sidecar_sha256 != self.retrieval_sha256:
+                raise CheckpointError(
+                    f"{self.retrieval_dir} is not the retrieval this CRM was trained on (its retrieval.json "
+                    "changed since: the retrieval was re-run); retrain the CRM on it"
+                )
+            kwargs["retrieved"] = retrieved
+        return kwargs
 
     def to_dict(self) -> dict[str, Any]:
         spec = self.feature_spec
@@ -99,7 +117,8 @@ class CRMCheckpointInfo:
             "history": {
                 "mode": self.history_mode,
                 "length": self.history_length,
-                "retrieved_path": self.retrieved_path,
+                "retrieval_dir": self.retrieval_dir,
+                "retrieval_sha256": self.retrieval_sha256,
             },
             "dataset": dict(self.dataset),
             "step": self.step,
@@ -124,6 +143,11 @@ class CRMCheckpointInfo:
             rating_vocab_size=int(spec["rating_vocab_size"]),
         )
         history = data["history"]
+        if history["mode"] == "retrieved" and "retrieval_dir" not in history:
+            raise CheckpointError(
+                "this CRM was trained on a retrieved-history file of an older reclora_ds (history.retrieved_path); "
+                "retrain it on a retrieval folder"
+            )
         # Checkpoints written before CRMConfig.item_merge existed concatenated the item fields.
         crm_config = {"item_merge": "concat", **data["crm_config"]}
         return cls(
@@ -133,7 +157,8 @@ class CRMCheckpointInfo:
             hidden_dim=int(data["hidden_dim"]),
             history_mode=history["mode"],
             history_length=int(history["length"]),
-            retrieved_path=history.get("retrieved_path", ""),
+            retrieval_dir=history.get("retrieval_dir", ""),
+            retrieval_sha256=history.get("retrieval_sha256", ""),
             dataset=dict(data.get("dataset", {})),
             step=int(data.get("step", 0)),
             epoch=int(data.get("epoch", 0)),
@@ -148,11 +173,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value
-
-
-def metadata_sha256(data_dir: str | Path) -> str:
-    """sha256 of a processed dataset's ``metadata.json`` (vocab sizes, splits, raw checksums): its identity."""
-    return hashlib.sha256((Path(data_dir) / "metadata.json").read_bytes()).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------------

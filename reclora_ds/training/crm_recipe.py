@@ -69,8 +69,9 @@ from reclora_ds import cpu_kernels
 from reclora_ds import distributed as dist_utils
 from reclora_ds.config import CRMTrainConfig, config_to_dict, save_config
 from reclora_ds.cpu_allocator import keep_freed_memory
+from reclora_ds.data.histories import RetrievedHistories, load_retrieved
 from reclora_ds.data.loader import CRMBatchLoader
-from reclora_ds.data.processed import ProcessedDataset
+from reclora_ds.data.processed import ProcessedDataset, metadata_sha256
 from reclora_ds.metrics import evaluate_predictions
 from reclora_ds.models.crm import CRMConfig, FeatureSpec
 from reclora_ds.models.registry import build_crm
@@ -81,7 +82,6 @@ from reclora_ds.training.checkpoint import (
     checkpoint_exists,
     load_trainer_state,
     load_weights,
-    metadata_sha256,
     resolve_checkpoint,
     rng_state,
     save_crm_checkpoint,
@@ -93,7 +93,7 @@ log = logging.getLogger(__name__)
 
 # Settings that fix the model or the order of the data: a resume with other values would not continue
 # the same run, so it is refused.
-RESUME_MUST_MATCH = ("model", "crm", "history_mode", "history_length", "retrieved_path", "batch_size", "seed")
+RESUME_MUST_MATCH = ("model", "crm", "history_mode", "history_length", "retrieval_dir", "batch_size", "seed")
 EVAL_SPLITS = ("valid", "test")
 
 
@@ -178,10 +178,45 @@ def per_rank_batch(global_batch: int, world_size: int, what: str = "batch_size")
     return global_batch // world_size
 
 
+def open_retrieval(cfg: CRMTrainConfig) -> RetrievedHistories | None:
+    """The retrieval folder of ``history_mode=retrieved`` (checked against the dataset and L), else None."""
+    if cfg.history_mode != "retrieved":
+        return None
+    retrieved = load_retrieved(cfg.retrieval_dir, cfg.data_dir)
+    retrieved.require_k(cfg.history_length)
+    return retrieved
+
+
+def history_coverage(dataset: ProcessedDataset, length: int) -> dict[str, dict[str, float]]:
+    """Per split, how many samples have more prior behaviours than the ``length`` the CRM is given.
+
+    ``{split: {"samples", "longer", "longer_fraction", "max_hist_len"}}``: with recent histories the older
+    behaviours of the ``longer`` samples are cut off (truncated); with retrieved ones they are the samples
+    whose L behaviours are a selection out of more.
+    """
+    out = {}
+    for split in ("train", *EVAL_SPLITS):
+        h = dataset.read_split(split, ["hist_len"]).column("hist_len").to_numpy()
+        longer = int((h > length).sum())
+        out[split] = {
+            "samples": len(h),
+            "longer": longer,
+            "longer_fraction": longer / max(1, len(h)),
+            "max_hist_len": int(h.max()) if len(h) else 0,
+        }
+    return out
+
+
 def build_loader(
-    cfg: CRMTrainConfig, dataset: ProcessedDataset, split: str, info: dist_utils.DistInfo
+    cfg: CRMTrainConfig,
+    dataset: ProcessedDataset,
+    split: str,
+    info: dist_utils.DistInfo,
+    retrieved: RetrievedHistories | None = None,
 ) -> CRMBatchLoader:
-    """This rank's loader of ``split``: shuffled with full batches for train, in order with padding for eval."""
+    """This rank's loader of ``split``: shuffled with full batches for train, in order with padding for eval.
+
+    ``retrieved``: the opened retrieval folder for ``history_mode=retrieved`` (:func:`open_retrieval`)."""
     train = split == "train"
     batch = (
         per_rank_batch(cfg.batch_size, info.world_size)
@@ -194,7 +229,7 @@ def build_loader(
         batch,
         history_length=cfg.history_length,
         history_mode=cfg.history_mode,
-        retrieved=cfg.retrieved_path or None,
+        retrieved=retrieved if retrieved is not None else open_retrieval(cfg),
         rank=info.rank,
         world_size=info.world_size,
         shuffle=train,
@@ -328,10 +363,25 @@ class CRMRecipe:
         self.model = build_crm(cfg.model, crm_config(cfg), self.spec).to(self.device)
         torch.manual_seed(cfg.seed + self.info.rank)  # dropout masks differ between ranks
 
-        self.train_loader = build_loader(cfg, self.dataset, "train", self.info)
+        self.retrieved = open_retrieval(cfg)
+        self.train_loader = build_loader(cfg, self.dataset, "train", self.info, self.retrieved)
         self.eval_loaders = {
-            split: build_loader(cfg, self.dataset, split, self.info) for split in EVAL_SPLITS
+            split: build_loader(cfg, self.dataset, split, self.info, self.retrieved) for split in EVAL_SPLITS
         }
+        self.coverage = history_coverage(self.dataset, cfg.history_length)
+        train = self.coverage["train"]
+        log.info(
+            "%s histories of length %d%s: %s of %s training samples (%.1f%%) have a longer history%s",
+            cfg.history_mode,
+            cfg.history_length,
+            f" from {cfg.retrieval_dir}" if self.retrieved is not None else "",
+            f"{train['longer']:,}",
+            f"{train['samples']:,}",
+            100 * train["longer_fraction"],
+            " (the retrieval selects from their whole history)"
+            if self.retrieved is not None
+            else " and are truncated to their most recent behaviours",
+        )
         self._users = {split: self._user_lookup(split) for split in EVAL_SPLITS}
         steps_per_epoch = len(self.train_loader)
         if steps_per_epoch == 0:
@@ -534,7 +584,8 @@ class CRMRecipe:
             hidden_dim=self.model.hidden_dim,
             history_mode=cfg.history_mode,
             history_length=cfg.history_length,
-            retrieved_path=str(Path(cfg.retrieved_path).resolve()) if cfg.retrieved_path else "",
+            retrieval_dir=str(Path(cfg.retrieval_dir).resolve()) if self.retrieved is not None else "",
+            retrieval_sha256=self.retrieved.sidecar_sha256 if self.retrieved is not None else "",
             dataset={
                 "name": self.dataset.metadata["dataset"],
                 "data_dir": str(Path(cfg.data_dir).resolve()),
@@ -581,6 +632,12 @@ class CRMRecipe:
             "stopped_early": state.bad_epochs >= self.cfg.patience,
             "best": {"epoch": state.best_epoch, "step": state.best_step, "valid_auc": state.best_auc},
             "valid": state.history,
+            "history": {
+                "mode": self.cfg.history_mode,
+                "length": self.cfg.history_length,
+                "retrieval_dir": self.cfg.retrieval_dir if self.retrieved is not None else "",
+                "samples_with_longer_history": self.coverage,
+            },
         }
         if test is not None:
             result["test"] = test

@@ -2,7 +2,7 @@
 
 The PLoRA gates read the CRM state of each sample (reclora-facts section 1). This module computes it with
 the best stage-1 checkpoint, batched, in eval mode (no dropout) under ``torch.no_grad``, with the same
-history the CRM was trained on (``crm.json``: history mode and length, retrieval file), for a whole
+history the CRM was trained on (``crm.json``: history mode and length, retrieval folder), for a whole
 split (``split="fewshot"`` for the LLM's training subset, ``"test"``) or for given ``sample_ids``.
 Two calls with the same arguments return identical arrays.
 
@@ -33,8 +33,8 @@ from torch import nn
 
 from reclora_ds.data.loader import SAMPLE_COLUMNS, CRMBatchLoader
 from reclora_ds.data.preprocess import SPLITS
-from reclora_ds.data.processed import ProcessedDataset, feature_columns
-from reclora_ds.training.checkpoint import CRMCheckpointInfo, load_crm, metadata_sha256
+from reclora_ds.data.processed import ProcessedDataset, feature_columns, metadata_sha256
+from reclora_ds.training.checkpoint import CRMCheckpointInfo, load_crm
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +139,7 @@ def compute_crm_outputs(
         dataset,
         split or "test",
         batch_size,
-        history_length=info.history_length,
-        history_mode=info.history_mode,
-        retrieved=info.retrieved_path or None,
+        **info.history_loader_kwargs(dataset.path),
         shuffle=False,
         drop_last=False,
         even_batches=False,

@@ -13,7 +13,7 @@ categorical field, ``hist_*`` [B, L]: the CRM's long history, recent or retrieve
     user_index       int64 [B]      dense user index (GAUC groups)
 
 Both views are built in :meth:`PLoRABatchLoader.assemble` from the same sample rows, and the text view is
-looked up by ``sample_id``: the short retrieved history by sample id in the retrieval output, the profile
+looked up by ``sample_id``: the short retrieved history in the retrieval folder (its ``rows_k<K>``), the profile
 by user, the target and history titles by item. Everything about ranks, epochs and resuming is the
 CRMBatchLoader's: per-rank disjoint shard files, a seeded shuffle per epoch, even batches across ranks,
 ``state_dict()`` / ``load_state_dict()`` for an exact resume position.
@@ -21,7 +21,7 @@ CRMBatchLoader's: per-rank disjoint shard files, a seeded shuffle per epoch, eve
 
 from __future__ import annotations
 
-import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -29,42 +29,66 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from reclora_ds.data.loader import NO_ROW, CRMBatchLoader, RetrievedHistories
+from reclora_ds.config import PLoRATrainConfig
+from reclora_ds.data.histories import NO_ROW, RetrievedHistories, load_retrieved
+from reclora_ds.data.loader import CRMBatchLoader
 from reclora_ds.data.processed import ProcessedDataset
 from reclora_ds.data.prompts import PromptEncoder, TextView
 from reclora_ds.data.text import ml1m_profile
+from reclora_ds.training.checkpoint import CRMCheckpointInfo
+
+log = logging.getLogger(__name__)
 
 SHORT_HISTORY_MODES = ("recent", "retrieved")
 DEFAULT_SHORT_HISTORY = 10  # K_short of the paper (prompt history)
+NO_CRM_HISTORY = 1  # CRM history length when there is no CRM (modes lora / zero_shot): assembled but unused
 
 
-def read_retrieval_output(data_dir: str | Path, k: int, folder: str | Path = "") -> RetrievedHistories:
-    """The ``rows_k<k>`` of a retrieval output folder (``tools/retrieve_histories.py``; default
-    ``<data_dir>/retrieved/similarity``), checked against the processed dataset by
-    :func:`reclora_ds.retrieval.retriever.load_retrieved`, as a by-sample_id lookup table."""
-    from reclora_ds.retrieval.retriever import load_retrieved
+def retrieval_folder(cfg: PLoRATrainConfig) -> Path:
+    """Stage 2's retrieval folder: ``retrieval_dir``, or ``<data_dir>/retrieved/similarity``."""
+    return Path(cfg.retrieval_dir) if cfg.retrieval_dir else Path(cfg.data_dir) / "retrieved" / "similarity"
 
-    folder = Path(folder) if folder else Path(data_dir) / "retrieved" / "similarity"
-    side = folder / "retrieval.json"
-    if not side.is_file():
-        raise FileNotFoundError(
-            f"{side}: no retrieval output; run tools/retrieve_histories.py --processed {data_dir} "
-            "(or use the recent histories)"
+
+def history_settings(cfg: PLoRATrainConfig, crm_info: CRMCheckpointInfo | None) -> dict[str, Any]:
+    """The history arguments of :class:`PLoRABatchLoader` for stage 2 (training, evaluation and scoring).
+
+    Prompt: ``short_history`` (``retrieved``: ``rows_k<short_history_length>`` of the retrieval folder;
+    ``recent``: the most recent K). CRM: with ``long_history=auto`` and no ``long_history_length``, exactly
+    the histories the CRM was trained on (:meth:`CRMCheckpointInfo.history_loader_kwargs`: its own
+    retrieval folder, checked by checksum), so the gate's state comes from the CRM as it was trained;
+    ``recent`` / ``retrieved`` / a length are ablations (logged when they differ from the training's).
+    Without a CRM (modes lora and zero_shot) the ID view is a 1-long recent history, assembled but unused.
+    """
+    folder = retrieval_folder(cfg)
+    opened: dict[str, RetrievedHistories] = {}
+
+    def retrieval() -> RetrievedHistories:
+        if "r" not in opened:
+            opened["r"] = load_retrieved(folder, cfg.data_dir)
+        return opened["r"]
+
+    out: dict[str, Any] = {
+        "short_history": cfg.short_history,
+        "short_history_length": cfg.short_history_length,
+        "short_retrieved": retrieval() if cfg.short_history == "retrieved" else None,
+    }
+    if crm_info is None:
+        return out | {"history_length": NO_CRM_HISTORY, "history_mode": "recent"}
+    if cfg.long_history == "auto" and not cfg.long_history_length:
+        return out | crm_info.history_loader_kwargs(cfg.data_dir)
+    mode = crm_info.history_mode if cfg.long_history == "auto" else cfg.long_history
+    length = cfg.long_history_length or crm_info.history_length
+    if (mode, length) != (crm_info.history_mode, crm_info.history_length):
+        log.warning(
+            "the CRM was trained on %s histories of length %d; it gets %s histories of length %d here",
+            crm_info.history_mode,
+            crm_info.history_length,
+            mode,
+            length,
         )
-    mode = json.loads(side.read_text()).get("mode", "similarity")
-    retrieved = load_retrieved(data_dir, mode, out_dir=folder)
-    if k not in retrieved.rows:
-        raise ValueError(
-            f"{folder} holds K in {sorted(retrieved.rows)}, not {k}: re-run tools/retrieve_histories.py "
-            f"with --ks including {k}"
-        )
-    return RetrievedHistories(retrieved.sample_ids, retrieved.rows[k])
-
-
-def long_histories(path: str | Path, k: int, data_dir: str | Path) -> RetrievedHistories | str:
-    """The CRM's retrieved-history source for :class:`CRMBatchLoader`: a file as is, or a retrieval output
-    folder's ``rows_k<k>``."""
-    return read_retrieval_output(data_dir, k, path) if Path(path).is_dir() else str(path)
+    if mode == "recent":
+        return out | {"history_length": length, "history_mode": "recent"}
+    return out | {"history_length": length, "history_mode": "retrieved", "retrieved": retrieval()}
 
 
 class PLoRABatchLoader(CRMBatchLoader):
@@ -79,8 +103,8 @@ class PLoRABatchLoader(CRMBatchLoader):
             last position is the answer position (evaluation).
         short_history: the prompt's history, ``"recent"`` (the last K) or ``"retrieved"`` (``short_retrieved``).
         short_history_length: K (10 in the paper).
-        short_retrieved: the retrieved prompt histories (:func:`read_retrieval_output` with K);
-            required for ``"retrieved"``.
+        short_retrieved: the retrieval folder's histories (:func:`reclora_ds.data.histories.load_retrieved`,
+            holding K); required for ``"retrieved"``.
         **crm_loader_kwargs: the CRMBatchLoader's (``history_length``, ``history_mode``, ``retrieved``,
             ``rank``, ``world_size``, ``shuffle``, ``seed``, ``drop_last``, ``even_batches``...).
 
@@ -109,7 +133,11 @@ class PLoRABatchLoader(CRMBatchLoader):
         if short_history_length < 1:
             raise ValueError(f"short_history_length must be >= 1, got {short_history_length}")
         if short_history == "retrieved" and short_retrieved is None:
-            raise ValueError("short_history='retrieved' needs short_retrieved (read_retrieval_output)")
+            raise ValueError(
+                "short_history='retrieved' needs short_retrieved (data.histories.load_retrieved)"
+            )
+        if short_retrieved is not None:
+            short_retrieved.require_k(short_history_length)
         if encoder.dataset != dataset.metadata["dataset"]:
             raise ValueError(
                 f"the prompt encoder is for {encoder.dataset!r}, the dataset is {dataset.metadata['dataset']!r}"
@@ -127,7 +155,7 @@ class PLoRABatchLoader(CRMBatchLoader):
             ids = np.concatenate(
                 [pq.read_table(f, columns=["sample_id"]).column("sample_id").to_numpy() for f in self.files]
             )
-            self._short.lookup(ids)  # raises KeyError naming missing ids
+            self._short.lookup(ids, short_history_length)  # raises KeyError naming missing ids
 
     def _build_text_lookups(self) -> None:
         """Titles by item, profile sentence and gender by user (ML-1M), timeline item and rating by row."""
@@ -152,11 +180,7 @@ class PLoRABatchLoader(CRMBatchLoader):
         user, hist_len, k = cols["user_index"], cols["hist_len"], self.short_history_length
         if self._short is None:
             return self.dataset.timelines.recent(user, hist_len, k)
-        rows = self._short.lookup(cols["sample_id"])  # [B, K'], joined by sample_id
-        if rows.shape[1] != k:
-            raise ValueError(
-                f"the retrieved prompt histories hold {rows.shape[1]} rows per sample, not K={k}"
-            )
+        rows = self._short.lookup(cols["sample_id"], k)  # [B, K], joined by sample_id
         valid = rows != NO_ROW
         start = self._row_offsets[user][:, None]
         outside = valid & ((rows < start) | (rows >= start + hist_len[:, None]))

@@ -21,9 +21,11 @@ shuffled per epoch with the seed; every rank runs the same number of micro-batch
 global batch: ``gradient_accumulation_steps = batch_size / (micro_batch_size * world_size)``. An epoch uses
 ``steps_per_epoch * gradient_accumulation_steps`` micro-batches (a trailing partial accumulation is dropped).
 
-Evaluation: p(yes) on prompt-only batches of the whole split (or ``eval_max_samples``), predictions gathered
-across ranks and de-duplicated by sample_id, AUC / log loss / GAUC computed once
-(:func:`reclora_ds.metrics.evaluate_predictions`).
+Evaluation: p(yes) on prompt-only batches of the whole split (or a seeded uniform subset of
+``eval_max_samples`` sample ids, the same for any world size: :func:`reclora_ds.data.loader.uniform_sample_ids`),
+predictions gathered across ranks and de-duplicated by sample_id, AUC with its 95% DeLong interval, log loss
+and GAUC computed once (:func:`reclora_ds.metrics.evaluate_predictions`). The periodic validation
+(``eval_every``) scores a fixed uniform subset of ``periodic_eval_samples`` validation ids.
 
 Run folder (rank 0 writes everything but DeepSpeed's per-rank optimizer shards)::
 
@@ -54,7 +56,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import random
 import shutil
@@ -71,6 +72,7 @@ from tqdm.auto import tqdm
 
 from reclora_ds import distributed as dist_utils
 from reclora_ds.config import PLoRATrainConfig, config_to_dict, save_config
+from reclora_ds.data.loader import uniform_sample_ids
 from reclora_ds.data.processed import ProcessedDataset
 from reclora_ds.data.prompts import PromptEncoder
 from reclora_ds.metrics import (
@@ -86,7 +88,7 @@ from reclora_ds.shm_allreduce import unlink_own_segment
 from reclora_ds.training.checkpoint import CheckpointError, atomic_dir, rng_state, set_rng_state
 from reclora_ds.training.crm_recipe import lr_factor
 from reclora_ds.training.logger import MetricLogger, build_logger
-from reclora_ds.training.plora_data import PLoRABatchLoader, long_histories, read_retrieval_output
+from reclora_ds.training.plora_data import PLoRABatchLoader, history_settings
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +120,6 @@ RESUME_MUST_MATCH = (
     "max_length",
     "seed",
 )
-# CRM history when there is no CRM (modes lora / zero_shot): the ID view is assembled but unused.
-_NO_CRM_HISTORY = 1
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -393,47 +393,14 @@ class PLoRARecipe:
             return torch.device("cuda", self.info.local_rank % torch.cuda.device_count())
         return torch.device("cpu")
 
-    def _crm_history(self) -> dict[str, Any]:
-        """The CRMBatchLoader's history settings for the CRM: as it was trained, or the ablation's."""
-        cfg, info = self.cfg, self.crm_info
-        if info is None:
-            return {"history_length": _NO_CRM_HISTORY, "history_mode": "recent"}
-        mode = info.history_mode if cfg.long_history == "auto" else cfg.long_history
-        length = cfg.long_history_length or info.history_length
-        if (mode, length) != (info.history_mode, info.history_length):
-            log.warning(
-                "the CRM was trained on %s histories of length %d; it gets %s histories of length %d here",
-                info.history_mode,
-                info.history_length,
-                mode,
-                length,
-            )
-        if mode == "recent":
-            return {"history_length": length, "history_mode": "recent"}
-        if cfg.long_history == "auto" and info.retrieved_path:
-            source = info.retrieved_path  # the very file or folder the CRM was trained with
-        else:
-            source = cfg.retrieval_dir or str(Path(cfg.data_dir) / "retrieved" / "similarity")
-        return {
-            "history_length": length,
-            "history_mode": "retrieved",
-            "retrieved": long_histories(source, length, cfg.data_dir),
-        }
-
     def _build_loaders(self) -> None:
         cfg, info = self.cfg, self.info
-        short = None
-        if cfg.short_history == "retrieved":
-            short = read_retrieval_output(cfg.data_dir, cfg.short_history_length, cfg.retrieval_dir)
         common = {
-            "short_history": cfg.short_history,
-            "short_history_length": cfg.short_history_length,
-            "short_retrieved": short,
             "rank": info.rank,
             "world_size": info.world_size,
             "seed": cfg.seed,
             "even_batches": True,
-            **self._crm_history(),
+            **history_settings(cfg, self.crm_info),
         }
         self.train_loader = PLoRABatchLoader(
             self.dataset,
@@ -445,8 +412,12 @@ class PLoRARecipe:
             drop_last=True,
             **common,
         )
-        self.eval_loaders = {
-            split: PLoRABatchLoader(
+
+        def eval_loader(split: str, max_samples: int) -> PLoRABatchLoader:
+            ids = None
+            if max_samples:  # a seeded uniform subset: the same ids for any world size and any model
+                ids = uniform_sample_ids(self.dataset, split, max_samples, cfg.eval_subset_seed)
+            return PLoRABatchLoader(
                 self.dataset,
                 split,
                 cfg.eval_batch_size,
@@ -454,10 +425,16 @@ class PLoRARecipe:
                 with_answer=False,
                 shuffle=False,
                 drop_last=False,
+                sample_ids=ids,
                 **common,
             )
-            for split in cfg.eval_splits
-        }
+
+        self.eval_loaders = {split: eval_loader(split, cfg.eval_max_samples) for split in cfg.eval_splits}
+        self.periodic_loader = None
+        if cfg.eval_every:
+            self.periodic_loader = eval_loader(
+                cfg.eval_splits[0], cfg.periodic_eval_samples or cfg.eval_max_samples
+            )
         self.steps_per_epoch = len(self.train_loader) // self.gas
         if cfg.mode != "zero_shot" and self.steps_per_epoch == 0:
             raise ValueError(
@@ -582,7 +559,7 @@ class PLoRARecipe:
         if logged:
             self._log_train(batch, window)
         if cfg.eval_every and state.step % cfg.eval_every == 0 and not last:
-            metrics = self.evaluate(cfg.eval_splits[0])
+            metrics = self.evaluate(cfg.eval_splits[0], periodic=True)
             state.evals.append({"step": state.step, "split": cfg.eval_splits[0], **metrics})
         if last or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
             self.save_checkpoint()
@@ -610,23 +587,25 @@ class PLoRARecipe:
     # ------------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self, split: str) -> dict[str, float]:
-        """Exact AUC / log loss / GAUC of p(yes) over ``split`` (or its ``eval_max_samples``), all ranks."""
-        loader = self.eval_loaders[split]
-        limit = len(loader)
-        if self.cfg.eval_max_samples:
-            per_batch = loader.batch_size * self.info.world_size
-            limit = min(limit, math.ceil(self.cfg.eval_max_samples / per_batch))
+    def evaluate(self, split: str, periodic: bool = False) -> dict[str, float]:
+        """Exact AUC (with its 95% DeLong interval) / log loss / GAUC of p(yes), gathered from all ranks.
+
+        Final evaluations (``periodic=False``) cover ``split`` whole, or the seeded uniform subset of
+        ``eval_max_samples`` ids, and write ``predictions_<split>.parquet``; the periodic validation covers
+        its ``periodic_eval_samples`` subset and writes no file.
+        """
+        loader = self.periodic_loader if periodic else self.eval_loaders[split]
         was_training = self.model.training
         self.model.eval()
         ids, labels, probs, users = [], [], [], []
         start = time.perf_counter()
         bar = tqdm(
-            total=limit, desc=f"eval {split}", leave=False, disable=not (self.is_main and self.cfg.progress)
+            total=len(loader),
+            desc=f"eval {split}",
+            leave=False,
+            disable=not (self.is_main and self.cfg.progress),
         )
-        for index, batch in enumerate(loader):
-            if index >= limit:
-                break
+        for batch in loader:
             probs.append(self.model.score(to_device(batch, self.device)).double().cpu())
             ids.append(batch["sample_id"])
             labels.append(batch["label"])
@@ -643,17 +622,19 @@ class PLoRARecipe:
         )
         metrics = evaluate_predictions(pred.labels, pred.probs, pred.users, pred.sample_ids, gather=False)
         metrics["seconds"] = seconds
-        if self.is_main:
+        if self.is_main and not periodic:
             write_predictions(self.out / PREDICTIONS_FILE.format(split=split), pred)
         prefix = "eval" if split == self.cfg.eval_splits[0] else split
         self.logger.log_dict(
             {f"{prefix}/{k}": metrics[k] for k in ("auc", "logloss", "gauc")}, self.state.step
         )
         log.info(
-            "%s at step %d: auc %.4f logloss %.4f gauc %.4f (%d samples)",
+            "%s at step %d: auc %.4f [%.4f, %.4f] logloss %.4f gauc %.4f (%d samples)",
             split,
             self.state.step,
             metrics["auc"],
+            metrics["auc_low"],
+            metrics["auc_high"],
             metrics["logloss"],
             metrics["gauc"],
             metrics["n"],

@@ -24,7 +24,8 @@ split order, the run's prompt and CRM-history settings from its ``config.yaml``)
 :meth:`~reclora_ds.models.rec_llm.RecLLM.score`: with the run's ``eval_batch_size`` the rows and p equal
 the ones behind the run's final metrics.
 
-``max_samples`` keeps the first N samples of the split. Under ``torchrun`` every rank scores its shard (the
+``max_samples`` scores a seeded uniform sample of N sample ids of the split (``eval_subset_seed``: the ids a
+stage-2 run with ``eval_max_samples=N`` evaluated, whatever the number of ranks). Under ``torchrun`` every rank scores its shard (the
 loader's per-rank files or rows) and rank 0 writes the gathered rows
 (:func:`reclora_ds.distributed.all_gather_variable`), checked to be each wanted sample exactly once.
 Files are written atomically (a ``.tmp`` sibling, then a rename): ``.parquet`` or ``.csv``.
@@ -49,14 +50,14 @@ from tqdm.auto import tqdm
 
 from reclora_ds import distributed as dist_utils
 from reclora_ds.config import PLoRATrainConfig, config_from_dict, load_config
+from reclora_ds.data.loader import uniform_sample_ids
 from reclora_ds.data.processed import ALL_SPLITS, ProcessedDataset
 from reclora_ds.data.prompts import PromptEncoder, resolve_answer_tokens
 from reclora_ds.models.rec_llm import RecLLM, RecLLMConfig, build_rec_llm
-from reclora_ds.training.plora_data import PLoRABatchLoader, read_retrieval_output
+from reclora_ds.training.plora_data import PLoRABatchLoader, history_settings
 from reclora_ds.training.plora_recipe import (
     ADAPTER_DIR,
     REC_LLM_FILE,
-    PLoRARecipe,
     ds_precision,
     find_ds_config,
     rec_llm_config,
@@ -263,13 +264,6 @@ def load_scoring_model(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def crm_history_settings(cfg: PLoRATrainConfig, crm_info: Any) -> dict[str, Any]:
-    """The CRMBatchLoader history settings the recipe gives the CRM (``PLoRARecipe._crm_history``)."""
-    recipe = PLoRARecipe(cfg)  # only stores the config
-    recipe.crm_info = crm_info
-    return recipe._crm_history()
-
-
 def eval_loader(
     scoring: ScoringModel,
     dataset: ProcessedDataset,
@@ -277,13 +271,12 @@ def eval_loader(
     batch_size: int,
     rank: int = 0,
     world_size: int = 1,
+    sample_ids: np.ndarray | None = None,
 ) -> PLoRABatchLoader:
-    """Prompt-only batches of ``split`` in split order, built as the recipe's evaluation loaders are (each
-    rank its shard; no padding to even batches: scoring has no collective per batch)."""
+    """Prompt-only batches of ``split`` (or of its ``sample_ids``) in split order, built as the recipe's
+    evaluation loaders are (each rank its part; no padding to even batches: scoring has no collective per
+    batch)."""
     cfg = scoring.cfg
-    short = None
-    if cfg.short_history == "retrieved":
-        short = read_retrieval_output(cfg.data_dir, cfg.short_history_length, cfg.retrieval_dir)
     encoder = PromptEncoder(scoring.tokenizer, dataset.metadata["dataset"], cfg.max_length)
     return PLoRABatchLoader(
         dataset,
@@ -291,16 +284,14 @@ def eval_loader(
         batch_size,
         encoder,
         with_answer=False,
-        short_history=cfg.short_history,
-        short_history_length=cfg.short_history_length,
-        short_retrieved=short,
         rank=rank,
         world_size=world_size,
         seed=cfg.seed,
         shuffle=False,
         drop_last=False,
         even_batches=False,
-        **crm_history_settings(cfg, scoring.crm_info),
+        sample_ids=sample_ids,
+        **history_settings(cfg, scoring.crm_info),
     )
 
 
@@ -333,7 +324,7 @@ def score_table(
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> pa.Table | None:
-    """p(yes) of the first ``max_samples`` samples of ``split`` (0: all) as a table of :data:`OUTPUT_COLUMNS`.
+    """p(yes) of ``split`` (or its uniform ``max_samples`` subset; 0: all) as a table of :data:`OUTPUT_COLUMNS`.
 
     Collective under a process group: every rank scores its shard; rank 0 gets the table, the others
     ``None``. ``batch_size`` 0 takes the config's ``eval_batch_size``.
@@ -353,42 +344,36 @@ def score_table(
     info = dist_utils.dist_info()
     device = torch.device(device) if device is not None else default_device()
     samples = dataset.read_split(split, ["sample_id", "user_index", "item_index", "label"])
-    limit = min(max_samples, samples.num_rows) if max_samples else samples.num_rows
-    samples = samples.slice(0, limit)
-    split_ids = dataset.read_split(split, ["sample_id"]).column("sample_id").to_numpy()
+    subset = None
+    if max_samples and max_samples < samples.num_rows:
+        subset = uniform_sample_ids(dataset, split, max_samples, cfg.eval_subset_seed)
+        samples = samples.filter(pa.array(np.isin(samples.column("sample_id").to_numpy(), subset)))
+    split_ids = samples.column("sample_id").to_numpy()
     by_id = np.argsort(split_ids, kind="stable")
 
     def positions(ids: np.ndarray) -> np.ndarray:
-        """Positions in the split of sample ids of the split."""
+        """Positions in the output (split order) of scored sample ids."""
         return by_id[np.searchsorted(split_ids, ids, sorter=by_id)]
 
     loader = eval_loader(
-        scoring, dataset, split, batch_size or cfg.eval_batch_size, info.rank, info.world_size
+        scoring, dataset, split, batch_size or cfg.eval_batch_size, info.rank, info.world_size, subset
     )
     model = scoring.model
     _place(model, device)
     model.eval()
     ids, labels, probs = [], [], []
     bar = tqdm(
-        total=min(loader.num_samples, limit),
+        total=loader.num_samples,
         desc=f"score {split}",
         unit=" samples",
         disable=not (progress and info.is_main),
         dynamic_ncols=True,
     )
     for batch in loader:
-        keep = positions(batch["sample_id"].numpy()) < limit  # [B]
-        if not keep.all():
-            rows = torch.from_numpy(np.flatnonzero(keep))
-            batch = {k: v[rows] for k, v in batch.items()}
-        if len(batch["sample_id"]):
-            probs.append(model.score(to_device(batch, device)).double().cpu())
-            ids.append(batch["sample_id"])
-            labels.append(batch["label"])
-            bar.update(len(batch["sample_id"]))
-        if not keep.all():
-            break  # a rank reads its rows in split order: the rest lie past the limit
-    bar.total = bar.n
+        probs.append(model.score(to_device(batch, device)).double().cpu())
+        ids.append(batch["sample_id"])
+        labels.append(batch["label"])
+        bar.update(len(batch["sample_id"]))
     bar.close()
 
     got_ids = dist_utils.all_gather_variable(_cat(ids, torch.int64))

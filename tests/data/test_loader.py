@@ -7,12 +7,12 @@ import shutil
 from collections import defaultdict
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from reclora_ds.data.loader import CRMBatchLoader, RetrievedHistories
+from reclora_ds.data.histories import NO_ROW, RetrievedHistories, RetrievedHistoriesError
+from reclora_ds.data.loader import CRMBatchLoader, uniform_sample_ids
 from reclora_ds.data.processed import ProcessedDataset
 
 
@@ -248,63 +248,101 @@ def test_state_dict_checks_settings(ds):
 
 
 def hand_made_retrieval(ds, width=5):
-    """For every valid sample: rows at history positions [last, 0, middle] (ranked, not in time order) + empties."""
+    """For every valid sample: its history positions {0, middle, last} in time order, then NO_ROW padding
+    (the retrieval folder layout), as a K=width array."""
     samples = ds.read_split("valid", ["sample_id", "user_index", "hist_len"]).to_pylist()
     offsets = ds.timelines.offsets
     ids, rows = [], []
-    for s in samples:
+    for s in sorted(samples, key=lambda s: s["sample_id"]):
         start, n = int(offsets[s["user_index"]]), s["hist_len"]
-        ranked = [start + n - 1, start, start + n // 2]
+        chosen = sorted({start, start + n // 2, start + n - 1})
         ids.append(s["sample_id"])
-        rows.append(ranked + [-1] * (width - len(ranked)))
+        rows.append(chosen + [NO_ROW] * (width - len(chosen)))
     return np.array(ids), np.array(rows, dtype=np.int32)
 
 
-def expected_items(ds, ranked, length):
-    """Plain Python: the first ``length`` valid rows in ranking order, in time (row) order, left-padded."""
-    items = ds.items.column("item_id").to_numpy()
-    chosen = sorted([r for r in ranked if r >= 0][:length])
-    return [0] * (length - len(chosen)) + [int(items[ds.timelines.item_index[r]]) for r in chosen]
+def in_memory(ids, rows):
+    return RetrievedHistories(ids, {rows.shape[1]: rows}, {"mode": "similarity"})
 
 
-@pytest.mark.parametrize("fmt", ["parquet", "npy"])
-def test_retrieved_histories_from_a_file(ds, tmp_path, fmt):
+def test_retrieved_histories_are_laid_out_in_time_order(ds):
     ids, rows = hand_made_retrieval(ds)
-    order = np.random.default_rng(0).permutation(len(ids))  # files need not be sorted
-    if fmt == "parquet":
-        path = tmp_path / "retrieved.parquet"
-        lists = [[int(v) for v in r if v >= 0] for r in rows[order]]  # variable lengths
-        pq.write_table(pa.table({"sample_id": ids[order], "rows": lists}), path)
-    else:
-        path = tmp_path / "retrieved.npy"
-        arr = np.zeros(len(ids), dtype=[("sample_id", "<i8"), ("rows", "<i4", (rows.shape[1],))])
-        arr["sample_id"], arr["rows"] = ids[order], rows[order]
-        np.save(path, arr)
+    items = ds.items.column("item_id").to_numpy()
     by_id = dict(zip(ids.tolist(), rows.tolist()))
-    for length in (4, 2):  # 2 < 3 ranked rows: the two best in ranking order, laid out in time order
-        loader = CRMBatchLoader(
-            ds, "valid", 1000, history_length=length, history_mode="retrieved", retrieved=path
-        )
-        batch = next(iter(loader))
-        for k, sid in enumerate(batch["sample_id"].tolist()):
-            assert batch["hist_item"][k].tolist() == expected_items(ds, by_id[sid], length)
-        assert torch.equal(batch["hist_len"], batch["hist_mask"].sum(1))
+    loader = CRMBatchLoader(
+        ds, "valid", 1000, history_length=5, history_mode="retrieved", retrieved=in_memory(ids, rows)
+    )
+    batch = next(iter(loader))
+    for k, sid in enumerate(batch["sample_id"].tolist()):
+        chosen = [r for r in by_id[sid] if r != NO_ROW]  # plain Python: right-aligned, oldest first
+        expected = [0] * (5 - len(chosen)) + [int(items[ds.timelines.item_index[r]]) for r in chosen]
+        assert batch["hist_item"][k].tolist() == expected
+        assert batch["hist_rating"][k].tolist()[-len(chosen) :] == [
+            round(2 * float(ds.timelines.rating[r])) for r in chosen
+        ]
+    assert torch.equal(batch["hist_len"], batch["hist_mask"].sum(1))
 
 
-def test_retrieved_errors(ds, tmp_path):
-    with pytest.raises(FileNotFoundError, match="retrieved-history file"):
-        CRMBatchLoader(ds, "valid", 100, history_mode="retrieved", retrieved=tmp_path / "missing.npy")
+def test_retrieved_errors(ds):
     with pytest.raises(ValueError, match="needs `retrieved`"):
         CRMBatchLoader(ds, "valid", 100, history_mode="retrieved")
     ids, rows = hand_made_retrieval(ds)
-    with pytest.raises(KeyError, match="lack 1 sample ids"):
+    with pytest.raises(RetrievedHistoriesError, match=r"holds K in \[5\], not 4"):
         CRMBatchLoader(
-            ds, "valid", 100, history_mode="retrieved", retrieved=RetrievedHistories(ids[1:], rows[1:])
+            ds, "valid", 100, history_length=4, history_mode="retrieved", retrieved=in_memory(ids, rows)
+        )
+    with pytest.raises(KeyError, match="lacks 1 sample ids"):
+        CRMBatchLoader(
+            ds,
+            "valid",
+            100,
+            history_length=5,
+            history_mode="retrieved",
+            retrieved=in_memory(ids[1:], rows[1:]),
         )
     leaky = rows.copy()
-    leaky[0, 0] += 1  # the sample's own row (position hist_len): not history
+    leaky[0, 2] = leaky[0, 2] + 1  # the sample's own row (position hist_len): not history
     loader = CRMBatchLoader(
-        ds, "valid", 100, history_mode="retrieved", retrieved=RetrievedHistories(ids, leaky)
+        ds, "valid", 100, history_length=5, history_mode="retrieved", retrieved=in_memory(ids, leaky)
     )
     with pytest.raises(ValueError, match="outside the sample's history"):
         collect(loader)
+
+
+@pytest.mark.parametrize("n", [1, 37, 500])
+def test_uniform_eval_subset_is_the_same_for_any_world_size(ds, n):
+    """A seeded uniform subset: the same ids whatever the world size, read once each across the ranks."""
+    all_ids = np.sort(ds.read_split("valid", ["sample_id"]).column("sample_id").to_numpy())
+    subset = uniform_sample_ids(ds, "valid", n, seed=7)
+    assert len(subset) == min(n, len(all_ids)) and np.isin(subset, all_ids).all()
+    assert len(np.unique(subset)) == len(subset)
+    assert np.array_equal(subset, uniform_sample_ids(ds, "valid", n, seed=7))
+    assert n >= len(all_ids) or not np.array_equal(subset, uniform_sample_ids(ds, "valid", n, seed=8))
+    for world_size in (1, 2, 3):
+        seen = []
+        for rank in range(world_size):
+            loader = CRMBatchLoader(
+                ds, "valid", 16, sample_ids=subset, rank=rank, world_size=world_size, even_batches=False
+            )
+            ids = (
+                np.concatenate([b["sample_id"].numpy() for b in loader])
+                if len(loader)
+                else np.zeros(0, np.int64)
+            )
+            assert len(ids) == loader.num_samples
+            seen.append(ids)
+        union = np.concatenate(seen)
+        assert np.array_equal(np.sort(union), subset)  # disjoint and complete
+
+
+def test_uniform_eval_subset_is_uniform_over_the_split(ds):
+    """Not the start of the (time-ordered) split: the subset's mean position is near the middle."""
+    all_ids = np.sort(ds.read_split("valid", ["sample_id"]).column("sample_id").to_numpy())
+    position = np.searchsorted(all_ids, uniform_sample_ids(ds, "valid", 400, seed=0)) / len(all_ids)
+    assert abs(position.mean() - 0.5) < 0.05  # sd of the mean of 400 uniforms: 0.0144
+    assert position.min() < 0.05 and position.max() > 0.95
+
+
+def test_subset_with_unknown_ids_is_an_error(ds):
+    with pytest.raises(ValueError, match="1 of the 2 requested sample ids are not in split 'valid'"):
+        CRMBatchLoader(ds, "valid", 16, sample_ids=np.array([-5, uniform_sample_ids(ds, "valid", 1, 0)[0]]))

@@ -439,7 +439,7 @@ def test_config_defaults_and_per_dataset_settings():
         64,
         (256, 256, 256),
         256,
-        "soft",
+        "precomputed",
         60,
     )
     assert (config.item_merge, config.dropout) == ("sum", 0.0)  # chosen by validation (docs/CRM_RESULTS.md)

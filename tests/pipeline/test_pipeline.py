@@ -35,11 +35,10 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 STAGES = [
     "prepare",
     "backbone",
-    "sim",
     "embeddings",
     "index",
     "retrieval",
-    "crm_states",
+    "sim",
     "lora",
     "plora",
     "report",
@@ -80,7 +79,13 @@ def test_every_stage_ran_and_was_recorded(finished):
         record = json.loads((run_dir / "_pipeline" / f"{stage}.json").read_text())
         assert record["status"] == "done" and record["wall_s"] >= 0, record
     assert (run_dir / "report.md").is_file() and (run_dir / "results.png").stat().st_size > 10_000
-    assert (run_dir / "crm_states" / "fewshot.safetensors").is_file()
+    # the CRM trained on the retrieval stage's top-K (the paper's wiring), and says so
+    crm = json.loads((run_dir / "sim" / "checkpoints" / "best" / "crm.json").read_text())
+    assert crm["history"]["mode"] == "retrieved" and crm["history"]["length"] == 20
+    assert Path(crm["history"]["retrieval_dir"]) == (run_dir / "retrieval").resolve()
+    retrieval = json.loads((run_dir / "retrieval" / "retrieval.json").read_text())
+    assert retrieval["ks"] == [20, 3]  # sim.history_length and plora.short_history_length
+    assert not (run_dir / "crm_states").exists()  # stage 2 computes the frozen CRM's state itself
     times = read_csv(run_dir / "stage_times.csv")
     assert [t["stage"] for t in times] == STAGES[:-1]  # the report records itself after writing
 
@@ -152,11 +157,18 @@ def test_rerun_skips_everything_and_changes_redo_only_downstream(finished):
 
     changed = planned_actions(config, "sim.lr=0.002")
     assert changed == {
-        "prepare": "skip", "backbone": "skip", "sim": "redo", "embeddings": "skip", "index": "skip",
-        "retrieval": "skip", "crm_states": "redo", "lora": "redo", "plora": "redo", "report": "run",
+        "prepare": "skip", "backbone": "skip", "embeddings": "skip", "index": "skip", "retrieval": "skip",
+        "sim": "redo", "lora": "redo", "plora": "redo", "report": "run",
     }  # fmt: skip
     assert planned_actions(config, "plora.adapter.num_experts=3")["lora"] == "redo"  # shared section
-    assert planned_actions(config, "pipeline.short_k=4")["embeddings"] == "skip"
+    shorter = planned_actions(config, "plora.short_history_length=4")  # K_short 4: a new retrieval
+    assert shorter["embeddings"] == shorter["index"] == "skip" and shorter["retrieval"] == "redo"
+    # "w/o long retriever": the CRM on the most recent 20, no longer reading the retrieval
+    no_long = PipelineRunner(load_pipeline_settings(config, ["sim.history_mode=recent"])).plan()
+    assert {p.stage.name: p.stage.inputs for p in no_long}["sim"] == ("prepare",)
+    # "w/o long-short retriever": nothing reads a retrieval, so no embeddings, index or retrieval stage
+    neither = planned_actions(config, "sim.history_mode=recent", "plora.short_history=recent")
+    assert list(neither) == ["prepare", "backbone", "sim", "lora", "plora", "report"]
     forced = planned_actions(config, from_stage="index")
     assert [s for s, a in forced.items() if a == "forced"] == STAGES[STAGES.index("index") :]
 
@@ -238,3 +250,29 @@ def test_killed_in_plora_resumes_from_its_checkpoint(tmp_path, ml1m_dir, plora_a
     assert metrics["resumed_from"], "the rerun started PLoRA from scratch"
     assert metrics["steps"] == steps
     assert json.loads((run_dir / "_pipeline" / "plora.json").read_text())["status"] == "done"
+
+
+def test_export_user_lora_computes_the_state_with_the_runs_crm(finished, tmp_path):
+    """A pipeline run has no CRM-states stage: tools/export_user_lora.py gets the sample's state from the
+    run's CRM, and its gate weights equal the ones stage 2 computes for that sample in a batch."""
+    import importlib.util
+
+    import torch
+
+    from reclora_ds.data.processed import ProcessedDataset
+    from reclora_ds.training.scoring import eval_loader, load_scoring_model
+
+    _, run_dir, _ = finished
+    spec = importlib.util.spec_from_file_location("export_user_lora", Path("tools") / "export_user_lora.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    sid = int(pq.read_table(run_dir / "plora" / "predictions_test.parquet")["sample_id"][3].as_py())
+    assert tool.main(["--run-dir", str(run_dir), "--sample-id", str(sid), "--out", str(tmp_path / "e")]) == 0
+    exported = json.loads((tmp_path / "e" / "personalization.json").read_text())["gate_weights"]
+
+    scoring = load_scoring_model(run_dir / "plora")
+    ds = ProcessedDataset(run_dir / "prepare")
+    (batch,) = list(eval_loader(scoring, ds, "test", 4, sample_ids=np.array([sid])))
+    with torch.no_grad():
+        in_stage_two = scoring.model.gate_weights(batch)[:, 0].numpy()  # [G, N]
+    np.testing.assert_allclose(np.array(list(exported.values())), in_stage_two, atol=1e-6)

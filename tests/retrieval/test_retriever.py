@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import reclora_ds.retrieval.retriever as retriever
+from reclora_ds.data.histories import RetrievedHistoriesError, load_retrieved
 from reclora_ds.data.processed import ProcessedDataset
 from reclora_ds.retrieval.index import (
     RetrievalInputError,
@@ -26,13 +27,17 @@ from reclora_ds.retrieval.index import (
 )
 from reclora_ds.retrieval.retriever import (
     EngineStats,
-    load_retrieved,
     read_samples,
     retrieve_histories,
     retrieve_rows,
 )
 
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
+
+
+def opened(data: Path, mode: str = "similarity", **kwargs):
+    """The retrieval folder the retriever wrote beside ``data`` by default, checked against ``data``."""
+    return load_retrieved(data / "retrieved" / mode, data, mode=mode, **kwargs)
 
 
 def brute_force(items, offsets, user, hist_len, vectors, k, mode="similarity"):
@@ -175,7 +180,7 @@ def test_matches_brute_force_on_bundled_data(setup):
     )
     pick = np.flatnonzero(np.isin(s.user_index, users))
     assert lengths[users].max() > retriever._TOPK_MIN_COLUMNS  # the longest user reaches the torch.topk path
-    hist = load_retrieved(setup["data"], index=setup["index"])
+    hist = opened(setup["data"], index_sha256=load_index(setup["index"]).sha256)
     assert setup["result"].meta["engine"]["tie_rows"] > 0  # duplicate vectors put ties on the K boundary
     for k in (60, 10):
         expected = brute_force(tl.item_index, tl.offsets, s.user_index[pick], s.hist_len[pick], vectors, k)
@@ -186,7 +191,7 @@ def test_invariants_on_every_sample(setup):
     ds = setup["ds"]
     s = read_samples(ds)
     tl = ds.timelines
-    hist = load_retrieved(setup["data"])
+    hist = opened(setup["data"])
     assert np.array_equal(hist.sample_ids, s.sample_id)
     start = tl.offsets[s.user_index][:, None]
     for k in (60, 10):
@@ -210,7 +215,7 @@ def test_invariants_on_every_sample(setup):
 def test_recent_mode_equals_last_k(setup):
     ds = setup["ds"]
     retrieve_histories(setup["data"], mode="recent", ks=(60, 10))
-    hist = load_retrieved(setup["data"], mode="recent")
+    hist = opened(setup["data"], mode="recent")
     s = read_samples(ds)
     tl = ds.timelines
     for k in (60, 10):
@@ -240,7 +245,7 @@ def test_block_sizes_do_not_change_results(setup, monkeypatch):
     users = np.concatenate([np.argsort(lengths)[-3:], np.arange(0, len(lengths), 4)])
     pick = np.flatnonzero(np.isin(s.user_index, users))
     vectors = load_index(setup["index"]).vectors()
-    hist = load_retrieved(setup["data"])
+    hist = opened(setup["data"])
     monkeypatch.setattr(retriever, "_TOPK_MIN_COLUMNS", 1000)
     stats = EngineStats()
     small = retrieve_rows(
@@ -277,19 +282,19 @@ def test_load_fails_clearly_for_another_dataset_config_or_index(setup, tmp_path)
     meta = json.loads((other / "metadata.json").read_text())
     meta["config"]["min_history"] = 10  # as if prepared with another config
     (other / "metadata.json").write_text(json.dumps(meta, indent=2))
-    with pytest.raises(RetrievalInputError, match=r"another config.*min_history: 5 -> 10"):
-        load_retrieved(other)
-    with pytest.raises(RetrievalInputError, match="holds mode 'similarity'"):
-        load_retrieved(setup["data"], mode="recent", out_dir=setup["data"] / "retrieved" / "similarity")
+    with pytest.raises(RetrievedHistoriesError, match=r"another config.*min_history: 5 -> 10"):
+        load_retrieved(setup["data"] / "retrieved" / "similarity", other)
+    with pytest.raises(RetrievedHistoriesError, match="holds mode 'similarity'"):
+        load_retrieved(setup["data"] / "retrieved" / "similarity", setup["data"], mode="recent")
 
     emb = load_item_embeddings(setup["emb"])
     pca = fit_pca(emb.vectors, 16)  # same embeddings, another PCA: another index file
     index = build_index(to_index_space(pca, emb.vectors), "flat")
     save_index(tmp_path / "index16", index, pca, make_sidecar(index, pca, emb.meta))
-    with pytest.raises(RetrievalInputError, match="retrieved with index sha256"):
-        load_retrieved(setup["data"], index=tmp_path / "index16")
-    with pytest.raises(RetrievalInputError, match="retrieval.json: missing"):
-        load_retrieved(setup["data"], out_dir=tmp_path / "nothing")
+    with pytest.raises(RetrievedHistoriesError, match="retrieved with index sha256"):
+        opened(setup["data"], index_sha256=load_index(tmp_path / "index16").sha256)
+    with pytest.raises(RetrievedHistoriesError, match="retrieval.json: missing"):
+        load_retrieved(tmp_path / "nothing", setup["data"])
 
     few = np.random.default_rng(0).standard_normal((10, 8)).astype(np.float32)
     small_pca = fit_pca(few, 8)

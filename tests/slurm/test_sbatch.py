@@ -112,6 +112,8 @@ def test_train_sim_two_tasks_completes(slurm_cluster, bundled_data, tmp_path):
             "crm.tower=[16, 16]",
             "crm.top_k=10",
             "history_length=30",
+            "history_mode=recent",  # SIM's own soft search over the last 30
+            "crm.search=soft",
             "batch_size=512",
             "eval_batch_size=1024",
             "max_steps=6",
@@ -179,7 +181,7 @@ def test_pipeline_two_tasks_completes(slurm_cluster, tiny_pipeline_config, tmp_p
     fields = job_fields(slurm_cluster, job)
     assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", fields
     assert "procs/node=2" in output and "launcher=torchrun" in output, output[-4000:]
-    for stage in ("prepare", "sim", "embeddings", "index", "retrieval", "crm_states", "lora", "plora"):
+    for stage in ("prepare", "embeddings", "index", "retrieval", "sim", "lora", "plora"):
         record = json.loads((run_dir / "_pipeline" / f"{stage}.json").read_text())
         assert record["status"] == "done", record
     # the distributed stages ran on 2 ranks: 2 embedding shards, stage 2 on a world of 2

@@ -16,12 +16,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import roc_auc_score
 
 from reclora_ds.config import PLoRATrainConfig, load_config, save_config
+from reclora_ds.data.loader import uniform_sample_ids
 from reclora_ds.data.processed import ProcessedDataset
 from reclora_ds.data.prompts import PromptEncoder, resolve_answer_tokens
 from reclora_ds.distributed import free_port
@@ -63,7 +65,7 @@ def no_launcher_env(monkeypatch):
 
 @pytest.fixture(scope="module", params=["plora", "lora"])
 def trained_run(request, plora_assets, tmp_path_factory) -> tuple[Path, dict]:
-    """A 2-step stage-2 run of the mode; its test metrics cover the first EVAL_SAMPLES test samples."""
+    """A 2-step stage-2 run of the mode; its test metrics cover a uniform subset of EVAL_SAMPLES test ids."""
     out = tmp_path_factory.mktemp(f"run_{request.param}")
     extra = [
         f"output_dir={out}",
@@ -108,7 +110,7 @@ def reference_model(mode: str, assets: dict[str, str], adapter: Path | None) -> 
 
 
 def one_at_a_time(model: RecLLM, assets: dict[str, str], split: str, n: int) -> tuple[list[int], np.ndarray]:
-    """Sample ids and RecLLM.score of the first n samples of the split, each scored alone (batch of 1)."""
+    """Sample ids and RecLLM.score of the split's uniform n-subset (seed 0), each scored alone (batch of 1)."""
     from transformers import AutoTokenizer
 
     ds = ProcessedDataset(assets["data_dir"])
@@ -116,7 +118,7 @@ def one_at_a_time(model: RecLLM, assets: dict[str, str], split: str, n: int) -> 
     _, crm_info = load_crm(assets["crm_path"])
     loader = PLoRABatchLoader(
         ds, split, 1, encoder, with_answer=False, short_history_length=SHORT_HISTORY,
-        history_length=crm_info.history_length,
+        history_length=crm_info.history_length, sample_ids=uniform_sample_ids(ds, split, n, seed=0),
     )  # fmt: skip
     ids, probs = [], []
     for batch in loader:
@@ -128,10 +130,12 @@ def one_at_a_time(model: RecLLM, assets: dict[str, str], split: str, n: int) -> 
 
 
 def check_rows(table, assets: dict[str, str], split: str, n: int) -> None:
-    """Columns, sample ids in split order, labels and raw user / item ids of the processed split."""
+    """Columns, sample ids in split order, labels and raw user / item ids of the split's uniform n-subset."""
     assert table.column_names == list(OUTPUT_COLUMNS)
     ds = ProcessedDataset(assets["data_dir"])
-    rows = ds.read_split(split, ["sample_id", "user_index", "item_index", "label"]).slice(0, n)
+    rows = ds.read_split(split, ["sample_id", "user_index", "item_index", "label"])
+    wanted = uniform_sample_ids(ds, split, n, seed=0)
+    rows = rows.filter(pa.array(np.isin(rows["sample_id"].to_numpy(), wanted)))
     assert table.num_rows == n
     assert table["sample_id"].to_pylist() == rows["sample_id"].to_pylist()
     assert table["label"].to_pylist() == rows["label"].to_pylist()
@@ -144,7 +148,7 @@ def test_run_scores_equal_one_at_a_time_and_the_runs_test_auc(trained_run, plora
     run, metrics = trained_run
     mode = metrics["mode"]
     n = metrics["test"]["n"]
-    assert n == EVAL_SAMPLES  # the recipe scored the first 5 batches of 8
+    assert n == EVAL_SAMPLES  # the recipe scored the seeded uniform subset of 40 test ids
     out = tmp_path / "scores" / "test.parquet"
     argv = ["--run", str(run), "--split", "test", "--max-samples", str(n), "--batch-size", str(EVAL_BATCH)]
     assert main([*argv, "--out", str(out)]) == 0
@@ -168,7 +172,7 @@ def test_run_scores_equal_one_at_a_time_and_the_runs_test_auc(trained_run, plora
 
 
 def test_zero_shot_from_a_config_to_csv(plora_assets, tmp_path):
-    n = 25  # 16 + 9: the second batch is cut at the limit
+    n = 25  # a seeded uniform subset of 25 valid ids
     out = tmp_path / "zero_shot.csv"
     argv = ["--mode", "zero_shot", "--config", str(QUICKSTART), "--split", "valid", "--max-samples", str(n)]
     assert main([*argv, "--batch-size", "16", "--out", str(out), *settings(plora_assets)]) == 0

@@ -179,6 +179,8 @@ def test_two_process_entry_point(ml_small_prepared, tmp_path):
         "crm.tower=[16, 16]",
         "crm.top_k=10",
         "history_length=30",
+        "history_mode=recent",  # SIM's own soft search over the last 30
+        "crm.search=soft",
         "batch_size=512",
         "eval_batch_size=1024",
         "max_steps=12",

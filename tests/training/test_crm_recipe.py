@@ -16,13 +16,14 @@ from safetensors.torch import load_file, save_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from reclora_ds.config import ConfigError, CRMTrainConfig, load_config
-from reclora_ds.data.loader import CRMBatchLoader
+from reclora_ds.data.loader import CRMBatchLoader, uniform_sample_ids
 from reclora_ds.data.processed import ProcessedDataset
 from reclora_ds.models.crm import CRMConfig
 from reclora_ds.training import checkpoint as ckpt
 from reclora_ds.training.crm_recipe import crm_config, lr_factor, per_rank_batch, run_crm_training
 from reclora_ds.training.crm_states import (
     DatasetMismatchError,
+    compute_crm_outputs,
     compute_crm_states,
     load_crm_states,
     save_crm_states,
@@ -37,6 +38,8 @@ TINY = [
     "crm.tower=[16, 16]",
     "crm.top_k=10",
     "history_length=30",
+    "history_mode=recent",  # SIM's own soft search over the last 30
+    "crm.search=soft",
     "batch_size=1024",
     "eval_batch_size=2048",
     "progress=false",
@@ -233,8 +236,10 @@ def test_config_errors_are_collected():
     msg = str(info.value)
     for expected in ("model must be one of", "CRMConfig.search must be one of"):
         assert expected in msg, msg
-    with pytest.raises(ConfigError, match="history_mode=retrieved needs retrieved_path"):
-        load_config(CRMTrainConfig, None, ["history_mode=retrieved"])
+    with pytest.raises(ConfigError, match="history_mode=retrieved needs retrieval_dir"):
+        load_config(CRMTrainConfig, None, ["history_mode=retrieved", "retrieval_dir="])
+    with pytest.raises(ConfigError, match="crm.search=soft is SIM's own search"):
+        load_config(CRMTrainConfig, None, ["history_mode=retrieved", "crm.search=soft"])
     with pytest.raises(ValueError, match="divisible by the world size 3"):
         per_rank_batch(1024, 3)
     assert per_rank_batch(1024, 2) == 512
@@ -275,3 +280,36 @@ def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
     ckpt.set_rng_state(torch.load(tmp_path / "s.pt", weights_only=True)["rng"][0])
     got = (torch.rand(3), np.random.rand(3), random.random())  # noqa: NPY002
     assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
+
+
+def test_compare_crms_tool_scores_every_model_on_the_same_samples(finished_run, data_dir, capsys):
+    """tools/compare_crms.py: the AUC, interval and paired test of each CRM on the same ids, against
+    sklearn and the metrics module; a CRM against itself is within noise (p = 1)."""
+    import importlib.util
+
+    from sklearn.metrics import roc_auc_score
+
+    from reclora_ds.metrics import auc_confidence_interval
+
+    spec = importlib.util.spec_from_file_location("compare_crms", ROOT / "tools" / "compare_crms.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    args = ["--data", str(data_dir), "--split", "valid", "--max-samples", "500"]
+    assert tool.main([*args, f"a={finished_run}", f"b={finished_run}"]) == 0
+    out = capsys.readouterr().out
+    assert "500 samples, the same for every model" in out and "within noise" in out
+    ids = uniform_sample_ids(ProcessedDataset(data_dir), "valid", 500, seed=0)
+    got_ids, _, logits = compute_crm_outputs(finished_run, data_dir, sample_ids=ids)
+    table = (
+        ProcessedDataset(data_dir)
+        .read_split("valid", ["sample_id", "label"])
+        .to_pandas()
+        .set_index("sample_id")
+    )
+    labels = table.loc[ids, "label"].to_numpy()
+    ci = auc_confidence_interval(labels, logits)
+    assert ci.auc == pytest.approx(roc_auc_score(labels, logits), abs=1e-12)
+    row_a = next(line for line in out.splitlines() if line.startswith("| a |"))
+    assert f"{ci.auc:.4f}" in row_a and f"[{ci.low:.4f}, {ci.high:.4f}]" in row_a
+    assert tool.main([*args, f"a={finished_run}", "b=/nonexistent"]) == 2
+    assert "error:" in capsys.readouterr().err

@@ -169,8 +169,8 @@ def test_retrieved_histories_are_read_by_sample_id(plora_assets, tmp_path):
     CRM histories gives exactly the batches of the recent histories."""
     from transformers import AutoTokenizer
 
+    from reclora_ds.data.histories import RetrievedHistoriesError, load_retrieved
     from reclora_ds.retrieval.retriever import retrieve_histories
-    from reclora_ds.training.plora_data import long_histories, read_retrieval_output
 
     retrieve_histories(
         plora_assets["data_dir"], None, ks=(CRM_HISTORY, 10), mode="recent", out_dir=tmp_path / "recent"
@@ -178,6 +178,7 @@ def test_retrieved_histories_are_read_by_sample_id(plora_assets, tmp_path):
     ds = ProcessedDataset(plora_assets["data_dir"])
     encoder = PromptEncoder(AutoTokenizer.from_pretrained(plora_assets["backbone"]), "ml-1m")
     common = {"shuffle": True, "seed": 5, "history_length": CRM_HISTORY}
+    folder = load_retrieved(tmp_path / "recent", plora_assets["data_dir"])
     recent = PLoRABatchLoader(ds, "valid", 32, encoder, **common)
     retrieved = PLoRABatchLoader(
         ds,
@@ -185,19 +186,27 @@ def test_retrieved_histories_are_read_by_sample_id(plora_assets, tmp_path):
         32,
         encoder,
         short_history="retrieved",
-        short_retrieved=read_retrieval_output(plora_assets["data_dir"], 10, tmp_path / "recent"),
+        short_retrieved=folder,
         history_mode="retrieved",
-        retrieved=long_histories(tmp_path / "recent", CRM_HISTORY, plora_assets["data_dir"]),
+        retrieved=folder,
         **common,
     )
     for a, b in zip(recent, retrieved):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), [
             k for k in a if not torch.equal(a[k], b[k])
         ]
-    with pytest.raises(ValueError, match="not 7"):
-        read_retrieval_output(plora_assets["data_dir"], 7, tmp_path / "recent")
-    with pytest.raises(FileNotFoundError, match="no retrieval output"):
-        read_retrieval_output(plora_assets["data_dir"], 10, tmp_path / "missing")
+    with pytest.raises(RetrievedHistoriesError, match="not 7"):
+        PLoRABatchLoader(
+            ds,
+            "valid",
+            32,
+            encoder,
+            short_history="retrieved",
+            short_history_length=7,
+            short_retrieved=folder,
+        )
+    with pytest.raises(RetrievedHistoriesError, match="retrieval.json: missing"):
+        load_retrieved(tmp_path / "missing", plora_assets["data_dir"])
 
 
 # ----------------------------------------------------------------------------------------------------------
