@@ -3,7 +3,9 @@
     python benchmarks/bench_crm_forms.py [--data DIR] [--config launch/configs/sim_quickstart.yaml]
                                          [--batch 128] [--steps 25] [--repeats 3] [key=value ...]
 
-One thread, the batch of one rank of a 2-rank run (128), the same weights and batches for every variant:
+One thread, the batch of one rank of a 2-rank run (128), the same weights and batches for every variant.
+The forms belong to SIM's own soft search, so the config is read with ``history_mode=recent
+history_length=256 crm.search=soft`` (:data:`SOFT_SEARCH`) before the command line's overrides:
 
   * ``shipped``           the model as it is (every form below, the C++ kernels, fused AdamW)
   * ``no C++ kernels``    the shipped forms with :mod:`reclora_ds.cpu_kernels` not loaded: the soft search's
@@ -50,6 +52,8 @@ from reclora_ds.training.crm_recipe import crm_config, train_step
 
 ROOT = Path(__file__).parents[1]
 DEFAULT_CONFIG = ROOT / "launch" / "configs" / "sim_quickstart.yaml"
+# the forms timed here are SIM's soft search over a recent window (the default CRM reads a retrieval instead)
+SOFT_SEARCH = ("history_mode=recent", "history_length=256", "crm.search=soft")
 
 
 # The plain formulas (what the shipped forms compute, written the direct way).
@@ -129,7 +133,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         data = processed_data(args.data, tmp)
-        cfg = load_config(CRMTrainConfig, args.config, [f"data_dir={data}", *args.overrides])
+        cfg = load_config(CRMTrainConfig, args.config, [f"data_dir={data}", *SOFT_SEARCH, *args.overrides])
         ds = ProcessedDataset(cfg.data_dir)
         spec = FeatureSpec.from_metadata(ds.metadata)
         loader = CRMBatchLoader(ds, "train", args.batch, history_length=cfg.history_length, shuffle=True)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from reclora_ds.metrics import evaluate_predictions
+from reclora_ds.metrics import delong_paired_test, evaluate_predictions
 from reclora_ds.pipeline.config import PipelineSettings
 
 log = logging.getLogger(__name__)
@@ -38,8 +38,31 @@ def _metrics(labels: np.ndarray, probs: np.ndarray, users: np.ndarray) -> dict[s
     return {k: float(m[k]) for k in (*METRICS, "n")}
 
 
-def results_rows(run_dir: Path, settings: PipelineSettings) -> list[dict[str, Any]]:
-    """One row per (model, evaluated sample set): model, eval_set, n, auc, logloss, gauc."""
+def paired_tests(scored: dict[str, tuple[np.ndarray, dict[str, np.ndarray]]]) -> list[dict[str, Any]]:
+    """DeLong's paired test for every pair of models scored on the same test ids (sim and each mode).
+
+    ``scored``: ``{eval_set: (labels, {model: p})}`` from :func:`results_rows`. One row per pair:
+    eval_set, a, b, n, auc_a, auc_b, diff (a - b), se, p_value.
+    """
+    rows = []
+    for eval_set, (labels, probs) in scored.items():
+        names = list(probs)
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                t = delong_paired_test(labels, probs[a], probs[b])
+                rows.append(
+                    {"eval_set": eval_set, "a": a, "b": b, "n": t.n, "auc_a": t.auc_a, "auc_b": t.auc_b,
+                     "diff": t.diff, "se": t.se, "p_value": t.p_value}
+                )  # fmt: skip
+    return rows
+
+
+def results_rows(
+    run_dir: Path, settings: PipelineSettings, keep: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """One row per (model, evaluated sample set): model, eval_set, n, auc, auc_low, auc_high, logloss, gauc.
+
+    ``keep``: when given, filled with ``{eval_set: (labels, {model: p})}`` of every test subset."""
     from reclora_ds.training.crm_states import compute_crm_outputs
 
     sim_dir = run_dir / "sim"
@@ -50,7 +73,7 @@ def results_rows(run_dir: Path, settings: PipelineSettings) -> list[dict[str, An
         path = run_dir / mode / "predictions_test.parquet"
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: did the {mode} stage evaluate the test split?")
-        pred = pq.read_table(path).to_pandas()
+        pred = pq.read_table(path).to_pandas().sort_values("sample_id", kind="stable")
         ids = pred["sample_id"].to_numpy(np.int64)
         labels = pred["label"].to_numpy(np.float64)
         users = pred["user_index"].to_numpy(np.int64)
@@ -62,13 +85,12 @@ def results_rows(run_dir: Path, settings: PipelineSettings) -> list[dict[str, An
                 raise RuntimeError("the CRM scored other samples than asked")
             sim_p = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
             rows.append({"model": "sim", "eval_set": subsets[key], **_metrics(labels, sim_p, users)})
-        rows.append(
-            {
-                "model": mode,
-                "eval_set": subsets[key],
-                **_metrics(labels, pred["p"].to_numpy(np.float64), users),
-            }
-        )
+            if keep is not None:
+                keep[subsets[key]] = (labels, {"sim": sim_p})
+        p = pred["p"].to_numpy(np.float64)
+        rows.append({"model": mode, "eval_set": subsets[key], **_metrics(labels, p, users)})
+        if keep is not None:
+            keep[subsets[key]][1][mode] = p
     return rows
 
 
@@ -117,9 +139,13 @@ def _plot(path: Path, rows: list[dict[str, Any]], times: list[dict[str, Any]], t
 def write_report(run_dir: str | Path, settings: PipelineSettings) -> Path:
     """Write the report files into ``run_dir``; returns the Markdown path."""
     run_dir = Path(run_dir)
-    rows = results_rows(run_dir, settings)
+    scored: dict[str, Any] = {}
+    rows = results_rows(run_dir, settings, keep=scored)
+    tests = paired_tests(scored)
     times = stage_times(run_dir)
     _write_csv(run_dir / "results.csv", rows)
+    if tests:
+        _write_csv(run_dir / "paired_tests.csv", tests)
     if times:
         _write_csv(run_dir / "stage_times.csv", times)
     p = settings.pipeline
@@ -143,7 +169,15 @@ def write_report(run_dir: str | Path, settings: PipelineSettings) -> Path:
         *table,
         "",
         "AUC intervals: DeLong's variance, normal approximation. Compare rows of the same `evaluated on` set "
-        "only (the same sample ids); a difference inside the intervals is within noise.",
+        "only (the same sample ids). Paired DeLong tests on those ids (a difference with p >= 0.05 is within "
+        "noise):",
+        "",
+        "| evaluated on | a | b | AUC a - b | SE | p |",
+        "|---|---|---|---:|---:|---:|",
+        *[
+            f"| {t['eval_set']} | {t['a']} | {t['b']} | {t['diff']:+.4f} | {t['se']:.4f} | {t['p_value']:.2g} |"
+            for t in tests
+        ],
         "",
         "| stage | wall time (s) |",
         "|---|---:|",

@@ -116,6 +116,15 @@ def test_report_numbers_equal_an_independent_recomputation(finished):
     pred = pq.read_table(run_dir / "plora" / "predictions_test.parquet").to_pandas()
     _, _, logits = compute_crm_outputs(run_dir / "sim", run_dir / "prepare", sample_ids=pred["sample_id"])
     assert float(sim_row["auc"]) == pytest.approx(roc_auc_score(pred["label"], logits), abs=1e-9)
+    # every AUC has its interval; the paired tests compare models on the same ids only
+    assert all(float(r["auc_low"]) <= float(r["auc"]) <= float(r["auc_high"]) for r in rows)
+    tests = read_csv(run_dir / "paired_tests.csv")
+    assert {(t["a"], t["b"]) for t in tests} == {("sim", "lora"), ("sim", "plora"), ("lora", "plora")}
+    auc_of = {r["model"]: float(r["auc"]) for r in rows if r["eval_set"] == sim_row["eval_set"]}
+    for t in tests:
+        assert t["eval_set"] == sim_row["eval_set"] and int(t["n"]) == 48
+        assert float(t["diff"]) == pytest.approx(auc_of[t["a"]] - auc_of[t["b"]], abs=1e-9)
+        assert 0.0 <= float(t["p_value"]) <= 1.0
 
 
 def test_tensorboard_event_files_hold_the_scalars(finished):
