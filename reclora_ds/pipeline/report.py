@@ -159,6 +159,14 @@ def write_report(run_dir: str | Path, settings: PipelineSettings) -> Path:
             for r in rows
         ],
     ]
+    paired = [
+        "| evaluated on | a | b | AUC a - b | SE | p (paired DeLong) |",
+        "|---|---|---|---:|---:|---:|",
+        *[
+            f"| {t['eval_set']} | {t['a']} | {t['b']} | {t['diff']:+.4f} | {t['se']:.4f} | {t['p_value']:.2g} |"
+            for t in tests
+        ],
+    ]
     lines = [
         f"# Pipeline `{p.name}`",
         "",
@@ -172,12 +180,7 @@ def write_report(run_dir: str | Path, settings: PipelineSettings) -> Path:
         "only (the same sample ids). Paired DeLong tests on those ids (a difference with p >= 0.05 is within "
         "noise):",
         "",
-        "| evaluated on | a | b | AUC a - b | SE | p |",
-        "|---|---|---|---:|---:|---:|",
-        *[
-            f"| {t['eval_set']} | {t['a']} | {t['b']} | {t['diff']:+.4f} | {t['se']:.4f} | {t['p_value']:.2g} |"
-            for t in tests
-        ],
+        *paired,
         "",
         "| stage | wall time (s) |",
         "|---|---:|",
@@ -186,10 +189,12 @@ def write_report(run_dir: str | Path, settings: PipelineSettings) -> Path:
         "",
         "![results](results.png)",
         "",
-        "Files: `results.csv`, `stage_times.csv`; TensorBoard: `tensorboard --logdir " + str(run_dir) + "`.",
+        "Files: `results.csv`, `paired_tests.csv`, `stage_times.csv`; TensorBoard: `tensorboard --logdir "
+        + str(run_dir)
+        + "`.",
         "",
     ]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
-    print("\n".join(table))
+    print("\n".join([*table, "", *paired] if tests else table))
     return path
