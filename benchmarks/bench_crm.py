@@ -19,8 +19,8 @@ ms per step, the share of the step's wall time spent waiting for the next batch 
 median and 90th percentile of rank 0's step times: this machine's host takes a core away now and then,
 and with 2 ranks the other one waits, so the mean step sits above the median. ``--profile`` adds a
 per-operator breakdown of one rank's step. ``--allocator`` adds a 1-rank run without
-:func:`reclora_ds.cpu_allocator.keep_freed_memory` (glibc's default malloc thresholds), and ``--kernels``
-a 2-rank shm run without the C++ kernels (``cpu_kernels=false``, :mod:`reclora_ds.cpu_kernels`), side by
+:func:`reclora_ds.cpu.allocator.keep_freed_memory` (glibc's default malloc thresholds), and ``--kernels``
+a 2-rank shm run without the C++ kernels (``cpu_kernels=false``, :mod:`reclora_ds.cpu.kernels`), side by
 side with the others.
 The target of the issue is 20,000 samples/s on 2 CPU cores; it was set (and met, docs/CRM_RESULTS.md) for
 SIM's own soft search over the last 256 behaviours: ``history_mode=recent history_length=256
@@ -52,21 +52,19 @@ def worker(args: argparse.Namespace) -> None:
     """One rank: timed training steps with the recipe's pieces; rank 0 prints one JSON line."""
     import torch
 
-    from reclora_ds import cpu_kernels
     from reclora_ds import distributed as D
-    from reclora_ds.config import CRMTrainConfig, load_config
-    from reclora_ds.cpu_allocator import keep_freed_memory
+    from reclora_ds.config import load_config
+    from reclora_ds.cpu import enable_cpu_extras
     from reclora_ds.data.processed import ProcessedDataset
     from reclora_ds.models.crm import FeatureSpec
     from reclora_ds.models.registry import build_crm
+    from reclora_ds.training.crm_config import CRMTrainConfig
     from reclora_ds.training.crm_recipe import build_loader, build_optimizer, crm_config, train_step, wrap_ddp
 
     cfg = load_config(CRMTrainConfig, args.config, [f"data_dir={args.data}", *args.overrides])
     info = D.init_distributed("gloo")
-    if args.keep_freed_memory:
-        keep_freed_memory()  # as the recipe does on the CPU
-    if cfg.cpu_kernels:
-        cpu_kernels.load()  # as the recipe does on the CPU
+    # as the recipe does on the CPU (--default-malloc leaves glibc's thresholds as they are)
+    enable_cpu_extras(kernels=cfg.cpu_kernels, allocator=args.keep_freed_memory)
     torch.manual_seed(cfg.seed)
     ds = ProcessedDataset(cfg.data_dir)
     model = build_crm(cfg.model, crm_config(cfg), FeatureSpec.from_metadata(ds.metadata))
@@ -221,10 +219,9 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. crm.attention_hidden=64")
     args = parser.parse_args()
     if args.worker:
-        from reclora_ds.distributed import exit_process
+        from reclora_ds.distributed import run_and_exit
 
-        worker(args)
-        exit_process(0)  # not a plain return: see reclora_ds.distributed.exit_process
+        run_and_exit(lambda: worker(args))  # not a plain return: see reclora_ds.distributed.run_and_exit
 
     with tempfile.TemporaryDirectory() as tmp:
         data = processed_data(args.data, tmp)

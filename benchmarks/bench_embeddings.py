@@ -22,12 +22,12 @@ import pyarrow.parquet as pq
 import torch
 
 from reclora_ds.backbone import resolve_backbone
-from reclora_ds.config import PrepareConfig
+from reclora_ds.data.config import PrepareConfig
 from reclora_ds.data.prepare import bundled_dataset, prepare_dataset
+from reclora_ds.llm_loader import rank_device
 from reclora_ds.retrieval.embeddings import (
     ItemEmbeddingConfig,
     batch_order,
-    default_device,
     embed_texts,
     load_backbone,
     tokenize_texts,
@@ -78,7 +78,7 @@ def main() -> None:
     t0 = time.perf_counter()
     backbone = resolve_backbone(args.backbone)
     config = ItemEmbeddingConfig(backbone=args.backbone, dtype=args.dtype, max_length=args.max_length)
-    device = default_device()
+    device = rank_device()
     model, tokenizer = load_backbone(backbone, config, device)
     load_s = time.perf_counter() - t0
     lengths = [len(ids) for ids in tokenize_texts(tokenizer, sample, args.max_length)[0]]

@@ -69,7 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reclora_ds.data.prompts import IGNORE_INDEX
+from reclora_ds.batch import IGNORE_INDEX
 from reclora_ds.models.inject import inject_plora, route_gate_inputs
 from reclora_ds.models.plora import PLoRAConfig, PLoRAGate, PLoRALinear
 from reclora_ds.models.rec_llm import answer_loss, position_ids_from_mask
@@ -109,9 +109,9 @@ def load_base(args: argparse.Namespace, device: torch.device) -> nn.Module:
         )
         model = LlamaForCausalLM(config).to(DTYPES[args.dtype])
     else:
-        from reclora_ds.models.rec_llm import load_causal_lm
+        from reclora_ds.llm_loader import load_causal_lm
 
-        model, _ = load_causal_lm(args.backbone, args.dtype, attn_implementation="sdpa")
+        model, _ = load_causal_lm(args.backbone, dtype=args.dtype, attn_implementation="sdpa")
     model.config.use_cache = False
     model.requires_grad_(False)
     return model.to(device).train()

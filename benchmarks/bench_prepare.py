@@ -86,7 +86,7 @@ class RssSampler:
 
 
 def child_prepare(raw_dir: Path, out_dir: Path, result_path: Path) -> int:
-    from reclora_ds.config import PrepareConfig
+    from reclora_ds.data.config import PrepareConfig
     from reclora_ds.data.prepare import prepare_dataset
 
     cfg = PrepareConfig(dataset="ml-25m", raw_dir=str(raw_dir), output_dir=str(out_dir))

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from reclora_ds.retrieval.index import snap_unit_rows
-from reclora_ds.retrieval.retriever import DEFAULT_KS, EngineStats, retrieve_rows
+from reclora_ds.retrieval.engine import DEFAULT_KS, EngineStats, retrieve_rows
+from reclora_ds.retrieval.index_space import snap_unit_rows
 
 ML25M_USERS = 162_541
 ML25M_ITEMS = 59_047

@@ -10,7 +10,7 @@ def processed_data(data: str, tmp: str | Path) -> Path:
     """``data`` when it is set; otherwise prepare the bundled sample into ``tmp/data`` and return that."""
     if data:
         return Path(data)
-    from reclora_ds.config import PrepareConfig
+    from reclora_ds.data.config import PrepareConfig
     from reclora_ds.data.prepare import prepare_dataset
 
     out = Path(tmp) / "data"
@@ -26,9 +26,10 @@ def retrieval_overrides(config: str, overrides: list[str], data: Path, tmp: str 
     (no item embeddings or index needed) for K = ``history_length``. It has the shapes, lookups and loader
     cost of the semantic retrieval, with other rows: fine for speed, not for accuracy.
     """
-    from reclora_ds.config import CRMTrainConfig, load_config
+    from reclora_ds.config import load_config
     from reclora_ds.data.histories import RetrievedHistoriesError, load_retrieved
     from reclora_ds.retrieval.retriever import retrieve_histories
+    from reclora_ds.training.crm_config import CRMTrainConfig
 
     cfg = load_config(CRMTrainConfig, config, [f"data_dir={data}", *overrides])
     if cfg.history_mode != "retrieved":

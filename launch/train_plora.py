@@ -1,45 +1,12 @@
 """Stage 2: tune PLoRA (or LoRA; or evaluate zero-shot) of a frozen LLM on the few-shot split, DeepSpeed ZeRO-2.
 
-    deepspeed launch/train_plora.py --config launch/configs/plora_ml1m.yaml [key=value ...]
-    torchrun --nproc_per_node 2 launch/train_plora.py --config launch/configs/plora_quickstart.yaml
-    python launch/train_plora.py --config launch/configs/plora_quickstart.yaml mode=zero_shot     # one process
-
-Overrides are dotted keys of ``reclora_ds.config.PLoRATrainConfig`` (``lr=5e-4 adapter.num_experts=8``;
-the ``plora.`` prefix is optional). The recipe is :mod:`reclora_ds.training.plora_recipe`; this file only
-parses and calls it.
+A thin wrapper kept for the documented ``launch/train_plora.py`` commands: the code is
+:mod:`reclora_ds.commands.train_plora` (``python -m reclora_ds.commands.train_plora``), whose docstring has
+the usage.
 """
 
-from __future__ import annotations
-
-import argparse
-import logging
-import sys
-
-from reclora_ds.config import ConfigError, PLoRATrainConfig, load_config
-from reclora_ds.distributed import exit_process, is_main_process
-from reclora_ds.training.plora_recipe import run_plora_training
-
-CONFIG_SECTION = "plora"
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML file with a `plora:` section (launch/configs/plora_*.yaml)")
-    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. lr=5e-4 adapter.num_experts=8")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if is_main_process() else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    try:
-        cfg = load_config(PLoRATrainConfig, args.config, args.overrides, section=CONFIG_SECTION)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    run_plora_training(cfg)
-    return 0
-
+from reclora_ds.commands.train_plora import main
+from reclora_ds.distributed import run_and_exit
 
 if __name__ == "__main__":
-    exit_process(main())  # not sys.exit: see reclora_ds.distributed.exit_process
+    run_and_exit(main)  # not sys.exit: see reclora_ds.distributed.run_and_exit

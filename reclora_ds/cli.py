@@ -2,22 +2,39 @@
 
 reclora-ds pipeline --config launch/configs/quickstart.yaml [--from STAGE] [section.key=value ...]
 reclora-ds prepare --config launch/configs/quickstart.yaml [key=value ...]
+reclora-ds <command> [args ...]      # = python -m reclora_ds.commands.<command> (train_sim, score, ...)
+
+``--config`` takes a path; a shipped config that is not in the working directory is found by its bare
+name (``--config quickstart.yaml``) or its repository path, in the package (:mod:`reclora_ds.package_data`).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
+import pkgutil
 import sys
+from typing import NoReturn
 
-from reclora_ds.config import ConfigError, PrepareConfig, load_config
+from reclora_ds.config import ConfigError, load_config
+from reclora_ds.data.config import PrepareConfig
 from reclora_ds.data.errors import RawDataError
+from reclora_ds.package_data import resolve_launch_config
+
+COMMANDS_PACKAGE = "reclora_ds.commands"
+
+
+def command_names() -> list[str]:
+    """The modules of :mod:`reclora_ds.commands` (``reclora-ds <name>`` runs one), found without importing them."""
+    package = importlib.import_module(COMMANDS_PACKAGE)
+    return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.ispkg)
 
 
 def _prepare(args: argparse.Namespace) -> int:
     from reclora_ds.data.prepare import prepare_dataset
 
-    cfg = load_config(PrepareConfig, args.config, args.overrides, section="prepare")
+    cfg = load_config(PrepareConfig, resolve_launch_config(args.config), args.overrides, section="prepare")
     result = prepare_dataset(cfg)
     print(result.summary())
     return 0
@@ -27,7 +44,7 @@ def _pipeline(args: argparse.Namespace) -> int:
     from reclora_ds.pipeline.config import load_pipeline_settings
     from reclora_ds.pipeline.runner import PipelineError, run_pipeline
 
-    settings = load_pipeline_settings(args.config, args.overrides)
+    settings = load_pipeline_settings(resolve_launch_config(args.config), args.overrides)
     try:
         run_pipeline(settings, from_stage=args.from_stage)
     except (PipelineError, FileNotFoundError, ValueError) as exc:
@@ -39,7 +56,7 @@ def _pipeline(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reclora-ds", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     p = sub.add_parser("prepare", help="raw dataset files -> processed, time-ordered samples")
     p.add_argument("--config", help="YAML file (its `prepare:` section, or the whole file)")
     p.add_argument(
@@ -59,10 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="from_stage", metavar="STAGE", help="redo this stage and every later one")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sim.epochs=2 plora.max_steps=10")
     p.set_defaults(func=_pipeline)
+    for name in command_names():  # listed for --help; main() hands their arguments over unparsed
+        sub.add_parser(name, help=f"python -m {COMMANDS_PACKAGE}.{name}")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; returns its exit status. A command of :mod:`reclora_ds.commands` gets the rest of
+    the arguments as they are, and parses them itself."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in command_names():
+        return importlib.import_module(f"{COMMANDS_PACKAGE}.{argv[0]}").main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
@@ -74,5 +98,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def run() -> NoReturn:
+    """The ``reclora-ds`` console script and ``python -m reclora_ds``: :func:`main` through
+    :func:`reclora_ds.distributed.run_and_exit`, as every entry point ends (a command such as
+    ``train_plora`` may have made a process group; a plain process exits normally)."""
+    from reclora_ds.distributed import run_and_exit
+
+    run_and_exit(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -31,9 +31,11 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from reclora_ds.config import CRMTrainConfig, PLoRATrainConfig, PrepareConfig
+from reclora_ds.data.config import PrepareConfig
 from reclora_ds.pipeline.config import PipelineConfig
 from reclora_ds.retrieval.embeddings import ItemEmbeddingConfig
+from reclora_ds.training.crm_config import CRMTrainConfig
+from reclora_ds.training.plora_config import PLoRATrainConfig
 
 DOCS_PATH = Path(__file__).resolve().parents[1] / "docs" / "CONFIG.md"
 REGENERATE = "python -m reclora_ds.config_docs --write"
@@ -207,8 +209,13 @@ def _attributes_section(docstring: str | None) -> dict[str, str]:
 
 
 def field_descriptions(cls: type) -> dict[str, str]:
-    """Field name -> one-paragraph description, from attribute docstrings, then ``Attributes:``."""
-    described = _attributes_section(cls.__doc__)
+    """Field name -> one-paragraph description, from attribute docstrings, then ``Attributes:``; the fields
+    a dataclass inherits are described by the base class that declares them."""
+    described: dict[str, str] = {}
+    for base in reversed(cls.__mro__[1:]):
+        if dataclasses.is_dataclass(base):
+            described |= field_descriptions(base)
+    described |= _attributes_section(cls.__doc__)
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError):  # no source (e.g. a class built at run time)

@@ -10,6 +10,7 @@ Backends: ``nccl`` when CUDA is available, ``gloo`` otherwise (CPU tests use 2-p
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import functools
@@ -17,6 +18,7 @@ import logging
 import os
 import socket
 import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
@@ -35,7 +37,7 @@ LOCAL_WORLD_SIZE_ENVS = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE")
 
 T = TypeVar("T")
 
-_created_group = False  # this process has set up a process group (see exit_process)
+_group_backend: str | None = None  # the backend of the process group this process set up (see exit_process)
 
 
 @dataclass(frozen=True)
@@ -160,8 +162,8 @@ def init_distributed(
         dist.init_process_group(**kwargs, rank=0, world_size=1)
     else:
         return info
-    global _created_group
-    _created_group = True
+    global _group_backend
+    _group_backend = str(dist.get_backend())
     info = dist_info()
     log.info(
         "process group %s: rank %d/%d (local %d)",
@@ -207,26 +209,67 @@ def destroy(*, synchronize: bool = True) -> None:
         dist.destroy_process_group()
 
 
-def exit_process(code: int | None) -> NoReturn:
-    """End an entry point's process with ``code``; skip interpreter finalisation if it ran collectives.
+def uses_gloo() -> bool:
+    """True when this process set up a gloo process group, or one is alive now (its gloo threads may be too)."""
+    backends = [_group_backend or ""]
+    if dist.is_available() and dist.is_initialized():
+        backends.append(str(dist.get_backend()))
+    return any("gloo" in backend for backend in backends)
 
-    gloo's worker threads free a finished collective's tensors after the caller has moved on. When the
-    process group outlives :func:`destroy` (DDP, DeepSpeed and transformers keep references to it), those
-    threads are still alive at interpreter finalisation, and one that then needs the GIL to free a tensor
-    takes the process down with SIGABRT ("terminate called without an active exception") after all its
-    work is done: seen about once in ten 2-rank runs under load, barrier or not. A process that was
-    launched as a rank or created a group therefore flushes its streams and leaves with ``os._exit``;
-    every file it wrote is closed by then (writers are closed by the recipes, outputs written atomically).
-    A plain single process exits normally.
+
+def exit_process(code: int | None) -> NoReturn:
+    """End an entry point's process with ``code`` (None: 0); with a gloo group, skip interpreter finalisation.
+
+    Without a gloo group (NCCL, or no group at all) a group still alive is destroyed (no barrier: this may
+    be a failing rank's exit) and the process exits normally through ``sys.exit``.
+
+    With gloo: gloo's worker threads free a finished collective's tensors after the caller has moved on.
+    When the process group outlives :func:`destroy` (DDP, DeepSpeed and transformers keep references to
+    it), those threads are still alive at interpreter finalisation, and one that then needs the GIL to free
+    a tensor takes the process down with SIGABRT ("terminate called without an active exception") after
+    all its work is done: seen here about once in ten 2-rank runs under load, barrier or not. Upstream:
+    https://github.com/pytorch/pytorch/issues/190489 (a gloo worker's decref takes the GIL during
+    finalisation; guarding it narrows the window without closing it) and the abandoned
+    https://github.com/pytorch/pytorch/pull/179291 (an atexit ``destroy_process_group``). Such a process
+    runs its ``atexit`` handlers (profilers, loggers), flushes its streams and leaves with ``os._exit``,
+    skipping only the finalisation; every file it wrote is closed by then (writers are closed by the
+    recipes, outputs written atomically).
     """
     code = 0 if code is None else code
-    if not (_created_group or launched()):
+    if not uses_gloo():
+        destroy(synchronize=False)
         sys.exit(code)
-    logging.shutdown()
+    atexit._run_exitfuncs()  # what a normal exit runs before finalisation (logging.shutdown included)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):
             stream.flush()
     os._exit(code)
+
+
+def run_and_exit(main: Callable[[], int | None]) -> NoReturn:
+    """Run an entry point's ``main`` and end the process with its return value through :func:`exit_process`.
+
+    A ``SystemExit`` from ``main`` (argparse's errors, ``sys.exit``) keeps its code. Any other exception
+    prints its traceback to stderr and exits 1 (130 for ``KeyboardInterrupt``) through the same path, so
+    a failing gloo rank also skips the finalisation that could abort it, and a failing NCCL rank destroys
+    its group. Use it as an entry point's last line: ``run_and_exit(main)``.
+    """
+    try:
+        code = main()
+    except SystemExit as exc:
+        code = _system_exit_code(exc)
+    except BaseException as exc:
+        traceback.print_exc()
+        code = 130 if isinstance(exc, KeyboardInterrupt) else 1
+    exit_process(code)
+
+
+def _system_exit_code(exc: SystemExit) -> int:
+    """The status ``sys.exit`` gives for ``exc``: an int as it is, None as 0, anything else printed, and 1."""
+    if exc.code is None or isinstance(exc.code, int):
+        return exc.code or 0
+    print(exc.code, file=sys.stderr)
+    return 1
 
 
 def main_process_only(fn: Callable[..., T]) -> Callable[..., T | None]:

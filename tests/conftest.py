@@ -6,10 +6,28 @@ from pathlib import Path
 
 import pytest
 
-from reclora_ds.config import PrepareConfig
+from reclora_ds.data.config import PrepareConfig
 from reclora_ds.data.prepare import bundled_dataset, prepare_dataset
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def pytest_collection_modifyitems(items):
+    """Tiers: every test that starts several processes (``distributed``) or a SLURM cluster is ``slow``, so
+    ``pytest -m "not slow"`` is the quick edit-test loop; CI runs everything."""
+    for item in items:
+        if item.get_closest_marker("distributed") or item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _no_launcher_variables(monkeypatch):
+    """No test sees (or passes on) the launcher variables of an outer job or of a previous test: a recipe
+    run in-process sets them for its 1-rank group, and they must not leak into later tests."""
+    from tests.launch import LAUNCH_VARS
+
+    for name in LAUNCH_VARS:
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture(scope="session")

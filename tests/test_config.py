@@ -7,14 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from reclora_ds.config import (
-    ConfigError,
-    PrepareConfig,
-    config_to_dict,
-    field_paths,
-    load_config,
-    save_config,
-)
+from reclora_ds.config import ConfigError, config_to_dict, field_paths, load_config, save_config
+from reclora_ds.data.config import PrepareConfig
 
 CONFIGS = Path(__file__).parents[1] / "launch" / "configs"
 
@@ -78,9 +72,10 @@ def test_saved_config_round_trips(tmp_path):
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads_through_its_real_loader(path):
     """Pipeline files through the pipeline's loader (and its stage plan), stage files through their stage's."""
-    from reclora_ds.config import CRMTrainConfig, PLoRATrainConfig
     from reclora_ds.pipeline.config import load_pipeline_settings
     from reclora_ds.pipeline.stages import build_stages
+    from reclora_ds.training.crm_config import CRMTrainConfig
+    from reclora_ds.training.plora_config import PLoRATrainConfig
 
     data = yaml.safe_load(path.read_text())
     kind = path.name.split("_")[0]
@@ -115,7 +110,7 @@ def test_pipeline_owned_keys_set_by_the_user_are_errors_naming_the_key(tmp_path)
 
 
 def test_literal_fields_and_exponent_floats():
-    from reclora_ds.config import CRMTrainConfig
+    from reclora_ds.training.crm_config import CRMTrainConfig
 
     cfg = load_config(CRMTrainConfig, None, ["crm.search=hard", "history_mode=recent", "lr=1e-3"])
     assert cfg.crm.search == "hard" and cfg.lr == 1e-3

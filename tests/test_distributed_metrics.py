@@ -29,6 +29,7 @@ from reclora_ds.metrics import (
     group_auc,
     log_loss,
 )
+from tests.launch import LAUNCH_VARS, clean_env
 
 # ----------------------------------------------------------------------------------------------------------
 # Single-process metrics
@@ -116,8 +117,6 @@ def test_gather_dedups_by_sample_id_without_group():
 
 
 def test_dist_info_defaults_and_env(monkeypatch):
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
     assert D.dist_info() == D.DistInfo(rank=0, local_rank=0, world_size=1)
     assert D.init_distributed() == D.DistInfo()
     assert not torch.distributed.is_initialized()
@@ -136,7 +135,7 @@ def test_dist_info_defaults_and_env(monkeypatch):
 
 def test_single_process_group_without_launcher(monkeypatch):
     """What DeepSpeed needs in a plain ``python`` run: a 1-rank group and the launcher variables."""
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+    for name in LAUNCH_VARS:
         monkeypatch.setenv(name, "")  # recorded, so that the variables set below are removed afterwards
         monkeypatch.delenv(name)
     try:
@@ -216,7 +215,7 @@ def test_two_process_gloo(tmp_path):
     port = D.free_port()
     procs = []
     for rank in range(2):
-        env = os.environ | {
+        env = clean_env() | {
             "RANK": str(rank),
             "LOCAL_RANK": str(rank),
             "WORLD_SIZE": "2",

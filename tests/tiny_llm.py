@@ -47,8 +47,9 @@ def word_tokenizer(
 
 
 def tiny_llama(
-    tokenizer: PreTrainedTokenizerFast,
+    tokenizer: PreTrainedTokenizerFast | None = None,
     *,
+    vocab_size: int | None = None,
     hidden: int = 32,
     layers: int = 2,
     heads: int = 4,
@@ -57,19 +58,30 @@ def tiny_llama(
     tie_word_embeddings: bool = True,
     seed: int = 0,
 ) -> LlamaForCausalLM:
-    """A seeded random Llama sized for tests, matching ``tokenizer``'s vocabulary and special ids."""
+    """A seeded random Llama sized for tests (eval mode, float32): the vocabulary and special ids of
+    ``tokenizer``, or ``vocab_size`` ids when a test feeds token ids directly."""
+    if (tokenizer is None) == (vocab_size is None):
+        raise ValueError("give exactly one of tokenizer and vocab_size")
     torch.manual_seed(seed)
+    special = (
+        {}
+        if tokenizer is None
+        else {
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        }
+    )
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=len(tokenizer) if tokenizer is not None else vocab_size,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         max_position_embeddings=max_positions,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=tie_word_embeddings,
+        use_cache=False,
+        **special,
     )
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(config).float().eval()

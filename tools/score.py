@@ -1,114 +1,12 @@
 """Per-sample p(yes) of a split: a trained stage-2 run (plora / lora) or the zero-shot backbone.
 
-    python tools/score.py --run runs/quickstart/plora --split test --out runs/quickstart/scores/test.parquet
-    python tools/score.py --mode zero_shot --config launch/configs/plora_quickstart.yaml --split valid \
-        --max-samples 2000 --out zero_shot_valid.csv [key=value ...]
-    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 tools/score.py --run-dir RUN --split test --out test.parquet
-
-Columns: sample_id, user, item, label, p (one row per sample, in the split's order = ascending sample_id).
-``--run`` rebuilds the model from RUN/adapter (rec_llm.json) and the batches from RUN/config.yaml; the
-overrides are dotted keys of that config (``data_dir=...``, ``backbone=...``) or of ``--config``'s
-``plora:`` section. Under torchrun each rank scores its shard and rank 0 writes the file; write
-``--run-dir`` there (torchrun's own parser takes ``--run`` for an abbreviation of its ``--run-path``).
-The library call is :func:`reclora_ds.training.scoring.score_split`.
+A thin wrapper kept for the documented ``tools/score.py`` commands: the code is
+:mod:`reclora_ds.commands.score` (``python -m reclora_ds.commands.score``), whose docstring has
+the usage.
 """
 
-from __future__ import annotations
-
-import argparse
-import logging
-import sys
-import time
-
-from reclora_ds.backbone import BackboneError
-from reclora_ds.config import ConfigError, PLoRATrainConfig, load_config
-from reclora_ds.data.processed import ALL_SPLITS
-from reclora_ds.distributed import destroy, exit_process, init_distributed, is_main_process
-from reclora_ds.models.adapter_io import AdapterConfigMismatchError, AdapterKeyError
-from reclora_ds.models.rec_llm import MODES
-from reclora_ds.training.checkpoint import CheckpointError
-from reclora_ds.training.scoring import (
-    ScoringError,
-    check_output_path,
-    load_scoring_model,
-    score_split,
-)
-
-CONFIG_SECTION = "plora"
-BAD_INPUT = (
-    ScoringError,
-    ConfigError,
-    BackboneError,
-    CheckpointError,
-    AdapterConfigMismatchError,
-    AdapterKeyError,
-    FileNotFoundError,
-)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--run",
-        "--run-dir",
-        dest="run",
-        help="a stage-2 run folder (output_dir of launch/train_plora.py); --run-dir under torchrun",
-    )
-    parser.add_argument("--config", help="YAML with a `plora:` section, for --mode zero_shot without --run")
-    parser.add_argument("--mode", choices=MODES, help="zero_shot: the bare backbone; default: the run's mode")
-    parser.add_argument("--split", required=True, choices=list(ALL_SPLITS))
-    parser.add_argument(
-        "--max-samples",
-        type=int,
-        default=0,
-        help="a seeded uniform sample of N ids of the split (eval_subset_seed); 0 = all",
-    )
-    parser.add_argument("--batch-size", type=int, default=0, help="samples per forward; 0 = eval_batch_size")
-    parser.add_argument("--out", required=True, help="output .parquet or .csv")
-    parser.add_argument("--device", help="default: this rank's GPU, else the CPU")
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data_dir=runs/x/data")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if is_main_process() else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if args.run is None and args.config is None:
-        parser.error("give --run RUN_DIR, or --mode zero_shot --config CONFIG")
-    if args.run is None and args.mode != "zero_shot":
-        parser.error("without --run only --mode zero_shot can score (plora / lora need the trained adapter)")
-    if args.max_samples < 0 or args.batch_size < 0:
-        parser.error("--max-samples and --batch-size must be >= 0")
-
-    t0 = time.perf_counter()
-    try:
-        check_output_path(args.out)
-        config = None
-        if args.run is None:
-            config = load_config(PLoRATrainConfig, args.config, args.overrides, section=CONFIG_SECTION)
-        init_distributed()
-        scoring = load_scoring_model(args.run, config, mode=args.mode, overrides=args.overrides)
-        path = score_split(
-            scoring,
-            args.split,
-            args.out,
-            max_samples=args.max_samples,
-            batch_size=args.batch_size,
-            device=args.device,
-            progress=not args.no_progress,
-        )
-    except BAD_INPUT as exc:
-        destroy()  # bad input is seen by every rank alike
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except BaseException:
-        destroy(synchronize=False)  # may be this rank's alone: no barrier that would wait for the others
-        raise
-    destroy()
-    if path is not None:
-        print(f"scores of {args.split} ({scoring.source}) -> {path} ({time.perf_counter() - t0:.1f} s)")
-    return 0
-
+from reclora_ds.commands.score import main
+from reclora_ds.distributed import run_and_exit
 
 if __name__ == "__main__":
-    exit_process(main())  # not sys.exit: see reclora_ds.distributed.exit_process
+    run_and_exit(main)  # not sys.exit: see reclora_ds.distributed.run_and_exit

@@ -1,8 +1,10 @@
 # Shared helpers of the reclora_ds sbatch scripts; sourced, never run. See launch/slurm/README.md.
 #
-#   reclora_setup                 cd to the submit directory, pick the interpreter, export MASTER_ADDR,
-#                                 MASTER_PORT and OMP_NUM_THREADS
-#   reclora_launch SCRIPT ARGS... start SCRIPT on every rank of the job with $RECLORA_LAUNCHER:
+#   reclora_setup                     cd to the submit directory, pick the interpreter, export MASTER_ADDR,
+#                                     MASTER_PORT and OMP_NUM_THREADS
+#   reclora_launch -m MODULE ARGS...  start `python -m MODULE ARGS` on every rank of the job (the sbatch
+#                                     scripts run the installed reclora_ds.commands.<name>), or
+#   reclora_launch SCRIPT ARGS...     `python SCRIPT ARGS`, with $RECLORA_LAUNCHER:
 #       torchrun   one `torchrun` per node (srun), c10d rendezvous on the head node
 #       srun       one task per rank (srun); each task exports RANK/LOCAL_RANK/WORLD_SIZE from SLURM_*
 #       deepspeed  the `deepspeed` launcher on the batch host with a hostfile built from the node list
@@ -74,11 +76,17 @@ reclora_launch_srun() {
 }
 
 # The deepspeed launcher with a hostfile (`host slots=N` per node); it reaches the nodes over pdsh/ssh.
+# Its flag for a module is --module (torchrun and python take -m as it is).
 reclora_launch_deepspeed() {
   local hostfile="${DS_HOSTFILE:-${TMPDIR:-/tmp}/reclora-hostfile-$SLURM_JOB_ID}"
+  local module=()
+  if [ "${1:-}" = "-m" ]; then
+    module=(--module)
+    shift
+  fi
   scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\$/ slots=$RECLORA_PROCS_PER_NODE/" >"$hostfile"
   "$RECLORA_PYTHON" -m deepspeed.launcher.runner --hostfile "$hostfile" \
-    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "$@"
+    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "${module[@]}" "$@"
 }
 
 reclora_launch() {

@@ -13,7 +13,7 @@ A retrieval folder::
     rows_k<K>.npy      int32 [S, K] per retrieved K: rows of ``timelines.parquet`` (user-major, so a row
                        gives both the item and the rating of a behaviour), valid rows first and in
                        chronological order, NO_ROW (-1) padding when the history holds fewer than K
-    retrieval.json     the sidecar, written last: format_version, mode (``similarity`` or ``recent``), ks,
+    retrieval.json     the sidecar, written last: format, format_version, mode (``similarity`` or ``recent``), ks,
                        n_samples, outputs per K, the processed dataset's metadata sha256, the index checksum
 
 Row ``i`` of every array belongs to ``sample_ids[i]``. A sample's K rows are the K most similar of its whole
@@ -33,7 +33,10 @@ from typing import Any
 
 import numpy as np
 
-FORMAT_VERSION = 1
+from reclora_ds.files import SidecarError, read_sidecar
+
+FORMAT = "reclora_ds.retrieval"
+FORMAT_VERSION = 2  # 2: the sidecar names its format
 SIDECAR_FILE = "retrieval.json"
 SAMPLE_IDS_FILE = "sample_ids.npy"
 NO_ROW = -1  # an empty slot of a rows array
@@ -115,7 +118,7 @@ class RetrievedHistories:
         return np.asarray(self.rows[k][pos_c], dtype=np.int64)
 
 
-def read_sidecar(folder: str | Path) -> dict[str, Any]:
+def read_retrieval_sidecar(folder: str | Path) -> dict[str, Any]:
     """The checked ``retrieval.json`` of a retrieval folder."""
     side = Path(folder) / SIDECAR_FILE
     if not side.is_file():
@@ -124,17 +127,11 @@ def read_sidecar(folder: str | Path) -> dict[str, Any]:
             "(the pipeline's retrieval stage)"
         )
     try:
-        meta = json.loads(side.read_text())
-    except json.JSONDecodeError as exc:
-        raise RetrievedHistoriesError(f"{side}: not valid JSON ({exc})") from exc
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise RetrievedHistoriesError(
-            f"{side}: format_version {meta.get('format_version')!r}, this reclora_ds reads {FORMAT_VERSION}"
+        return read_sidecar(
+            side, FORMAT, FORMAT_VERSION, required=("mode", "ks", "n_samples", "outputs", "dataset")
         )
-    for key in ("mode", "ks", "n_samples", "outputs", "dataset"):
-        if key not in meta:
-            raise RetrievedHistoriesError(f"{side}: key {key!r} missing")
-    return meta
+    except SidecarError as exc:
+        raise RetrievedHistoriesError(str(exc)) from exc
 
 
 def _config_diff(a: dict | None, b: dict | None) -> str:
@@ -164,7 +161,7 @@ def load_retrieved(
         index_sha256: when given, the FAISS index checksum the retrieval must have used.
     """
     folder = Path(folder)
-    meta = read_sidecar(folder)
+    meta = read_retrieval_sidecar(folder)
     if mode is not None and meta["mode"] != mode:
         raise RetrievedHistoriesError(
             f"{folder / SIDECAR_FILE}: holds mode {meta['mode']!r}, asked for {mode!r}"

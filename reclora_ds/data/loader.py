@@ -53,15 +53,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from reclora_ds.batch import PAD_ID, RATING_SCALE, history_key
 from reclora_ds.data.histories import NO_ROW, RetrievedHistories
-from reclora_ds.data.preprocess import PAD_ID
 from reclora_ds.data.processed import ProcessedDataset, feature_columns
 
 log = logging.getLogger(__name__)
 
 HISTORY_MODES = ("recent", "retrieved")
-RATING_SCALE = 2  # hist_rating = round(RATING_SCALE * rating): half stars become integers
-RATING_BUCKETS = 11  # 0 = pad, 1..10 = 0.5..5 stars (1..5 star scales use the even buckets)
 DEFAULT_BUFFER_ROWS = 1 << 21  # rows shuffled together in memory (whole files)
 SAMPLE_COLUMNS = ("sample_id", "label", "user_index", "hist_len")
 
@@ -186,7 +184,7 @@ class CRMBatchLoader:
         for field in self.fields:
             if meta_fields[field]["source"] != "item":
                 continue
-            name = "hist_item" if field == "item_id" else f"hist_{field}"
+            name = history_key(field)
             ids = items.column(meta_fields[field]["column"]).to_numpy().astype(np.int64)
             self._item_tables[name] = np.append(ids, PAD_ID)  # [n_items + 1]; index n_items = pad
         tl = self.dataset.timelines

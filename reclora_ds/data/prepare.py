@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -14,13 +13,16 @@ from typing import Any
 import numpy as np
 
 from reclora_ds import __version__
-from reclora_ds.config import PrepareConfig, config_to_dict, save_config
+from reclora_ds.batch import OOV_ID, PAD_ID
+from reclora_ds.config import config_to_dict, save_config
+from reclora_ds.data.config import PrepareConfig
 from reclora_ds.data.errors import DropLog
-from reclora_ds.data.preprocess import OOV_ID, PAD_ID, SPLITS, Prepared, prepare
-from reclora_ds.data.processed import SCHEMA_VERSION, write_atomic, write_processed
+from reclora_ds.data.preprocess import SPLITS, Prepared, prepare
+from reclora_ds.data.processed import SCHEMA_VERSION, write_processed
 from reclora_ds.data.raw import read_raw
 from reclora_ds.data.report import plot_summary
 from reclora_ds.data.specs import DATASET_SPECS, DatasetSpec
+from reclora_ds.files import sha256_file, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +32,6 @@ HISTORY_COPY_LENGTH = 60  # what a per-sample copy of the long history would hol
 def bundled_dataset(name: str = "ml-latest-small") -> Path:
     """Folder of a dataset vendored in the package (``ml-latest-small``: real MovieLens, ML-25M layout)."""
     return Path(str(resources.files("reclora_ds") / "bundled" / name))
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def peak_rss_mib() -> float:
@@ -195,7 +189,7 @@ def prepare_dataset(cfg: PrepareConfig) -> PrepareResult:
     timings["write"] = time.perf_counter() - t0
     timings["total"] = sum(timings.values())
     timings["peak_rss_mib"] = peak_rss_mib()
-    write_atomic(
+    write_text_atomic(
         out / "run_info.json", json.dumps({"timings_s": timings, "reclora_ds_version": __version__}, indent=2)
     )
     return PrepareResult(out, metadata, timings)

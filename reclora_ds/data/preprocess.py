@@ -28,14 +28,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from reclora_ds.batch import OOV_ID
 from reclora_ds.data.errors import DropLog
 from reclora_ds.data.raw.base import RawData, RawInteractions
 from reclora_ds.data.specs import DatasetSpec
 
 log = logging.getLogger(__name__)
 
-PAD_ID = 0
-OOV_ID = 1
 SPLITS = ("train", "valid", "test")
 
 

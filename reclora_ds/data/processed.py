@@ -21,9 +21,7 @@ The ID view (CRM) and the text view (prompts) of a sample are joined by ``sample
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -37,6 +35,7 @@ from tqdm.auto import tqdm
 
 from reclora_ds.data.preprocess import SPLITS, Prepared
 from reclora_ds.data.specs import DatasetSpec
+from reclora_ds.files import sha256_file, write_text_atomic
 
 SCHEMA_VERSION = 1
 ALL_SPLITS = (*SPLITS, "fewshot")
@@ -55,13 +54,7 @@ def shard_names(split: str, n_rows: int, shards: int) -> list[str]:
 
 def metadata_sha256(data_dir: str | Path) -> str:
     """sha256 of a processed dataset's ``metadata.json`` (vocab sizes, splits, raw checksums): its identity."""
-    return hashlib.sha256((Path(data_dir) / "metadata.json").read_bytes()).hexdigest()
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
+    return sha256_file(Path(data_dir) / "metadata.json")
 
 
 def sample_table(p: Prepared, ids: np.ndarray, spec: DatasetSpec) -> pa.Table:
@@ -117,9 +110,9 @@ def write_processed(
         name: [v.item() if hasattr(v, "item") else v for v in vocab.values]
         for name, vocab in p.vocabs.items()
     }
-    write_atomic(out / "vocabs.json", json.dumps(vocabs, ensure_ascii=False))
+    write_text_atomic(out / "vocabs.json", json.dumps(vocabs, ensure_ascii=False))
     metadata = {**metadata, "shards": shards}
-    write_atomic(out / "metadata.json", json.dumps(metadata, indent=2, ensure_ascii=False))
+    write_text_atomic(out / "metadata.json", json.dumps(metadata, indent=2, ensure_ascii=False))
     return shards
 
 

@@ -33,13 +33,13 @@ from typing import Any
 
 import torch
 
+from reclora_ds.batch import IGNORE_INDEX, AnswerTokens
 from reclora_ds.data.text import stars
 
 log = logging.getLogger(__name__)
 
 ANSWER_YES = "Yes."
 ANSWER_NO = "No."
-IGNORE_INDEX = -100  # label of every token that is not an answer token (torch cross_entropy's default)
 # The prompt of a backbone without a chat template (Vicuna's format, as in the authors' code).
 FALLBACK_TEMPLATE = "USER: {body} ASSISTANT:"
 DEFAULT_MAX_LENGTH = 1024
@@ -148,30 +148,6 @@ def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     # A chat template writes its own special tokens (BOS included, where it has one): adding them again
     # would double them. A plain prompt gets the tokenizer's usual ones (a Llama BOS).
     return tokenizer(texts, add_special_tokens=not has_chat_template(tokenizer))["input_ids"]
-
-
-@dataclass(frozen=True)
-class AnswerTokens:
-    """Token ids of the two answers as they follow the assistant prompt.
-
-    Attributes:
-        yes_ids, no_ids: the ids of ``"Yes."`` and ``"No."`` (what the loss is computed on).
-        yes_id, no_id: their first tokens, whose logits give the score (Eq. 4 / 16).
-    """
-
-    yes_ids: tuple[int, ...]
-    no_ids: tuple[int, ...]
-
-    @property
-    def yes_id(self) -> int:
-        return self.yes_ids[0]
-
-    @property
-    def no_id(self) -> int:
-        return self.no_ids[0]
-
-    def ids(self, label: float | int | bool) -> tuple[int, ...]:
-        return self.yes_ids if float(label) > 0.5 else self.no_ids
 
 
 def resolve_answer_tokens(tokenizer: Any) -> AnswerTokens:

@@ -31,18 +31,13 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import nn
 
-from reclora_ds import cpu_kernels
+from reclora_ds.batch import PAD_ID, RATING_BUCKETS, history_key
+from reclora_ds.models import ops
 
 SEARCHES = ("soft", "hard", "precomputed")
 ITEM_MERGES = ("concat", "sum")
 FIELD_SOURCES = ("user", "item")
 
-# Loader contract (reclora_ds.data.loader): ``hist_rating`` = round(2 * rating), 1..10 for 0.5..5 stars,
-# 0 = pad, so 11 buckets.
-RATING_VOCAB_SIZE = 11
-# Encoded categorical ids: 0 = PAD, 1 = OOV, known values from 2 (reclora_ds.data.preprocess).
-PAD_ID = 0
-FIRST_KNOWN_ID = 2
 # Std of the normal init of every embedding table (small, so the first attention weights and inner
 # products start near zero instead of at the O(E) scale nn.Embedding's N(0, 1) gives).
 EMBEDDING_INIT_STD = 0.01
@@ -53,11 +48,6 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "ml-1m": {"embedding_dim": 64, "attention_layers": 1},
     "goodreads": {"embedding_dim": 32, "attention_layers": 1},
 }
-
-
-def history_key(field_name: str) -> str:
-    """Batch key of an item-side field over the history: ``hist_item`` for item_id, else ``hist_<field>``."""
-    return "hist_item" if field_name == "item_id" else f"hist_{field_name}"
 
 
 def _positive_int(value: Any) -> bool:
@@ -167,7 +157,7 @@ class FeatureSpec:
 
     fields: tuple[FieldSpec, ...]
     category_field: str | None = None
-    rating_vocab_size: int = RATING_VOCAB_SIZE
+    rating_vocab_size: int = RATING_BUCKETS
     _by_name: dict[str, FieldSpec] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -483,9 +473,9 @@ class TargetAttention(nn.Module):
         dropout_active = self.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.mlp)
         if len(self.mlp) == 3 and not dropout_active:
             # one hidden layer: the first layer's sum, ReLU, output layer, mask and weighted sum in one
-            # function (a C++ kernel once reclora_ds.cpu_kernels is loaded)
+            # function (ops.attention_pool: PyTorch ops, or an implementation a recipe registered)
             behaviour_term, target_term = self.first_layer_parts(target, behaviours)
-            return cpu_kernels.attention_pool(
+            return ops.attention_pool(
                 behaviour_term, target_term, self.out.weight[0], self.out.bias, mask, behaviours
             )
         weights = self.weights(target, behaviours, mask)  # [B, L]

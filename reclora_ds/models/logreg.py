@@ -24,7 +24,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from reclora_ds.models.crm import PAD_ID, CRMConfig, CRMOutput, FeatureSpec, history_key, require
+from reclora_ds.batch import PAD_ID, history_key
+from reclora_ds.models.crm import CRMConfig, CRMOutput, FeatureSpec, require
 
 
 class SumHead(nn.Module):

@@ -20,7 +20,7 @@ Forward (``plora``): ``R_c = CRM(ID view).hidden`` [B, d_c] under ``no_grad`` ->
 (so a left-padded row sees the same positions as alone) and only the last K positions go through the
 LM head. The loss is the causal-LM cross-entropy on the answer tokens only; the score is
 ``p(yes) = softmax([s_yes, s_no])[0]`` at ``answer_position`` (Eq. 4 / 16), with the token ids resolved from
-the tokenizer (:class:`reclora_ds.data.prompts.AnswerTokens`).
+the tokenizer (:class:`reclora_ds.batch.AnswerTokens`).
 
 Activation checkpointing recomputes the adapted layers during backward, so the gate weights must still be
 routed then: open :meth:`RecLLM.routing` around forward *and* backward (the recipe does)::
@@ -30,7 +30,8 @@ routed then: open :meth:`RecLLM.routing` around forward *and* backward (the reci
         loss.backward()
 
 Without an open routing block, ``forward`` opens one for its own duration (enough without checkpointing).
-The module is pure: :func:`build_rec_llm` loads the backbone, the tokenizer and the CRM checkpoint.
+The module is pure (no I/O): :func:`reclora_ds.training.rec_llm_io.build_rec_llm` loads the backbone, the
+tokenizer and the CRM checkpoint.
 """
 
 from __future__ import annotations
@@ -39,13 +40,13 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Iterator, Mapping
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reclora_ds.data.prompts import IGNORE_INDEX, AnswerTokens
+from reclora_ds.batch import IGNORE_INDEX, AnswerTokens
 from reclora_ds.models.inject import inject_plora, route_gate_inputs
 from reclora_ds.models.plora import PLoRAConfig, PLoRAGate
 
@@ -57,31 +58,30 @@ LM_BATCH_KEYS = ("input_ids", "attention_mask", "answer_position")
 
 @dataclasses.dataclass
 class RecLLMConfig:
-    """What a RecLLM is made of (module settings) and where :func:`build_rec_llm` loads it from."""
+    """What a RecLLM is made of: the adapter and how the frozen parts behave (no paths, no precision).
+
+    :class:`reclora_ds.training.plora_config.PLoRATrainConfig` inherits these fields; the stage-2 YAML
+    section sets them (``plora.mode``, ``plora.adapter.num_experts``...).
+    """
 
     mode: str = "plora"
-    """``plora`` (the paper's), ``lora`` (peft LoRA, "w/o meta-LoRA") or ``zero_shot`` (no adapter)."""
-    plora: PLoRAConfig = dataclasses.field(default_factory=PLoRAConfig)
-    """Bank and gate settings of mode ``plora``; ``crm_dim`` must be the CRM's d_c (build_rec_llm sets it)."""
+    """``plora`` (RecLoRA), ``lora`` (peft LoRA: "w/o meta-LoRA") or ``zero_shot`` (evaluation only)."""
+    adapter: PLoRAConfig = dataclasses.field(default_factory=PLoRAConfig)
+    """Bank and gate settings of mode ``plora`` (``reclora_ds.models.plora.PLoRAConfig``); ``crm_dim`` must
+    be the CRM's d_c (the loaders set it from the CRM checkpoint)."""
     lora_rank: int = 8
     """Rank of mode ``lora`` (8; 128 for "w/o meta-LoRA, same params")."""
     lora_alpha: float = 16.0
+    """LoRA scaling numerator of mode ``lora`` (peft ``lora_alpha``; the update is scaled by alpha / rank)."""
     lora_dropout: float = 0.0
+    """Dropout on the LoRA input of mode ``lora`` (peft ``lora_dropout``)."""
     lora_target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    """Module-name suffixes of the nn.Linear layers that mode ``lora`` adapts (peft ``target_modules``)."""
     crm_train_mode: bool = False
-    """Keep the frozen CRM in train mode (its dropout active, as in the authors' code); default eval mode."""
+    """Keep the frozen CRM's dropout active (the authors' code); default eval mode."""
     gradient_checkpointing: bool = False
-    """Recompute the LM's layers in backward (non-reentrant); backward must run inside ``routing``."""
-    backbone: str = "default"
-    """``default`` (SmolLM2-135M-Instruct) or a local Hugging Face causal-LM folder."""
-    crm_path: str = ""
-    """Stage-1 checkpoint (run folder or checkpoint folder) of mode ``plora``."""
-    dtype: str = "float32"
-    """Weights of the frozen LM: ``float32``, ``bfloat16`` or ``float16``."""
-    load_in_8bit: bool = False
-    """Load the frozen LM in 8 bits with bitsandbytes (CUDA only), as the paper does."""
-    attn_implementation: str = "sdpa"
-    """Attention kernel of the LM (``sdpa`` or ``eager``)."""
+    """Recompute the LM's layers in backward (non-reentrant; the paper uses it for N_m = 16); backward must
+    run inside ``routing``."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -92,11 +92,6 @@ class RecLLMConfig:
                 f"{self.lora_rank}, {self.lora_alpha}, {self.lora_dropout}"
             )
         self.lora_target_modules = tuple(self.lora_target_modules)
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
-
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class RecLLMOutput(NamedTuple):
@@ -153,7 +148,7 @@ class RecLLM(nn.Module):
 
     Example::
 
-        model = RecLLM(llm, resolve_answer_tokens(tokenizer), crm, RecLLMConfig(plora=PLoRAConfig(crm_dim=256)))
+        model = RecLLM(llm, resolve_answer_tokens(tokenizer), crm, RecLLMConfig(adapter=PLoRAConfig(crm_dim=256)))
         with model.routing(batch):
             out = model(batch)
             out.loss.backward()
@@ -178,10 +173,12 @@ class RecLLM(nn.Module):
         if self.mode == "plora":
             if crm is None:
                 raise ValueError("mode 'plora' needs the CRM whose state drives the gates")
-            crm_dim = getattr(crm, "hidden_dim", config.plora.crm_dim)
-            if crm_dim != config.plora.crm_dim:
-                raise ValueError(f"PLoRAConfig.crm_dim={config.plora.crm_dim} but the CRM's d_c is {crm_dim}")
-            inject_plora(llm, config.plora)  # freezes everything but the banks and gates
+            crm_dim = getattr(crm, "hidden_dim", config.adapter.crm_dim)
+            if crm_dim != config.adapter.crm_dim:
+                raise ValueError(
+                    f"PLoRAConfig.crm_dim={config.adapter.crm_dim} but the CRM's d_c is {crm_dim}"
+                )
+            inject_plora(llm, config.adapter)  # freezes everything but the banks and gates
         elif self.mode == "lora":
             from peft import LoraConfig, get_peft_model
 
@@ -319,61 +316,3 @@ class RecLLM(nn.Module):
     def score(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """p(yes) [B] (float32) of each sample: ``softmax([s_yes, s_no])[0]`` at the answer position."""
         return self.forward(batch).p_yes
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Loading
-# ----------------------------------------------------------------------------------------------------------
-
-
-def load_causal_lm(
-    backbone: str, dtype: str = "float32", load_in_8bit: bool = False, attn_implementation: str = "sdpa"
-) -> tuple[nn.Module, Any]:
-    """The frozen causal LM (eval mode, on the CPU unless 8-bit) and tokenizer of a backbone folder."""
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from reclora_ds.backbone import resolve_backbone
-
-    folder = resolve_backbone(backbone)
-    kwargs: dict[str, Any] = {"dtype": _DTYPES[dtype], "attn_implementation": attn_implementation}
-    if load_in_8bit:
-        if not torch.cuda.is_available():
-            raise RuntimeError(
-                "load_in_8bit=true needs a CUDA GPU (bitsandbytes 8-bit layers); none is available here. "
-                "Use load_in_8bit=false on CPU."
-            )
-        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(load_in_8bit=True)
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
-    llm = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
-    llm.eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    return llm, tokenizer
-
-
-def build_rec_llm(config: RecLLMConfig) -> tuple[RecLLM, Any, Any]:
-    """Load the backbone, its tokenizer and (mode ``plora``) the stage-1 CRM, and assemble a RecLLM.
-
-    ``config.plora.crm_dim`` is set to the CRM's d_c. Returns ``(model, tokenizer, crm_info)`` with the CRM
-    checkpoint's :class:`~reclora_ds.training.checkpoint.CRMCheckpointInfo` (``None`` without a CRM).
-    """
-    from reclora_ds.data.prompts import resolve_answer_tokens
-
-    llm, tokenizer = load_causal_lm(
-        config.backbone, config.dtype, config.load_in_8bit, config.attn_implementation
-    )
-    crm, crm_info = None, None
-    if config.mode == "plora":
-        if not config.crm_path:
-            raise ValueError("mode 'plora' needs crm_path (the stage-1 run or checkpoint folder)")
-        from reclora_ds.training.checkpoint import load_crm
-
-        crm, crm_info = load_crm(config.crm_path)
-        config = dataclasses.replace(
-            config, plora=dataclasses.replace(config.plora, crm_dim=crm_info.hidden_dim)
-        )
-    model = RecLLM(llm, resolve_answer_tokens(tokenizer), crm, config)
-    n_train = sum(p.numel() for p in model.trainable_parameters().values())
-    n_all = sum(p.numel() for p in model.parameters())
-    log.info("RecLLM mode=%s: %s trainable of %s parameters", config.mode, f"{n_train:,}", f"{n_all:,}")
-    return model, tokenizer, crm_info

@@ -49,15 +49,14 @@ from collections.abc import Mapping
 
 import torch
 
-from reclora_ds import cpu_kernels
+from reclora_ds.batch import FIRST_KNOWN_ID, history_key
+from reclora_ds.models import ops
 from reclora_ds.models.crm import (
-    FIRST_KNOWN_ID,
     Behaviours,
     CRMConfig,
     CRMOutput,
     FeatureSpec,
     gather_rows,
-    history_key,
     require,
 )
 from reclora_ds.models.din import DIN
@@ -116,7 +115,7 @@ class SIM(DIN):
         sum over fields: ``sum_f <T_f[target_f], T_f[h_j,f]>`` (concat) or ``sum_f <t, T_f[h_j,f]>`` with
         ``t = sum_g T_g[target_g]`` (sum). A field whose table has no more rows than the window (a genre)
         is scored against its whole table once and its scores gathered per position; a larger one row by
-        row (:func:`reclora_ds.cpu_kernels.gather_dot`: a C++ kernel under ``no_grad`` once loaded).
+        row (:func:`reclora_ds.models.ops.gather_dot`).
 
         Differentiable (an auxiliary loss may use it); :meth:`search` calls it under ``no_grad``.
         ``behaviours``: the batch's history when the caller already has it (else read from ``batch``).
@@ -137,7 +136,7 @@ class SIM(DIN):
             if table.shape[0] <= ids.shape[1]:
                 scores = scores + (target @ table.T).gather(1, ids)  # [B, V] -> [B, L]
             else:
-                scores = scores + cpu_kernels.gather_dot(table, ids, target)  # [B, L]
+                scores = scores + ops.gather_dot(table, ids, target)  # [B, L]
         return scores.masked_fill(~behaviours.mask, float("-inf"))
 
     @torch.no_grad()

@@ -3,10 +3,10 @@
 One file drives the whole run (``launch/configs/quickstart.yaml``)::
 
     pipeline:   PipelineConfig (below): run name, ranks, launcher, which stage-2 modes, index
-    prepare:    PrepareConfig            (reclora_ds.config)
-    sim:        CRMTrainConfig           (reclora_ds.config)
+    prepare:    PrepareConfig            (reclora_ds.data.config)
+    sim:        CRMTrainConfig           (reclora_ds.training.crm_config)
     embeddings: ItemEmbeddingConfig      (reclora_ds.retrieval.embeddings)
-    plora:      PLoRATrainConfig         (reclora_ds.config), shared by every mode of ``pipeline.modes``
+    plora:      PLoRATrainConfig         (reclora_ds.training.plora_config), shared by every mode of ``pipeline.modes``
 
 Command-line overrides are dotted keys under those sections (``sim.epochs=2 plora.max_steps=10
 pipeline.nproc=1``). The paths that connect the stages (data, CRM, retrieval and output folders, and each
@@ -24,19 +24,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from reclora_ds.config import (
-    ConfigError,
-    CRMTrainConfig,
-    PLoRATrainConfig,
-    PrepareConfig,
-    config_from_dict,
-    merge,
-    parse_overrides,
-    read_yaml_mapping,
-)
+from reclora_ds.config import ConfigError, config_from_dict, merge, parse_overrides, read_yaml_mapping
+from reclora_ds.data.config import PrepareConfig
+from reclora_ds.models.rec_llm import MODES
 from reclora_ds.retrieval.embeddings import ItemEmbeddingConfig
-
-MODES = ("zero_shot", "lora", "plora")
+from reclora_ds.training.crm_config import CRMTrainConfig
+from reclora_ds.training.plora_config import PLoRATrainConfig
 
 
 @dataclasses.dataclass

@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from reclora_ds.distributed import free_port
+from reclora_ds.files import write_json_atomic
 from reclora_ds.pipeline.config import PipelineSettings
-from reclora_ds.pipeline.stages import ROOT, Command, Stage, build_stages, stage_env
+from reclora_ds.pipeline.stages import Command, Stage, build_stages, stage_env
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +66,20 @@ def stage_hash(stage: Stage, input_hashes: dict[str, str], fingerprint: str) -> 
 
 
 def launch_argv(command: Command, nproc: int, launcher: str, plora_launcher: str) -> list[str]:
-    """The argv of one command: one process, or ``nproc`` ranks under torchrun / deepspeed / Slurm."""
+    """The argv of one command: one process, or ``nproc`` ranks under torchrun / deepspeed / Slurm.
+
+    Every launcher runs the command's package module, as ``python -m`` does: ``torchrun -m``, the DeepSpeed
+    launcher's ``--module``, and ``reclora_launch -m`` of ``launch/slurm/common.sh``.
+    """
     py = sys.executable
     if command.kind == "python" or (nproc == 1 and launcher == "local"):
-        return [py, command.script, *command.args]
+        return [py, "-m", command.module, *command.args]
     if launcher == "slurm":  # a job step per stage, through launch/slurm/common.sh (RECLORA_LAUNCHER picks)
-        return ["bash", "-c", SLURM_LAUNCH, "reclora-stage", command.script, *command.args]
+        return ["bash", "-c", SLURM_LAUNCH, "reclora-stage", "-m", command.module, *command.args]
     if command.kind == "deepspeed" and plora_launcher == "deepspeed":
         return [
             py, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", str(free_port()),
-            command.script, *command.args,
+            "--module", command.module, *command.args,
         ]  # fmt: skip
     return [
         py,
@@ -83,7 +88,8 @@ def launch_argv(command: Command, nproc: int, launcher: str, plora_launcher: str
         "--standalone",
         "--nproc_per_node",
         str(nproc),
-        command.script,
+        "-m",
+        command.module,
         *command.args,
     ]
 
@@ -111,10 +117,7 @@ class PipelineRunner:
 
     def _write_record(self, name: str, record: dict[str, Any]) -> None:
         self.records.mkdir(parents=True, exist_ok=True)
-        path = self.records / f"{name}.json"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, path)
+        write_json_atomic(self.records / f"{name}.json", record)
 
     def plan(self) -> list[PlannedStage]:
         """Each stage with its hash and what a run will do with it (fingerprints are computed here)."""
@@ -213,8 +216,8 @@ class PipelineRunner:
         return [s.name for s in self.stages].index(stage.name)
 
     def _stream(self, argv: list[str], env: dict[str, str], logf: Any) -> int:
-        """Run ``argv`` from the repository root; copy its output to this terminal and the log as it comes."""
-        child = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        """Run ``argv`` in this working directory; copy its output to this terminal and the log as it comes."""
+        child = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self._child = child
         previous = {sig: signal.signal(sig, self._forward) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:

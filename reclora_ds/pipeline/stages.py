@@ -7,15 +7,15 @@ retrieval over the whole lifelong history), and stage 2 feeds the frozen CRM the
 
 Each :class:`Stage` knows its output folder (``<runs_dir>/<name>/<stage>``), the stages it reads, the
 resolved settings that shape its output (hashed by :mod:`reclora_ds.pipeline.runner`, together with its
-inputs' hashes) and the commands that produce it: ``launch/train_sim.py`` and
-``tools/extract_item_embeddings.py`` on ``nproc`` ranks (torchrun), ``launch/train_plora.py`` under the
-DeepSpeed launcher, the other tools as one process. The ``report`` stage runs in the pipeline's process.
+inputs' hashes) and the commands that produce it, each a module of the installed package
+(:mod:`reclora_ds.commands`, so no checkout is needed): ``train_sim`` and ``extract_item_embeddings`` on
+``nproc`` ranks (``torchrun -m``), ``train_plora`` under the DeepSpeed launcher (``--module``), the others as
+one process (``python -m``). The ``report`` stage runs in the pipeline's process.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -24,19 +24,20 @@ from typing import Any
 import yaml
 
 from reclora_ds.config import config_to_dict
+from reclora_ds.files import files_fingerprint
 from reclora_ds.pipeline.config import PipelineSettings
 
-# The repository root: launch/ and tools/ sit beside the package (pip install -e . from a clone).
-ROOT = Path(__file__).resolve().parents[2]
+COMMANDS = "reclora_ds.commands"  # the package of the entry-point modules the stages run
 CONFIG_FILE = "stage_config.yaml"  # the resolved config a stage's command reads, in the stage folder
 
 
 @dataclasses.dataclass
 class Command:
-    """One program a stage runs: ``kind`` picks the launcher (``python``: one process; ``torchrun`` /
-    ``deepspeed``: ``nproc`` ranks, see :func:`reclora_ds.pipeline.runner.launch_argv`)."""
+    """One program a stage runs: the package module ``module`` (run as ``python -m module args``); ``kind``
+    picks the launcher (``python``: one process; ``torchrun`` / ``deepspeed``: ``nproc`` ranks, see
+    :func:`reclora_ds.pipeline.runner.launch_argv`)."""
 
-    script: str
+    module: str
     args: list[str]
     kind: str = "python"
 
@@ -62,16 +63,6 @@ class Stage:
     write_files: dict[str, str] = dataclasses.field(default_factory=dict)
     fingerprint: Callable[[], str] | None = None
     run_inline: Callable[[], None] | None = None
-
-
-def files_fingerprint(folder: Path, paths: list[Path]) -> str:
-    """sha256 over the relative names, sizes and modification times of ``paths`` under ``folder``.
-
-    Metadata, not contents: a plan stays instant on raw data of many GB (``prepare`` records the files'
-    content sha256 in its metadata.json). Replacing or editing a file changes its size or mtime.
-    """
-    listing = sorted(f"{p.relative_to(folder)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in paths)
-    return hashlib.sha256("\n".join(listing).encode()).hexdigest()
 
 
 def raw_files_fingerprint(raw_dir: str) -> str:
@@ -156,7 +147,7 @@ def build_stages(settings: PipelineSettings, run_report: Callable[[], None] | No
             "prepare",
             (),
             {"prepare": config_to_dict(prepare)},
-            [Command("-m", ["reclora_ds", "prepare", "--config", str(d["prepare"] / CONFIG_FILE)])],
+            [Command("reclora_ds", ["prepare", "--config", str(d["prepare"] / CONFIG_FILE)])],
             {CONFIG_FILE: _yaml("prepare", prepare)},
             fingerprint=lambda: raw_files_fingerprint(prepare.raw_dir),
         ),
@@ -164,9 +155,7 @@ def build_stages(settings: PipelineSettings, run_report: Callable[[], None] | No
             "backbone",
             (),
             {"backbone": settings.plora.backbone},
-            [Command(str(ROOT / "tools" / "prepare_backbone.py"), [])]
-            if settings.plora.backbone == "default"
-            else [],
+            [Command(f"{COMMANDS}.prepare_backbone", [])] if settings.plora.backbone == "default" else [],
             fingerprint=lambda: backbone_fingerprint(settings.plora.backbone),
         ),
     ]
@@ -178,7 +167,7 @@ def build_stages(settings: PipelineSettings, run_report: Callable[[], None] | No
                 {"embeddings": config_to_dict(embeddings)},
                 [
                     Command(
-                        str(ROOT / "tools" / "extract_item_embeddings.py"),
+                        f"{COMMANDS}.extract_item_embeddings",
                         ["--dataset", str(d["prepare"]), "--out", str(d["embeddings"]), *_as_overrides(embeddings)],
                         "torchrun",
                     )
@@ -190,7 +179,7 @@ def build_stages(settings: PipelineSettings, run_report: Callable[[], None] | No
                 {"kind": p.index_kind, "pca_components": p.pca_components},
                 [
                     Command(
-                        str(ROOT / "tools" / "build_faiss_index.py"),
+                        f"{COMMANDS}.build_faiss_index",
                         [
                             "--embeddings", str(d["embeddings"]), "--out", str(d["index"]),
                             "--processed", str(d["prepare"]), "--kind", p.index_kind,
@@ -205,7 +194,7 @@ def build_stages(settings: PipelineSettings, run_report: Callable[[], None] | No
                 {"ks": list(ks)},
                 [
                     Command(
-                        str(ROOT / "tools" / "retrieve_histories.py"),
+                        f"{COMMANDS}.retrieve_histories",
                         [
                             "--processed", str(d["prepare"]), "--index", str(d["index"]),
                             "--ks", *map(str, ks), "--out", str(d["retrieval"]),
@@ -220,7 +209,7 @@ def build_stages(settings: PipelineSettings, run_report: Callable[[], None] | No
             "sim",
             crm_inputs,
             {"sim": config_to_dict(sim)},
-            [Command(str(ROOT / "launch" / "train_sim.py"), ["--config", str(d["sim"] / CONFIG_FILE)], "torchrun")],
+            [Command(f"{COMMANDS}.train_sim", ["--config", str(d["sim"] / CONFIG_FILE)], "torchrun")],
             {CONFIG_FILE: _yaml(None, sim)},
         )
     )  # fmt: skip
@@ -238,19 +227,11 @@ def build_stages(settings: PipelineSettings, run_report: Callable[[], None] | No
                 mode,
                 ("prepare", "backbone", "sim", *retrieval),
                 {"plora": config_to_dict(cfg)},
-                [Command(str(ROOT / "launch" / "train_plora.py"), ["--config", str(run / mode / CONFIG_FILE)], "deepspeed")],
+                [Command(f"{COMMANDS}.train_plora", ["--config", str(run / mode / CONFIG_FILE)], "deepspeed")],
                 {CONFIG_FILE: _yaml("plora", cfg)},
             )
         )  # fmt: skip
     stages.append(Stage("report", ("sim", *p.modes), {"modes": list(p.modes)}, run_inline=run_report))
-    missing = [
-        c.script for s in stages for c in s.commands if c.script != "-m" and not Path(c.script).is_file()
-    ]
-    if missing:
-        raise FileNotFoundError(
-            f"the pipeline runs the repository's scripts, and {missing[0]} is missing: run it from a clone "
-            f"installed with `pip install -e .` (found the package at {ROOT})"
-        )
     return stages
 
 

@@ -1,26 +1,21 @@
-"""Item embeddings -> PCA -> FAISS index (``index``), and the Long-Short Modality Retriever (``retriever``)."""
+"""Item embeddings -> PCA (``index_space``) -> FAISS index (``index``), and the Long-Short Modality Retriever
+(``engine`` on arrays, ``retriever`` on a processed dataset)."""
 
 from reclora_ds.data.histories import RetrievedHistories, load_retrieved
+from reclora_ds.retrieval.engine import K_LONG, K_SHORT, retrieve_rows
+from reclora_ds.retrieval.errors import RetrievalInputError
 from reclora_ds.retrieval.index import (
-    PCA,
     ItemEmbeddings,
     LoadedIndex,
-    RetrievalInputError,
     build_index,
-    fit_pca,
     load_index,
     load_item_embeddings,
     raw_item_ids,
     recall_at_k,
     save_index,
-    to_index_space,
 )
-from reclora_ds.retrieval.retriever import (
-    K_LONG,
-    K_SHORT,
-    retrieve_histories,
-    retrieve_rows,
-)
+from reclora_ds.retrieval.index_space import PCA, fit_pca, to_index_space
+from reclora_ds.retrieval.retriever import retrieve_histories
 
 __all__ = [
     "K_LONG",

@@ -43,12 +43,10 @@ world size have other names and are ignored.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +58,8 @@ from tqdm.auto import tqdm
 
 from reclora_ds import __version__
 from reclora_ds.distributed import all_gather_variable, broadcast_object, dist_info
+from reclora_ds.files import save_npy_atomic, sha256_file, write_json_atomic
+from reclora_ds.llm_loader import load_causal_lm, rank_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,6 @@ SHARDING = "contiguous: rank r embeds item_index [r*n//W, (r+1)*n//W)"
 TEXT_COLUMN = "description"
 BACKBONE_CHECKSUM_FILES = ("reclora_backbone.json", "config.json")  # the first one present is hashed
 _HASH_CHUNK_BYTES = 4 << 20
-_TRANSFORMERS_WITH_DTYPE_KWARG = (4, 56)  # `torch_dtype=` was renamed `dtype=` here
 
 
 @dataclass
@@ -288,49 +287,17 @@ def _pad_id(tokenizer: Any) -> int:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto`` -> bfloat16 on CUDA, float32 elsewhere."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-
-
-def default_device() -> torch.device:
-    """This rank's CUDA device (set by ``init_distributed``) when there is one, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def load_backbone(
     backbone_dir: str | os.PathLike[str], config: ItemEmbeddingConfig, device: torch.device | None = None
 ) -> tuple[torch.nn.Module, Any]:
-    """The causal LM (eval mode, on ``device``) and tokenizer of a Hugging Face folder."""
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    device = device or default_device()
-    torch_dtype = resolve_dtype(config.dtype, device)
-    version = tuple(int(part) for part in transformers.__version__.split(".")[:2])
-    kwargs: dict[str, Any] = {
-        ("dtype" if version >= _TRANSFORMERS_WITH_DTYPE_KWARG else "torch_dtype"): torch_dtype
-    }
-    if config.load_in_8bit:
-        if device.type != "cuda":
-            raise ValueError(
-                "load_in_8bit=true needs a CUDA GPU (bitsandbytes 8-bit inference); this process runs on "
-                f"{device}. Use load_in_8bit=false on CPU."
-            )
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-        kwargs["device_map"] = {"": device}
-    model = AutoModelForCausalLM.from_pretrained(str(backbone_dir), **kwargs)
-    if not config.load_in_8bit:
-        model.to(device)
-    model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(backbone_dir))
-    return model, tokenizer
+    """The causal LM (eval mode, on ``device``) and tokenizer of a Hugging Face folder, with the config's dtype
+    and 8-bit setting (:func:`reclora_ds.llm_loader.load_causal_lm`)."""
+    return load_causal_lm(
+        str(backbone_dir),
+        dtype=config.dtype,
+        device=device or rank_device(),
+        load_in_8bit=config.load_in_8bit,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -338,46 +305,12 @@ def load_backbone(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while chunk := stream.read(_HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _temporary_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def save_npy_atomic(path: Path, array: np.ndarray) -> str:
-    """``np.save`` through a temporary file and ``os.replace``; return the sha256 of the file written."""
-    temporary = _temporary_name(path)
-    try:
-        with open(temporary, "wb") as stream:
-            np.save(stream, array)
-        sha256 = file_sha256(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return sha256
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    temporary = _temporary_name(path)
-    try:
-        temporary.write_text(json.dumps(payload, indent=2) + "\n")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def backbone_checksum(backbone_dir: Path) -> dict[str, str]:
     """sha256 of the backbone's manifest (``reclora_backbone.json``, which lists every file's sha256) or,
     for a folder without one, of its ``config.json``."""
     for name in BACKBONE_CHECKSUM_FILES:
         if (backbone_dir / name).is_file():
-            return {"file": name, "sha256": file_sha256(backbone_dir / name)}
+            return {"file": name, "sha256": sha256_file(backbone_dir / name)}
     raise FileNotFoundError(f"backbone folder {backbone_dir} has neither of {BACKBONE_CHECKSUM_FILES}")
 
 
@@ -445,14 +378,14 @@ def read_inputs(
         "backbone": str(backbone_dir),
         "backbone_checksum": backbone_checksum(backbone_dir),
         "dataset": str(dataset_dir),
-        "dataset_metadata_sha256": file_sha256(dataset_dir / "metadata.json"),
+        "dataset_metadata_sha256": sha256_file(dataset_dir / "metadata.json"),
         "text_column": TEXT_COLUMN,
         "n_items": len(descriptions),
         "limit_items": config.limit_items,
         "pooling": POOLING,
         "max_length": config.max_length,
         "add_special_tokens": config.add_special_tokens,
-        "dtype": str(resolve_dtype(config.dtype, device or default_device())).removeprefix("torch."),
+        "dtype": str(resolve_dtype(config.dtype, device or rank_device())).removeprefix("torch."),
         "load_in_8bit": config.load_in_8bit,
     }
     return ExtractionInputs(dataset_dir, backbone_dir, descriptions, item_ids, fingerprint)
@@ -477,7 +410,7 @@ def check_shard(shard_dir: Path, rank: int, world_size: int, fingerprint: dict[s
         return f"{json_path.name} was made from other inputs (differs in {changed})"
     if not npy_path.is_file():
         return f"{npy_path.name} is missing"
-    actual = file_sha256(npy_path)
+    actual = sha256_file(npy_path)
     if actual != meta.get("sha256"):
         return f"{npy_path.name} has sha256 {actual}, its JSON says {meta.get('sha256')}"
     return None
@@ -632,7 +565,7 @@ def extract_item_embeddings(
     info = dist_info()
     out_dir = Path(out_dir).expanduser()
     shard_dir = Path(config.shard_dir).expanduser() if config.shard_dir else out_dir / "shards"
-    device = device or default_device()
+    device = device or rank_device()
     error: Exception | None = None
     try:
         inputs = read_inputs(dataset_dir, config, device)

@@ -1,32 +1,26 @@
-"""Item embeddings -> PCA -> unit vectors on an exact grid -> FAISS index, with a checked sidecar.
+"""FAISS index over the index-space item vectors, saved with a checked sidecar; the item-embeddings reader.
 
-Pipeline (paper §3.4: LLM hidden states, PCA "for dimension reduction and denoising", cosine similarity)::
+Pipeline::
 
     emb = load_item_embeddings("runs/ml25m/emb")             # float32 [n_items, d], checksum-verified
     pca = fit_pca(emb.vectors, n_components=512)             # mean, components, explained variance
     vecs = to_index_space(pca, emb.vectors)                  # PCA -> L2-normalise -> snap to the 2^-12 grid
     index = build_index(vecs, kind="hnsw")                   # inner product = cosine
-    save_index("runs/ml25m/index", index, pca, sidecar_for(emb, index, pca, kind="hnsw"))
+    save_index("runs/ml25m/index", index, pca, make_sidecar(index, pca, emb.meta))
     loaded = load_index("runs/ml25m/index", expected_embeddings_sha256=emb.sha256)
+
+(``fit_pca`` and ``to_index_space``: :mod:`reclora_ds.retrieval.index_space`, which also says why the
+scores are exact.)
 
 Ids: FAISS id ``i`` is row ``i`` of ``embeddings.npy`` is the item with dense ``item_index == i`` in the
 processed dataset's ``items.parquet`` (0-based). The raw item id (a MovieLens movieId) is
 ``items.parquet["item"][i]``: :func:`raw_item_ids` does that lookup, never ``i + 1``.
-
-Exact scores: the unit vectors are rounded onto multiples of ``2**-SCORE_GRID_BITS`` with every norm
-``<= 1``. Each product of two coordinates is then a multiple of ``2**-24`` and every partial sum of a dot
-product has magnitude ``<= 1`` (Cauchy-Schwarz), so float32 represents it exactly: a dot product computed in
-any order, blocking, thread count or device (BLAS, FAISS, torch, a Python loop) gives the same bits. Ties
-are therefore real ties (identical items), which the retriever breaks by recency. The rounding moves a
-cosine by about 1e-4. (TF32 matmuls would break exactness: they keep 10 mantissa bits, the grid needs 13.)
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,11 +29,12 @@ import faiss
 import numpy as np
 
 from reclora_ds import __version__
+from reclora_ds.files import atomic_file, sha256_file, write_text_atomic
+from reclora_ds.retrieval.errors import RetrievalInputError
+from reclora_ds.retrieval.index_space import PCA, SCORE_GRID_BITS
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PCA_COMPONENTS = 512  # the authors' code
-SCORE_GRID_BITS = 12
 INDEX_KINDS = ("flat", "hnsw", "ivf")
 DEFAULT_INDEX_KIND = "hnsw"
 METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
@@ -48,26 +43,6 @@ IVF_DEFAULTS = {"nprobe": 32}  # nlist defaults to ~4 sqrt(n), see default_nlist
 IVF_MIN_POINTS_PER_LIST = 39  # FAISS warns below this many training points per centroid
 INDEX_FORMAT_VERSION = 1
 EMBEDDINGS_REQUIRED_KEYS = ("n_items", "dim", "backbone", "sha256", "dataset")
-_HASH_CHUNK = 1 << 22
-
-
-class RetrievalInputError(ValueError):
-    """An embeddings, index or retrieval directory is missing, incomplete, or belongs to other inputs."""
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_HASH_CHUNK):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write ``path`` through a temporary file and ``os.replace`` (readers never see half a file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -139,146 +114,6 @@ def load_item_embeddings(directory: str | Path, expected_n_items: int | None = N
             bad = start + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
             raise RetrievalInputError(f"{npy}: row {bad} (item_index {bad}) has NaN or inf values")
     return ItemEmbeddings(vectors=vectors, meta=meta, path=d)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# PCA and the index space
-# ----------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PCA:
-    """A fitted PCA: ``transform(x) = (x - mean) @ components.T``.
-
-    Fitted from the float64 covariance by a symmetric eigendecomposition; each component's sign is fixed
-    so that its largest-magnitude coordinate is positive, so refits give the same basis.
-    """
-
-    mean: np.ndarray  # float64 [d_in]
-    components: np.ndarray  # float64 [k, d_in], rows = principal axes, by decreasing variance
-    explained_variance: np.ndarray  # float64 [k]
-    total_variance: float
-
-    @property
-    def n_components(self) -> int:
-        return int(self.components.shape[0])
-
-    @property
-    def input_dim(self) -> int:
-        return int(self.components.shape[1])
-
-    @property
-    def explained_variance_ratio(self) -> np.ndarray:
-        return (
-            self.explained_variance / self.total_variance
-            if self.total_variance > 0
-            else self.explained_variance * 0
-        )
-
-    def transform(self, x: np.ndarray, block_rows: int = 1 << 15) -> np.ndarray:
-        """Project rows of ``x`` [n, d_in] -> float64 [n, k] (blocked to bound memory)."""
-        if x.ndim != 2 or x.shape[1] != self.input_dim:
-            raise RetrievalInputError(f"PCA expects [n, {self.input_dim}] inputs, got {x.shape}")
-        out = np.empty((x.shape[0], self.n_components), dtype=np.float64)
-        for s in range(0, x.shape[0], block_rows):
-            out[s : s + block_rows] = (
-                np.asarray(x[s : s + block_rows], dtype=np.float64) - self.mean
-            ) @ self.components.T
-        return out
-
-    def save(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(
-            tmp,
-            mean=self.mean,
-            components=self.components,
-            explained_variance=self.explained_variance,
-            total_variance=np.float64(self.total_variance),
-        )
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path: Path) -> PCA:
-        with np.load(path) as z:
-            return cls(
-                mean=z["mean"],
-                components=z["components"],
-                explained_variance=z["explained_variance"],
-                total_variance=float(z["total_variance"]),
-            )
-
-
-def fit_pca(x: np.ndarray, n_components: int = DEFAULT_PCA_COMPONENTS, block_rows: int = 1 << 15) -> PCA:
-    """PCA of the rows of ``x`` [n, d] with ``min(n_components, d, n)`` components (deterministic).
-
-    The covariance is accumulated in float64 over row blocks (memory O(d^2), fine for LLM widths), then
-    ``numpy.linalg.eigh``; explained variance uses the ``n - 1`` denominator like scikit-learn.
-    """
-    if x.ndim != 2 or x.shape[0] == 0:
-        raise RetrievalInputError(f"fit_pca needs a non-empty 2-D array, got shape {x.shape}")
-    n, d = x.shape
-    k = min(n_components, d, n)
-    mean = np.zeros(d, dtype=np.float64)
-    for s in range(0, n, block_rows):
-        mean += np.asarray(x[s : s + block_rows], dtype=np.float64).sum(axis=0)
-    mean /= n
-    cov = np.zeros((d, d), dtype=np.float64)
-    for s in range(0, n, block_rows):
-        xc = np.asarray(x[s : s + block_rows], dtype=np.float64) - mean
-        cov += xc.T @ xc
-    evals, evecs = np.linalg.eigh(cov)  # ascending
-    top = np.argsort(evals, kind="stable")[::-1][:k]
-    components = evecs[:, top].T.copy()  # [k, d]
-    flip = np.sign(components[np.arange(k), np.abs(components).argmax(axis=1)])
-    components *= np.where(flip == 0, 1.0, flip)[:, None]
-    denom = max(n - 1, 1)
-    return PCA(
-        mean=mean,
-        components=components,
-        explained_variance=np.clip(evals[top], 0, None) / denom,
-        total_variance=float(np.trace(cov)) / denom,
-    )
-
-
-def snap_unit_rows(y: np.ndarray, bits: int = SCORE_GRID_BITS) -> np.ndarray:
-    """L2-normalise rows, then round them onto the ``2**-bits`` grid with norm <= 1 (float32 result).
-
-    Rows that round to a norm above 1 are shrunk by ``2**-bits`` steps until they fit (a few rows, once or
-    twice). Zero rows stay zero. See the module docstring for why this makes every score exact.
-    """
-    y = np.asarray(y, dtype=np.float64)
-    norms = np.linalg.norm(y, axis=1, keepdims=True)
-    zero = norms[:, 0] == 0
-    if zero.any():
-        log.warning(
-            "%d vectors are zero after PCA (identical to the mean); they score 0 with everything", zero.sum()
-        )
-    unit = y / np.where(norms == 0, 1.0, norms)
-    scale = float(1 << bits)
-    q = np.rint(unit * scale)
-    shrink = np.ones(len(q))
-    for _ in range(64):
-        over = (q * q).sum(axis=1) > scale * scale  # integer-valued float64 sums: exact
-        if not over.any():
-            break
-        shrink[over] -= 1.0 / scale
-        q[over] = np.rint(unit[over] * scale * shrink[over, None])
-    else:  # pragma: no cover - needs a pathological input
-        raise RuntimeError("could not fit vectors inside the unit ball on the score grid")
-    return (q / scale).astype(np.float32)
-
-
-def on_score_grid(vectors: np.ndarray, bits: int = SCORE_GRID_BITS) -> bool:
-    """Whether ``vectors`` are grid-snapped unit vectors (their dot products are exact in float32)."""
-    scaled = np.asarray(vectors, dtype=np.float64) * (1 << bits)
-    return bool(
-        np.array_equal(scaled, np.rint(scaled)) and ((scaled * scaled).sum(axis=1) <= (1 << bits) ** 2).all()
-    )
-
-
-def to_index_space(pca: PCA, x: np.ndarray) -> np.ndarray:
-    """Embeddings [n, d_in] -> the vectors the index holds: PCA, L2-normalise, snap (float32 [n, k])."""
-    return snap_unit_rows(pca.transform(x))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -481,12 +316,11 @@ def save_index(directory: str | Path, index: faiss.Index, pca: PCA, sidecar: dic
         raise ValueError(
             f"sidecar says {sidecar['count']} x {sidecar['dimension']}, index has {cpu.ntotal} x {cpu.d}"
         )
-    tmp = d / "index.faiss.tmp"
-    faiss.write_index(cpu, str(tmp))
-    os.replace(tmp, d / "index.faiss")
+    with atomic_file(d / "index.faiss") as tmp:
+        faiss.write_index(cpu, str(tmp))
     pca.save(d / "pca.npz")
     files = {name: sha256_file(d / name) for name in ("index.faiss", "pca.npz")}
-    write_atomic(d / "index.json", json.dumps({**sidecar, "files": files}, indent=2))
+    write_text_atomic(d / "index.json", json.dumps({**sidecar, "files": files}, indent=2))
     return d
 
 

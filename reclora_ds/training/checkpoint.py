@@ -11,7 +11,7 @@ A checkpoint is a folder::
                          every rank's RNG states, best metric, patience counter, per-epoch history
 
 :func:`load_crm` rebuilds the model from ``crm.json`` alone and loads the weights with strict key and
-shape checks. Folders are written atomically (:func:`atomic_dir`): into a temporary sibling, then
+shape checks. Folders are written atomically (:func:`reclora_ds.files.atomic_dir`): into a temporary sibling, then
 renamed over the old one, so a process killed at any moment leaves a complete checkpoint behind
 (:func:`resolve_checkpoint` finds it).
 
@@ -21,13 +21,10 @@ so it loads with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import os
 import random
-import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +34,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from reclora_ds import cpu_kernels
 from reclora_ds.data.histories import load_retrieved
+from reclora_ds.files import atomic_dir, resolve_old
 from reclora_ds.models.crm import CRMConfig, FeatureSpec, FieldSpec
 from reclora_ds.models.registry import build_crm
 
@@ -47,7 +44,6 @@ CRM_FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 INFO_FILE = "crm.json"
 TRAINER_STATE_FILE = "trainer_state.pt"
-_TMP_SUFFIX, _OLD_SUFFIX = ".tmp", ".old"
 
 
 class CheckpointError(RuntimeError):
@@ -180,56 +176,19 @@ def _plain(value: Any) -> Any:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _fsync_tree(path: Path) -> None:
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        with open(file, "rb") as f:
-            os.fsync(f.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Write a folder atomically: yields an empty temporary sibling to fill; on success it replaces ``path``.
-
-    The old folder is renamed aside (``<name>.old``), the new one renamed into place, and the old one
-    deleted. A process killed at any point leaves either the old or the new complete folder (under its
-    own name or as ``<name>.old``; :func:`resolve_checkpoint` looks at both). On an exception the
-    temporary folder is removed and ``path`` is untouched.
-    """
-    path = Path(path)
-    tmp = path.with_name(path.name + _TMP_SUFFIX)
-    old = path.with_name(path.name + _OLD_SUFFIX)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if path.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)  # the atomic step
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def resolve_checkpoint(path: str | Path) -> Path:
     """The complete checkpoint folder for ``path``.
 
     ``path`` may be a checkpoint folder, its ``.old`` twin left by a kill between the two renames of
-    :func:`atomic_dir`, or a run folder (then ``checkpoints/best`` is taken).
+    :func:`reclora_ds.files.atomic_dir`, or a run folder (then ``checkpoints/best`` is taken).
     """
     path = Path(path)
-    if (path / "checkpoints" / "best").exists() or (path / "checkpoints" / ("best" + _OLD_SUFFIX)).exists():
-        path = path / "checkpoints" / "best"
+    best = path / "checkpoints" / "best"
+    if resolve_old(best).exists():
+        path = best
     if (path / INFO_FILE).is_file():
         return path
-    old = path.with_name(path.name + _OLD_SUFFIX)
+    old = resolve_old(path)
     if (old / INFO_FILE).is_file():
         return old
     raise CheckpointError(f"{path}: no CRM checkpoint here (no {INFO_FILE})")
@@ -310,11 +269,9 @@ def load_crm(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.M
     """Rebuild a CRM from a checkpoint folder alone (no dataset needed); returns ``(model in eval mode, info)``.
 
     ``path``: a checkpoint folder (``checkpoints/best``, ``checkpoints/last``) or a run folder (its best).
-    On the CPU it also loads :mod:`reclora_ds.cpu_kernels` (built on first use), so every stage that reads a
-    CRM computes its states with the kernels stage 1 trained it with.
+    It builds nothing: the model computes its ops in whatever form the process uses
+    (:mod:`reclora_ds.models.ops`; the PyTorch forms unless a recipe registered others).
     """
-    if torch.device(device).type == "cpu":
-        cpu_kernels.load()
     folder = resolve_checkpoint(path)
     info = read_info(folder)
     model = build_crm(info.model, info.config, info.feature_spec)

@@ -2,7 +2,7 @@
 
 ::
 
-    recipe = CRMRecipe(cfg)     # cfg: reclora_ds.config.CRMTrainConfig
+    recipe = CRMRecipe(cfg)     # cfg: reclora_ds.training.crm_config.CRMTrainConfig
     recipe.setup()              # process group, data, model (+ DDP), AdamW, schedule, logger, auto-resume
     recipe.train()              # epochs of train_step; validate each epoch; early stopping; checkpoints
     metrics = recipe.test()     # the best checkpoint on the test split -> metrics.json
@@ -51,7 +51,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -65,17 +64,16 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from reclora_ds import cpu_kernels
 from reclora_ds import distributed as dist_utils
-from reclora_ds.config import CRMTrainConfig, config_to_dict, save_config
-from reclora_ds.cpu_allocator import keep_freed_memory
+from reclora_ds.config import config_to_dict, save_config
+from reclora_ds.cpu import enable_cpu_extras
 from reclora_ds.data.histories import RetrievedHistories, load_retrieved
 from reclora_ds.data.loader import CRMBatchLoader
 from reclora_ds.data.processed import ProcessedDataset, metadata_sha256
+from reclora_ds.files import write_json_atomic
 from reclora_ds.metrics import evaluate_predictions
 from reclora_ds.models.crm import CRMConfig, FeatureSpec
 from reclora_ds.models.registry import build_crm
-from reclora_ds.shm_allreduce import enable_shm_allreduce
 from reclora_ds.training.checkpoint import (
     WEIGHTS_FILE,
     CRMCheckpointInfo,
@@ -87,13 +85,22 @@ from reclora_ds.training.checkpoint import (
     save_crm_checkpoint,
     set_rng_state,
 )
+from reclora_ds.training.crm_config import CRMTrainConfig
 from reclora_ds.training.logger import MetricLogger, build_logger
 
 log = logging.getLogger(__name__)
 
 # Settings that fix the model or the order of the data: a resume with other values would not continue
 # the same run, so it is refused.
-RESUME_MUST_MATCH = ("model", "crm", "history_mode", "history_length", "retrieval_dir", "batch_size", "seed")
+CRM_RESUME_MUST_MATCH = (
+    "model",
+    "crm",
+    "history_mode",
+    "history_length",
+    "retrieval_dir",
+    "batch_size",
+    "seed",
+)
 EVAL_SPLITS = ("valid", "test")
 
 
@@ -248,7 +255,7 @@ def wrap_ddp(model: nn.Module, device: torch.device, cpu_allreduce: str = "auto"
     """DDP-wrap ``model`` when a multi-rank process group exists (rank 0's weights are broadcast).
 
     On the CPU, ``cpu_allreduce`` picks the gradient transport (``CRMTrainConfig.cpu_allreduce``): ``shm``
-    or ``auto`` register DeepSpeed's shared-memory all-reduce (:mod:`reclora_ds.shm_allreduce`; ``auto``
+    or ``auto`` register DeepSpeed's shared-memory all-reduce (:mod:`reclora_ds.cpu.shm_allreduce`; ``auto``
     falls back to gloo when it cannot be used), ``gloo`` keeps DDP's own.
     """
     if not dist_utils.is_distributed():
@@ -259,7 +266,7 @@ def wrap_ddp(model: nn.Module, device: torch.device, cpu_allreduce: str = "auto"
         gradient_as_bucket_view=True,
     )
     if device.type == "cpu" and cpu_allreduce != "gloo":
-        enable_shm_allreduce(ddp, required=cpu_allreduce == "shm")
+        enable_cpu_extras(ddp_model=ddp, allreduce=cpu_allreduce)
     return ddp
 
 
@@ -307,7 +314,7 @@ def predict(
 
 
 @dataclasses.dataclass
-class TrainerState:
+class CRMTrainerState:
     """The training position and early-stopping state saved in ``trainer_state.pt``."""
 
     epoch: int = 0
@@ -335,7 +342,7 @@ class CRMRecipe:
     def __init__(self, cfg: CRMTrainConfig) -> None:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
-        self.state = TrainerState()
+        self.state = CRMTrainerState()
         self.logger: MetricLogger | None = None
 
     # ------------------------------------------------------------------------------------------------------
@@ -351,9 +358,7 @@ class CRMRecipe:
         self.is_main = self.info.is_main
         self.device = resolve_device(cfg.device, self.info)
         if self.device.type == "cpu":
-            keep_freed_memory()
-            if cfg.cpu_kernels:
-                cpu_kernels.load()
+            enable_cpu_extras(kernels=cfg.cpu_kernels, allocator=True)
         self.dataset = ProcessedDataset(cfg.data_dir)
         self.spec = FeatureSpec.from_metadata(self.dataset.metadata)
 
@@ -436,7 +441,7 @@ class CRMRecipe:
         trainer = load_trainer_state(self.last_dir)
         saved = trainer["config"]
         current = config_to_dict(self.cfg)
-        differ = [k for k in RESUME_MUST_MATCH if saved.get(k) != current.get(k)]
+        differ = [k for k in CRM_RESUME_MUST_MATCH if saved.get(k) != current.get(k)]
         if differ or trainer["world_size"] != self.info.world_size:
             raise ValueError(
                 f"{self.last_dir} was written by a run with other {differ or ['world_size']}: "
@@ -446,7 +451,7 @@ class CRMRecipe:
         self.optimizer.load_state_dict(trainer["optimizer"])
         self.scheduler.load_state_dict(trainer["scheduler"])
         self.train_loader.load_state_dict(trainer["loader"])
-        self.state = TrainerState(**trainer["trainer"])
+        self.state = CRMTrainerState(**trainer["trainer"])
         set_rng_state(trainer["rng"][self.info.rank])
 
     # ------------------------------------------------------------------------------------------------------
@@ -642,10 +647,7 @@ class CRMRecipe:
         if test is not None:
             result["test"] = test
         if self.is_main:
-            path = self.out / "metrics.json"
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(result, indent=2))
-            os.replace(tmp, path)
+            write_json_atomic(self.out / "metrics.json", result)
         return result
 
     # ------------------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from torch import nn
 from reclora_ds.data.loader import SAMPLE_COLUMNS, CRMBatchLoader
 from reclora_ds.data.preprocess import SPLITS
 from reclora_ds.data.processed import ProcessedDataset, feature_columns, metadata_sha256
+from reclora_ds.files import atomic_file
 from reclora_ds.training.checkpoint import CRMCheckpointInfo, load_crm
 
 log = logging.getLogger(__name__)
@@ -193,16 +194,15 @@ def save_crm_states(
     states = np.ascontiguousarray(hidden, dtype=np.float32)
     if ids.ndim != 1 or states.ndim != 2 or len(ids) != len(states):
         raise ValueError(f"need sample_ids [N] and hidden [N, d_c], got {ids.shape} and {states.shape}")
-    tmp = path.with_name(path.name + ".tmp")
-    if path.suffix == ".safetensors":
-        tensors = {"sample_id": torch.from_numpy(ids), "hidden": torch.from_numpy(states)}
-        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
-    elif path.suffix == ".npz":
-        with open(tmp, "wb") as f:
-            np.savez(f, sample_id=ids, hidden=states)
-    else:
+    if path.suffix not in (".safetensors", ".npz"):
         raise ValueError(f"{path}: CRM states are written as .safetensors or .npz")
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        if path.suffix == ".safetensors":
+            tensors = {"sample_id": torch.from_numpy(ids), "hidden": torch.from_numpy(states)}
+            save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+        else:
+            with open(tmp, "wb") as f:
+                np.savez(f, sample_id=ids, hidden=states)
     return path
 
 

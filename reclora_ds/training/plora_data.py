@@ -29,13 +29,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from reclora_ds.config import PLoRATrainConfig
 from reclora_ds.data.histories import NO_ROW, RetrievedHistories, load_retrieved
 from reclora_ds.data.loader import CRMBatchLoader
 from reclora_ds.data.processed import ProcessedDataset
 from reclora_ds.data.prompts import PromptEncoder, TextView
 from reclora_ds.data.text import ml1m_profile
 from reclora_ds.training.checkpoint import CRMCheckpointInfo
+from reclora_ds.training.plora_config import PLoRATrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ class PLoRABatchLoader(CRMBatchLoader):
             )
         return np.where(valid, rows, 0), valid
 
-    def text_views(self, cols: dict[str, np.ndarray]) -> list[TextView]:
+    def build_text_views(self, cols: dict[str, np.ndarray]) -> list[TextView]:
         """The text view of each sample of ``cols`` (no ID field: titles, ratings, profile words)."""
         rows, valid = self.short_history_rows(cols)
         titles = self._titles[self._row_item[rows]]  # [B, K] object
@@ -213,7 +213,7 @@ class PLoRABatchLoader(CRMBatchLoader):
     def assemble(self, cols: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """The CRM batch of ``cols`` plus the tokenized prompts of the same samples."""
         batch = super().assemble(cols)
-        views = self.text_views(cols)
+        views = self.build_text_views(cols)
         labels = cols["label"] if self.with_answer else None
         batch.update(self.encoder.encode(views, labels))
         batch["user_index"] = torch.from_numpy(cols["user_index"].astype(np.int64))

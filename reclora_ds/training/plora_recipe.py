@@ -2,7 +2,7 @@
 
 ::
 
-    recipe = PLoRARecipe(cfg)    # cfg: reclora_ds.config.PLoRATrainConfig
+    recipe = PLoRARecipe(cfg)    # cfg: reclora_ds.training.plora_config.PLoRATrainConfig
     recipe.setup()               # process group, RecLLM, loaders, DeepSpeed engine, logger, auto-resume
     recipe.train()               # micro-steps with accumulation; logs, validation, checkpoints
     metrics = recipe.finish()    # adapter export, evaluation of the eval splits -> metrics.json
@@ -37,7 +37,7 @@ Run folder (rank 0 writes everything but DeepSpeed's per-rank optimizer shards):
                           with the data position, every rank's RNG states and the trainer state;
                           config.yaml + ds_config.json beside it
     adapter/              the trained adapter: PLoRA (adapter_model.safetensors + plora_config.json,
-                          reclora_ds.models.adapter_io) or peft LoRA (+ adapter_config.json), and
+                          reclora_ds.training.adapter_io) or peft LoRA (+ adapter_config.json), and
                           rec_llm.json (mode, RecLLM settings, the CRM checkpoint's description)
     tb/                   TensorBoard: train/loss, train/lr, gate/entropy, gate/expert_usage/<k>,
                           eval/auc, eval/logloss, eval/gauc, test/*, the config as text
@@ -56,7 +56,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import random
 import shutil
 import time
@@ -71,10 +70,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from reclora_ds import distributed as dist_utils
-from reclora_ds.config import PLoRATrainConfig, config_to_dict, save_config
+from reclora_ds.config import config_to_dict, save_config
+from reclora_ds.cpu import enable_cpu_extras
 from reclora_ds.data.loader import uniform_sample_ids
 from reclora_ds.data.processed import ProcessedDataset
 from reclora_ds.data.prompts import PromptEncoder
+from reclora_ds.files import atomic_dir, atomic_file, write_text_atomic
 from reclora_ds.metrics import (
     Predictions,
     evaluate_predictions,
@@ -82,26 +83,24 @@ from reclora_ds.metrics import (
     gate_entropy,
     gather_predictions,
 )
-from reclora_ds.models.plora import PLoRAConfig
-from reclora_ds.models.rec_llm import RecLLMConfig, build_rec_llm
-from reclora_ds.shm_allreduce import unlink_own_segment
-from reclora_ds.training.checkpoint import CheckpointError, atomic_dir, rng_state, set_rng_state
+from reclora_ds.package_data import find_ds_config  # the working directory's, else the packaged copy
+from reclora_ds.training.checkpoint import CheckpointError, rng_state, set_rng_state
 from reclora_ds.training.crm_recipe import lr_factor
 from reclora_ds.training.logger import MetricLogger, build_logger
+from reclora_ds.training.plora_config import PLoRATrainConfig
 from reclora_ds.training.plora_data import PLoRABatchLoader, history_settings
+from reclora_ds.training.rec_llm_io import build_rec_llm, describe, write_description
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 CHECKPOINT_DIR = "checkpoints"
 LATEST_FILE = "latest"
 ADAPTER_DIR = "adapter"
-REC_LLM_FILE = "rec_llm.json"
 CLIENT_STATE_KEY = "reclora"
 AUTO = "auto"
 # Settings that fix the model or the order of the data: a resume with other values would not continue the
 # same run, so it is refused.
-RESUME_MUST_MATCH = (
+PLORA_RESUME_MUST_MATCH = (
     "mode",
     "backbone",
     "crm_path",
@@ -125,15 +124,6 @@ RESUME_MUST_MATCH = (
 # ----------------------------------------------------------------------------------------------------------
 # DeepSpeed config
 # ----------------------------------------------------------------------------------------------------------
-
-
-def find_ds_config(path: str | os.PathLike[str]) -> Path:
-    """The DeepSpeed JSON ``path``: as given, else relative to the repository (``ds_configs/...``)."""
-    given = Path(path).expanduser()
-    for candidate in (given, REPO_ROOT / given):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"DeepSpeed config {path} not found (nor under {REPO_ROOT})")
 
 
 def ds_precision(ds_config: Mapping[str, Any]) -> str:
@@ -240,12 +230,6 @@ def checked_trainable_load(expected: set[str]) -> Callable[..., None]:
     return load
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 PREDICTIONS_FILE = "predictions_{split}.parquet"
 
 
@@ -262,28 +246,8 @@ def write_predictions(path: Path, pred: Predictions) -> None:
             "p": np.asarray(pred.probs, dtype=np.float64),
         }
     )
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
-
-def rec_llm_config(cfg: PLoRATrainConfig, dtype: str) -> RecLLMConfig:
-    """The RecLLMConfig of a stage-2 config (the adapter section is a PLoRAConfig subclass)."""
-    return RecLLMConfig(
-        mode=cfg.mode,
-        plora=PLoRAConfig(**dataclasses.asdict(cfg.adapter)),
-        lora_rank=cfg.lora_rank,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        lora_target_modules=cfg.lora_target_modules,
-        crm_train_mode=cfg.crm_train_mode,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        backbone=cfg.backbone,
-        crm_path=cfg.crm_path if cfg.mode == "plora" else "",
-        dtype=dtype,
-        load_in_8bit=cfg.load_in_8bit,
-        attn_implementation=cfg.attn_implementation,
-    )
+    with atomic_file(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -298,7 +262,7 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 @dataclasses.dataclass
-class TrainerState:
+class PLoRATrainerState:
     """Training position saved in every checkpoint's client state."""
 
     epoch: int = 0
@@ -320,7 +284,7 @@ class PLoRARecipe:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.ckpt_dir = self.out / CHECKPOINT_DIR
-        self.state = TrainerState()
+        self.state = PLoRATrainerState()
         self.engine: Any = None
         self.logger: MetricLogger | None = None
         self.resumed_from: int | None = None
@@ -346,7 +310,8 @@ class PLoRARecipe:
         np.random.seed(cfg.seed)  # noqa: NPY002 (the legacy global RNG, for any library that reads it)
         # the same adapter init on every rank (DeepSpeed broadcasts rank 0's weights anyway)
         torch.manual_seed(cfg.seed)
-        self.model, self.tokenizer, self.crm_info = build_rec_llm(rec_llm_config(cfg, dtype))
+        self.model, self.tokenizer, self.crm_info = build_rec_llm(cfg, dtype)
+        self.dtype = dtype
         torch.manual_seed(cfg.seed + self.info.rank)  # dropout masks differ between ranks
 
         self.dataset = ProcessedDataset(cfg.data_dir)
@@ -463,10 +428,11 @@ class PLoRARecipe:
             lr_scheduler=schedule,
         )
         self.device = self.engine.device
-        # Under the deepspeed launcher (LOCAL_SIZE set) DeepSpeed's CPU comm maps a 66 MB shared-memory
-        # segment per rank and never unlinks it; once every rank has mapped them all, drop our name.
-        dist_utils.barrier()
-        unlink_own_segment(self.info.rank)
+        if self.device.type == "cpu":
+            # Under the deepspeed launcher (LOCAL_SIZE set) DeepSpeed's CPU comm maps a 66 MB shared-memory
+            # segment per rank and never unlinks it: once every rank has mapped them all, drop our name. The
+            # frozen CRM keeps its PyTorch forms, as every reader of a trained CRM does (reclora_ds.cpu).
+            enable_cpu_extras(kernels=False, deepspeed_comm=True)
 
     def _maybe_resume(self) -> bool:
         latest = self.ckpt_dir / LATEST_FILE
@@ -482,13 +448,13 @@ class PLoRARecipe:
             raise CheckpointError(f"{self.ckpt_dir / tag}: DeepSpeed could not load this checkpoint")
         saved = client[CLIENT_STATE_KEY]
         current = config_to_dict(self.cfg)
-        differ = [k for k in RESUME_MUST_MATCH if saved["config"].get(k) != current.get(k)]
+        differ = [k for k in PLORA_RESUME_MUST_MATCH if saved["config"].get(k) != current.get(k)]
         if differ or saved["world_size"] != self.info.world_size:
             raise ValueError(
                 f"{self.ckpt_dir / tag} was written by a run with other {differ or ['world_size']}: resume it "
                 "with the same settings, or set resume=false / another output_dir"
             )
-        self.state = TrainerState(**saved["trainer"])
+        self.state = PLoRATrainerState(**saved["trainer"])
         self.state.done = self.state.step >= self.total_steps  # a larger max_steps / epochs continues a run
         self.train_loader.load_state_dict(saved["loader"])
         set_rng_state(saved["rng"][self.info.rank])
@@ -686,7 +652,7 @@ class PLoRARecipe:
     def export_adapter(self) -> Path | None:
         """Rank 0: the trained adapter in a standard folder, plus ``rec_llm.json`` (what rebuilds the RecLLM).
 
-        ``plora``: :func:`reclora_ds.models.adapter_io.save_plora_adapter` (``adapter_model.safetensors`` +
+        ``plora``: :func:`reclora_ds.training.adapter_io.save_plora_adapter` (``adapter_model.safetensors`` +
         ``plora_config.json``, names as the backbone has them; strict loading with ``load_plora_adapter``).
         ``lora``: peft's ``save_pretrained`` (``adapter_model.safetensors`` + ``adapter_config.json``).
         """
@@ -694,27 +660,19 @@ class PLoRARecipe:
             return None
         folder = self.out / ADAPTER_DIR
         if self.is_main:
-            description = {
-                "format": "reclora_ds.rec_llm",
-                "mode": self.cfg.mode,
-                "step": self.state.step,
-                "rec_llm": config_to_dict(self.model.config),
-                "crm": None if self.crm_info is None else self.crm_info.to_dict(),
-                "answer_tokens": {
-                    "yes": list(self.encoder.answers.yes_ids),
-                    "no": list(self.encoder.answers.no_ids),
-                },
-                "dataset": self.dataset.metadata["dataset"],
-            }
+            description = describe(
+                self.model, self.cfg, self.dtype, self.crm_info, self.encoder.answers, self.state.step,
+                self.dataset.metadata["dataset"],
+            )  # fmt: skip
             with atomic_dir(folder) as tmp:
                 if self.cfg.mode == "plora":
-                    from reclora_ds.models.adapter_io import save_plora_adapter
+                    from reclora_ds.training.adapter_io import save_plora_adapter
 
                     extra = {"base_model_name_or_path": self.cfg.backbone, "step": self.state.step}
-                    save_plora_adapter(self.model.llm, self.model.config.plora, tmp, extra)
+                    save_plora_adapter(self.model.llm, self.model.config.adapter, tmp, extra)
                 else:
                     self.model.llm.save_pretrained(str(tmp))
-                (tmp / REC_LLM_FILE).write_text(json.dumps(description, indent=2) + "\n")
+                write_description(tmp, description)
         dist_utils.barrier()
         return folder
 

@@ -17,7 +17,7 @@ processed splits are in ascending ``sample_id``)::
 
 The model is the one the run trained: :func:`load_rec_llm` rebuilds the RecLLM from the exported adapter
 folder alone (its ``rec_llm.json``: mode, RecLLM settings, CRM description, answer tokens), loads the PLoRA
-adapter strictly (:func:`reclora_ds.models.adapter_io.load_plora_adapter`) or peft's LoRA (every LoRA tensor
+adapter strictly (:func:`reclora_ds.training.adapter_io.load_plora_adapter`) or peft's LoRA (every LoRA tensor
 must be in the file), and checks the CRM and the answer tokens against what the run recorded. The batches
 are the recipe's evaluation batches (:class:`~reclora_ds.training.plora_data.PLoRABatchLoader`, prompt only,
 split order, the run's prompt and CRM-history settings from its ``config.yaml``), scored with
@@ -28,7 +28,7 @@ the ones behind the run's final metrics.
 stage-2 run with ``eval_max_samples=N`` evaluated, whatever the number of ranks). Under ``torchrun`` every rank scores its shard (the
 loader's per-rank files or rows) and rank 0 writes the gathered rows
 (:func:`reclora_ds.distributed.all_gather_variable`), checked to be each wanted sample exactly once.
-Files are written atomically (a ``.tmp`` sibling, then a rename): ``.parquet`` or ``.csv``.
+Files are written atomically (:func:`reclora_ds.files.atomic_file`): ``.parquet`` or ``.csv``.
 """
 
 from __future__ import annotations
@@ -49,137 +49,35 @@ import torch
 from tqdm.auto import tqdm
 
 from reclora_ds import distributed as dist_utils
-from reclora_ds.config import PLoRATrainConfig, config_from_dict, load_config
+from reclora_ds.config import load_config
 from reclora_ds.data.loader import uniform_sample_ids
 from reclora_ds.data.processed import ALL_SPLITS, ProcessedDataset
-from reclora_ds.data.prompts import PromptEncoder, resolve_answer_tokens
-from reclora_ds.models.rec_llm import RecLLM, RecLLMConfig, build_rec_llm
+from reclora_ds.data.prompts import PromptEncoder
+from reclora_ds.files import atomic_file
+from reclora_ds.llm_loader import rank_device
+from reclora_ds.models.rec_llm import RecLLM
+from reclora_ds.training.plora_config import PLoRATrainConfig
 from reclora_ds.training.plora_data import PLoRABatchLoader, history_settings
-from reclora_ds.training.plora_recipe import (
-    ADAPTER_DIR,
-    REC_LLM_FILE,
-    ds_precision,
-    find_ds_config,
-    rec_llm_config,
-    to_device,
-)
+from reclora_ds.training.plora_recipe import ADAPTER_DIR, ds_precision, find_ds_config, to_device
+from reclora_ds.training.rec_llm_io import RecLLMFileError, build_rec_llm, load_rec_llm
 
 log = logging.getLogger(__name__)
 
 OUTPUT_COLUMNS = ("sample_id", "user", "item", "label", "p")
 OUTPUT_FORMATS = (".parquet", ".csv")
 RUN_CONFIG_FILE = "config.yaml"
-REC_LLM_FORMAT = "reclora_ds.rec_llm"
 DEFAULT_BATCH_SIZE = 0
 """0: the run's ``eval_batch_size``."""
 
 
 class ScoringError(ValueError):
-    """The inputs do not allow scoring (missing run folder or adapter, mismatched CRM, bad output path)."""
+    """The inputs do not allow scoring (missing run folder or adapter, bad output path); a mismatched CRM or
+    adapter raises :class:`reclora_ds.training.rec_llm_io.RecLLMFileError`."""
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------------------------
-
-
-def read_rec_llm_description(adapter_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ``rec_llm.json`` of an exported adapter folder (``PLoRARecipe.export_adapter``)."""
-    path = Path(adapter_dir) / REC_LLM_FILE
-    if not path.is_file():
-        raise ScoringError(f"{path}: no {REC_LLM_FILE}; not an adapter folder exported by the stage-2 recipe")
-    try:
-        description = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ScoringError(f"{path}: not valid JSON ({exc})") from exc
-    if description.get("format") != REC_LLM_FORMAT:
-        raise ScoringError(f"{path}: format {description.get('format')!r}, expected {REC_LLM_FORMAT!r}")
-    for key in ("mode", "rec_llm", "answer_tokens"):
-        if key not in description:
-            raise ScoringError(f"{path}: lacks the key {key!r}")
-    return description
-
-
-def load_rec_llm(
-    adapter_dir: str | os.PathLike[str],
-    *,
-    backbone: str | None = None,
-    crm_path: str | None = None,
-) -> tuple[RecLLM, Any, Any]:
-    """Rebuild the trained RecLLM of an exported adapter folder (``<run>/adapter``), in eval mode on the CPU.
-
-    The backbone, the CRM checkpoint and every module setting come from ``rec_llm.json`` (``backbone`` /
-    ``crm_path`` replace the recorded paths, e.g. after moving the files). Checks: the CRM found there is
-    the one the adapter was trained with (``crm.json`` as recorded), the tokenizer gives the recorded
-    Yes / No tokens, and the adapter's tensors are exactly the model's (PLoRA: strict loading of banks and
-    gates; LoRA: every ``lora_`` tensor present, nothing unexpected).
-
-    Returns:
-        ``(model, tokenizer, crm_info)`` as :func:`~reclora_ds.models.rec_llm.build_rec_llm` does.
-
-    Raises:
-        ScoringError: a missing / malformed ``rec_llm.json``, another CRM or tokenizer, LoRA tensor mismatch.
-        reclora_ds.models.adapter_io.AdapterConfigMismatchError, AdapterKeyError: PLoRA adapter mismatch.
-    """
-    folder = Path(adapter_dir)
-    description = read_rec_llm_description(folder)
-    settings = dict(description["rec_llm"])
-    settings["gradient_checkpointing"] = False  # inference
-    if backbone:
-        settings["backbone"] = backbone
-    if crm_path and description["mode"] == "plora":
-        settings["crm_path"] = crm_path
-    config = config_from_dict(RecLLMConfig, settings, str(folder / REC_LLM_FILE))
-    if config.mode != description["mode"]:
-        raise ScoringError(
-            f"{folder / REC_LLM_FILE}: mode {description['mode']!r} but rec_llm.mode {config.mode!r}"
-        )
-    if config.mode == "zero_shot":
-        raise ScoringError(f"{folder / REC_LLM_FILE}: mode 'zero_shot' has no adapter to load")
-    model, tokenizer, crm_info = build_rec_llm(config)
-
-    recorded_crm = description.get("crm") or {}
-    found_crm = {} if crm_info is None else crm_info.to_dict()
-    if recorded_crm != found_crm:
-        differ = sorted(k for k in {*recorded_crm, *found_crm} if recorded_crm.get(k) != found_crm.get(k))
-        raise ScoringError(
-            f"{folder / REC_LLM_FILE}: the CRM at {config.crm_path} is not the one the adapter was trained "
-            f"with (crm.json differs in {differ})"
-        )
-    answers = resolve_answer_tokens(tokenizer)
-    recorded = description["answer_tokens"]
-    if (list(answers.yes_ids), list(answers.no_ids)) != (recorded.get("yes"), recorded.get("no")):
-        raise ScoringError(
-            f"{folder / REC_LLM_FILE}: the backbone {config.backbone}'s tokenizer gives Yes/No tokens "
-            f"{list(answers.yes_ids)}/{list(answers.no_ids)}, the run recorded {recorded.get('yes')}/"
-            f"{recorded.get('no')}"
-        )
-
-    if config.mode == "plora":
-        from reclora_ds.models.adapter_io import load_plora_adapter
-
-        load_plora_adapter(model.llm, folder, config=model.config.plora)
-    else:
-        _load_lora(model, folder)
-    model.eval()
-    log.info("RecLLM (%s) rebuilt from %s (step %s)", config.mode, folder, description.get("step"))
-    return model, tokenizer, crm_info
-
-
-def _load_lora(model: RecLLM, folder: Path) -> None:
-    """peft's LoRA weights of ``folder`` into the peft model ``model.llm``: all of them, nothing else."""
-    from peft.utils import load_peft_weights, set_peft_model_state_dict
-
-    weights_file = folder / "adapter_model.safetensors"
-    if not weights_file.is_file():
-        raise ScoringError(f"{weights_file}: missing; not a peft LoRA adapter folder")
-    result = set_peft_model_state_dict(model.llm, load_peft_weights(str(folder), device="cpu"))
-    missing = [k for k in result.missing_keys if "lora_" in k]
-    if missing or result.unexpected_keys:
-        raise ScoringError(
-            f"{folder}: the LoRA adapter does not match the model: missing {missing[:10]}, "
-            f"unexpected {list(result.unexpected_keys)[:10]}"
-        )
 
 
 @dataclasses.dataclass
@@ -245,7 +143,7 @@ def load_scoring_model(
         torch.set_num_threads(cfg.num_threads)
     if cfg.mode == "zero_shot":
         dtype = ds_precision(json.loads(find_ds_config(cfg.deepspeed_config).read_text()))
-        model, tokenizer, crm_info = build_rec_llm(rec_llm_config(cfg, dtype))
+        model, tokenizer, crm_info = build_rec_llm(cfg, dtype)
         model.eval()
         return ScoringModel(model, tokenizer, crm_info, cfg, f"zero_shot:{cfg.backbone}")
     if run_dir is None:
@@ -255,7 +153,10 @@ def load_scoring_model(
         raise ScoringError(
             f"{adapter}: missing; the run has no exported adapter (it exports one when training ends)"
         )
-    model, tokenizer, crm_info = load_rec_llm(adapter, backbone=cfg.backbone, crm_path=cfg.crm_path)
+    try:
+        model, tokenizer, crm_info = load_rec_llm(adapter, backbone=cfg.backbone, crm_path=cfg.crm_path)
+    except RecLLMFileError as exc:
+        raise ScoringError(str(exc)) from exc
     return ScoringModel(model, tokenizer, crm_info, cfg, str(adapter))
 
 
@@ -300,15 +201,8 @@ def eval_loader(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def default_device() -> torch.device:
-    """This rank's GPU when there is one, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", dist_utils.dist_info().local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
-
-
-def _place(model: RecLLM, device: torch.device) -> None:
-    if not model.config.load_in_8bit:
+def _place(model: RecLLM, device: torch.device, load_in_8bit: bool) -> None:
+    if not load_in_8bit:
         model.to(device)
     elif model.crm is not None:  # an 8-bit LLM sits on its GPU since loading
         model.crm.to(device)
@@ -342,7 +236,7 @@ def score_table(
             f"unknown split {split!r}; {cfg.data_dir} has {sorted(dataset.metadata['shards'])}"
         )
     info = dist_utils.dist_info()
-    device = torch.device(device) if device is not None else default_device()
+    device = torch.device(device) if device is not None else rank_device()
     samples = dataset.read_split(split, ["sample_id", "user_index", "item_index", "label"])
     subset = None
     if max_samples and max_samples < samples.num_rows:
@@ -359,7 +253,7 @@ def score_table(
         scoring, dataset, split, batch_size or cfg.eval_batch_size, info.rank, info.world_size, subset
     )
     model = scoring.model
-    _place(model, device)
+    _place(model, device, scoring.cfg.load_in_8bit)
     model.eval()
     ids, labels, probs = [], [], []
     bar = tqdm(
@@ -441,14 +335,13 @@ def write_scores(
     """Write the table atomically as Parquet (with ``metadata`` in its schema) or CSV, by the suffix."""
     path = check_output_path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    if path.suffix.lower() == ".parquet":
-        if metadata:
-            table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
-        pq.write_table(table, tmp)
-    else:
-        pacsv.write_csv(table, tmp)
-    os.replace(tmp, path)
+    if path.suffix.lower() == ".parquet" and metadata:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+    with atomic_file(path) as tmp:
+        if path.suffix.lower() == ".parquet":
+            pq.write_table(table, tmp)
+        else:
+            pacsv.write_csv(table, tmp)
     return path
 
 

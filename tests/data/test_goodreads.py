@@ -19,11 +19,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from reclora_ds.config import GoodreadsOptions, PrepareConfig
+from reclora_ds.data.config import GoodreadsOptions, PrepareConfig
 from reclora_ds.data.errors import DropLog, RawDataError
 from reclora_ds.data.prepare import prepare_dataset
 from reclora_ds.data.preprocess import prepare
-from reclora_ds.data.raw.goodreads import DATE_FORMAT, parse_goodreads_dates, read_goodreads
+from reclora_ds.data.raw.goodreads import read_goodreads
+from reclora_ds.data.raw.goodreads.parsing import DATE_FORMAT, parse_goodreads_dates
 from reclora_ds.data.specs import GOODREADS
 
 FIXTURE_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "goodreads"

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from reclora_ds.config import PrepareConfig
+from reclora_ds.data.config import PrepareConfig
 from reclora_ds.data.errors import RawDataError
 from reclora_ds.data.prepare import bundled_dataset, prepare_dataset
 from reclora_ds.data.processed import ProcessedDataset

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from reclora_ds.config import PrepareConfig
+from reclora_ds.data.config import PrepareConfig
 from reclora_ds.data.prepare import prepare_dataset
 from reclora_ds.data.processed import ProcessedDataset
 from reclora_ds.data.text import text_views

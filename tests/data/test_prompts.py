@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from reclora_ds.batch import IGNORE_INDEX
 from reclora_ds.data.processed import ProcessedDataset
 from reclora_ds.data.prompts import (
     FALLBACK_TEMPLATE,
-    IGNORE_INDEX,
     PromptEncoder,
     TextView,
     build_prompt,
@@ -139,7 +139,7 @@ def test_text_views_of_real_samples_hold_no_ids_and_match_the_reference(ml1m_pre
     for name in ("item_index", "hist_len"):  # the batch's hist_len is the CRM's (capped at its L)
         cols[name] = np.array([table[name][row_of[s]] for s in cols["sample_id"].tolist()])
     item_of = {sid: table["item_index"][i] for sid, i in row_of.items()}
-    views = loader.text_views(cols)
+    views = loader.build_text_views(cols)
     assert torch.equal(encoder.encode(views, batch["label"])["input_ids"], batch["input_ids"])
     reference = text_views(ds, "valid", cols["sample_id"], history_length=10)
     users = ds.users.to_pydict()

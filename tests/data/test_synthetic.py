@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
 
-from reclora_ds.config import PrepareConfig
+from reclora_ds.data.config import PrepareConfig
 from reclora_ds.data.prepare import prepare_dataset
 from reclora_ds.data.processed import ProcessedDataset
 from reclora_ds.data.synthetic import (

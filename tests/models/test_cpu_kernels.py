@@ -1,4 +1,5 @@
-"""The C++ CPU kernels (reclora_ds.cpu_kernels), each against a float64 reference written with PyTorch ops.
+"""The C++ CPU kernels (reclora_ds.cpu.kernels) and the ops they implement (reclora_ds.models.ops), each
+against a float64 reference written with PyTorch ops, with the kernels on and off.
 
 The kernels are built here as the recipe builds them (``load(required=True)``: this project's machines have a
 compiler, so a failed build fails the tests). Model-level checks with the kernels on and off, against the
@@ -12,14 +13,17 @@ import logging
 import pytest
 import torch
 
-from reclora_ds import cpu_kernels
+from reclora_ds.cpu import enable_cpu_extras
+from reclora_ds.cpu import kernels as cpu_kernels
+from reclora_ds.models import ops
 
 
 @pytest.fixture
-def kernels(monkeypatch):
-    monkeypatch.setattr(cpu_kernels, "_loaded", cpu_kernels._loaded)  # this process's state, after the test
+def kernels():
+    """The raw torch.ops of the kernels; the ops use them inside the test, their previous forms after it."""
     cpu_kernels.load(required=True)
-    return getattr(torch.ops, cpu_kernels.LIBRARY)
+    with ops.implementations(cpu_kernels.IMPLEMENTATIONS):
+        yield getattr(torch.ops, cpu_kernels.LIBRARY)
 
 
 def gather_dot_reference(table, ids, query):
@@ -42,9 +46,12 @@ def test_gather_dot_equals_reference(kernels, width):
     out = kernels.gather_dot(table, ids, query)
     assert out.shape == (6, 37) and out.dtype == torch.float32
     torch.testing.assert_close(out.double(), gather_dot_reference(table, ids, query), rtol=1e-5, atol=1e-5)
-    # The public function takes the kernel under no_grad and gives the same values.
+    # The op takes the kernel under no_grad and gives the same values; its PyTorch form agrees to rounding.
     with torch.no_grad():
-        torch.testing.assert_close(cpu_kernels.gather_dot(table, ids, query), out, rtol=0, atol=0)
+        torch.testing.assert_close(ops.gather_dot(table, ids, query), out, rtol=0, atol=0)
+        with ops.implementations({}):
+            plain = ops.gather_dot(table, ids, query)
+    torch.testing.assert_close(plain.double(), gather_dot_reference(table, ids, query), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("bad", [-1, 50])
@@ -60,7 +67,7 @@ def test_gather_dot_is_differentiable_when_autograd_needs_it(kernels):
     table = torch.randn(20, 8, generator=g, requires_grad=True)
     query = torch.randn(3, 8, generator=g, requires_grad=True)
     ids = torch.randint(0, 20, (3, 11), generator=g)
-    out = cpu_kernels.gather_dot(table, ids, query)  # grad enabled: the PyTorch form
+    out = ops.gather_dot(table, ids, query)  # grad enabled: the PyTorch form, whatever is registered
     assert out.requires_grad
     weights = torch.randn(3, 11, generator=g)
     (out * weights).sum().backward()
@@ -91,7 +98,7 @@ def attention_inputs(seed: int = 2):
 def test_attention_pool_forward_and_backward_equal_reference(kernels):
     inputs = [t.requires_grad_(t.dtype != torch.bool) for t in attention_inputs()]
     pre, target_term, weight, bias, mask, behaviours = inputs
-    out = cpu_kernels.attention_pool(*inputs)
+    out = ops.attention_pool(*inputs)
     assert out.grad_fn is not None and "AttentionPool" in type(out.grad_fn).__name__  # the kernel ran
     g_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
     differentiable = [pre, target_term, weight, bias, behaviours]
@@ -109,13 +116,42 @@ def test_attention_pool_forward_and_backward_equal_reference(kernels):
     assert torch.equal(grads[4][~mask], torch.zeros_like(grads[4][~mask]))
 
 
-def test_attention_pool_without_kernels_is_the_same_function(kernels, monkeypatch):
+def test_attention_pool_pytorch_form_equals_reference():
+    """The op's own PyTorch form (no implementation registered): values and gradients in float64."""
+    inputs = [t.requires_grad_(t.dtype != torch.bool) for t in attention_inputs(5)]
+    pre, target_term, weight, bias, mask, behaviours = inputs
+    with ops.implementations({}):
+        out = ops.attention_pool(*inputs)
+    assert "AttentionPool" not in type(out.grad_fn).__name__
+    differentiable = [pre, target_term, weight, bias, behaviours]
+    g_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(6))
+    grads = torch.autograd.grad(out, differentiable, g_out)
+    ref_inputs = [t.detach().double().requires_grad_() for t in differentiable]
+    ref = attention_pool_reference(*ref_inputs[:4], mask, ref_inputs[4])
+    ref_grads = torch.autograd.grad(ref, ref_inputs, g_out.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[2], torch.zeros(8))  # nothing kept: an exact 0
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_pool_without_kernels_is_the_same_function(kernels):
     inputs = attention_inputs(4)
     with torch.no_grad():
-        fast = cpu_kernels.attention_pool(*inputs)
-        monkeypatch.setattr(cpu_kernels, "_loaded", False)
-        plain = cpu_kernels.attention_pool(*inputs)
+        fast = ops.attention_pool(*inputs)
+        with ops.implementations({}):
+            plain = ops.attention_pool(*inputs)
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_kernels_take_only_float32_cpu_tensors(kernels):
+    """Other dtypes keep the PyTorch form (float64 here), so the ops compute them exactly as without kernels."""
+    inputs = [t.double() if t.is_floating_point() else t for t in attention_inputs(7)]
+    with torch.no_grad():
+        out = ops.attention_pool(*inputs)
+        with ops.implementations({}):
+            plain = ops.attention_pool(*inputs)
+    assert out.dtype == torch.float64 and torch.equal(out, plain)
 
 
 def test_attention_pool_rejects_disagreeing_shapes(kernels):
@@ -135,23 +171,33 @@ def test_a_failed_build_falls_back_or_raises(monkeypatch, caplog):
         raise OSError("g++: command not found")
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
-    monkeypatch.setattr(cpu_kernels, "_loaded", None)
-    with caplog.at_level(logging.WARNING, logger="reclora_ds.cpu_kernels"):
-        assert cpu_kernels.load() is False
-    assert "g++: command not found" in caplog.text and "PyTorch forms" in caplog.text
-    assert not cpu_kernels.loaded()
-    with pytest.raises(RuntimeError, match="could not be built"):
-        cpu_kernels.load(required=True)
-    # The public functions still work, through PyTorch.
-    table, ids, query = torch.randn(9, 4), torch.randint(0, 9, (2, 5)), torch.randn(2, 4)
-    with torch.no_grad():
-        torch.testing.assert_close(
-            cpu_kernels.gather_dot(table, ids, query).double(), gather_dot_reference(table, ids, query)
-        )
+    monkeypatch.setattr(cpu_kernels, "_loaded", None)  # this process's state is restored after the test
+    with ops.implementations({}):
+        with caplog.at_level(logging.WARNING, logger="reclora_ds.cpu.kernels"):
+            assert enable_cpu_extras(kernels=True).kernels is False
+        assert "g++: command not found" in caplog.text and "PyTorch forms" in caplog.text
+        assert not cpu_kernels.loaded() and ops.registered() == {}
+        with pytest.raises(RuntimeError, match="could not be built"):
+            cpu_kernels.enable(required=True)
+        # The ops still work, through PyTorch.
+        table, ids, query = torch.randn(9, 4), torch.randint(0, 9, (2, 5)), torch.randn(2, 4)
+        with torch.no_grad():
+            torch.testing.assert_close(
+                ops.gather_dot(table, ids, query).double(), gather_dot_reference(table, ids, query)
+            )
+
+
+def test_enable_cpu_extras_switches_the_kernels_on_and_off():
+    cpu_kernels.load(required=True)
+    with ops.implementations({}):
+        assert enable_cpu_extras(kernels=True).kernels and cpu_kernels.enabled()
+        assert set(ops.registered()) == set(ops.OP_NAMES)
+        assert enable_cpu_extras().kernels  # None: left as it is
+        assert not enable_cpu_extras(kernels=False).kernels and ops.registered() == {}
 
 
 @pytest.mark.parametrize("model_name", ["sim", "din"])
-def test_model_step_with_kernels_equals_pytorch_forms(kernels, monkeypatch, model_name):
+def test_model_step_with_kernels_equals_pytorch_forms(kernels, model_name):
     """A whole forward and backward of the default-shaped CRM (one attention layer, no dropout): the same
     logits, states and parameter gradients with and without the kernels."""
     from reclora_ds.models.crm import CRMConfig, FeatureSpec
@@ -176,8 +222,8 @@ def test_model_step_with_kernels_equals_pytorch_forms(kernels, monkeypatch, mode
         )
 
     fast = step()
-    monkeypatch.setattr(cpu_kernels, "_loaded", False)
-    plain = step()
+    with ops.implementations({}):
+        plain = step()
     torch.testing.assert_close(fast[0], plain[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fast[1], plain[1], rtol=1e-5, atol=1e-6)
     for name, grad in plain[2].items():

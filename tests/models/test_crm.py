@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reclora_ds import cpu_kernels
-from reclora_ds.models import crm, din, logreg, registry, sim
+from reclora_ds.cpu import kernels as cpu_kernels
+from reclora_ds.models import crm, din, logreg, ops, registry, sim
 from reclora_ds.models.crm import CRMConfig, CRMOutput, FeatureSpec
 from reclora_ds.models.din import DIN
 from reclora_ds.models.logreg import LogisticRegression
@@ -118,13 +118,12 @@ def assert_same_output(a: CRMOutput, b: CRMOutput) -> None:
 
 
 @pytest.fixture(params=["pytorch", "c++"])
-def kernels(request, monkeypatch):
-    """Run a test with the PyTorch forms and again with reclora_ds.cpu_kernels' C++ kernels loaded."""
-    monkeypatch.setattr(cpu_kernels, "_loaded", cpu_kernels._loaded)  # this process's state, after the test
+def kernels(request):
+    """Run a test with the ops' PyTorch forms and again with reclora_ds.cpu's C++ kernels registered."""
     if request.param == "c++":
         cpu_kernels.load(required=True)
-    monkeypatch.setattr(cpu_kernels, "_loaded", request.param == "c++")
-    return request.param
+    with ops.implementations(cpu_kernels.IMPLEMENTATIONS if request.param == "c++" else {}):
+        yield request.param
 
 
 MODEL_VARIANTS = [
@@ -486,7 +485,7 @@ def test_missing_batch_key_is_named():
         model(batch)
 
 
-MODEL_FILES = (crm, din, sim, logreg, registry)
+MODEL_FILES = (crm, din, sim, logreg, registry, ops)
 
 
 def test_every_module_documents_args_and_an_example():

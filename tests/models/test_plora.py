@@ -23,6 +23,7 @@ from reclora_ds.models.inject import (
     route_gate_inputs,
 )
 from reclora_ds.models.plora import PLoRAConfig, PLoRAGate, PLoRALinear
+from tests.tiny_llm import tiny_llama
 
 CRM_DIM = 8
 VOCAB = 100
@@ -30,20 +31,9 @@ NUM_LAYERS = 2
 
 
 def _tiny_llama() -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=NUM_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        use_cache=False,
+    return tiny_llama(
+        vocab_size=VOCAB, layers=NUM_LAYERS, kv_heads=4, max_positions=64, tie_word_embeddings=False
     )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).float().eval()
 
 
 def _input_ids(batch: int = 2, tokens: int = 6) -> torch.Tensor:

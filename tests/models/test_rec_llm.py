@@ -10,10 +10,12 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from reclora_ds.data.prompts import IGNORE_INDEX, PromptEncoder, TextView, prompt_body
+from reclora_ds.batch import IGNORE_INDEX
+from reclora_ds.data.prompts import PromptEncoder, TextView, prompt_body
+from reclora_ds.llm_loader import LLMLoadError, load_causal_lm
 from reclora_ds.models.crm import CRMConfig, FeatureSpec
 from reclora_ds.models.plora import PLoRAConfig
-from reclora_ds.models.rec_llm import RecLLM, RecLLMConfig, load_causal_lm, position_ids_from_mask
+from reclora_ds.models.rec_llm import RecLLM, RecLLMConfig, position_ids_from_mask
 from reclora_ds.models.registry import build_crm
 from tests.tiny_llm import CHAT_TEMPLATE, tiny_llama, word_tokenizer
 
@@ -80,7 +82,7 @@ def plora_model(tokenizer, randomize_b: bool = True, **config) -> RecLLM:
         tiny_llama(tokenizer),
         PromptEncoder(tokenizer, "ml-1m").answers,
         tiny_crm(),
-        RecLLMConfig(plora=PLoRAConfig(crm_dim=16, num_experts=4, rank=4, gate_dropout=0.0), **config),
+        RecLLMConfig(adapter=PLoRAConfig(crm_dim=16, num_experts=4, rank=4, gate_dropout=0.0), **config),
     )
     if randomize_b:  # a trained-looking adapter, so the per-sample gates change the output
         torch.manual_seed(2)
@@ -167,7 +169,7 @@ def test_zero_initialised_adapter_equals_the_frozen_lm(tokenizer):
         copy.deepcopy(base),
         encoder.answers,
         tiny_crm(),
-        RecLLMConfig(plora=PLoRAConfig(crm_dim=16, num_experts=4)),
+        RecLLMConfig(adapter=PLoRAConfig(crm_dim=16, num_experts=4)),
     ).eval()
     batch = make_batch(encoder, [0, 1, 2, 3, 4], with_answer=True)
     kwargs = {
@@ -200,7 +202,7 @@ def test_only_plora_parameters_train_and_the_crm_stays_frozen_in_eval_mode(token
         tiny_llama(tokenizer),
         PromptEncoder(tokenizer, "ml-1m").answers,
         tiny_crm(dropout=0.2),
-        RecLLMConfig(plora=PLoRAConfig(crm_dim=16, num_experts=4), crm_train_mode=True),
+        RecLLMConfig(adapter=PLoRAConfig(crm_dim=16, num_experts=4), crm_train_mode=True),
     )
     keep.train()
     assert keep.crm.training
@@ -264,7 +266,7 @@ def test_8bit_loading_needs_cuda(tokenizer, tmp_path):
     tokenizer.save_pretrained(tmp_path)
     llm, tok = load_causal_lm(str(tmp_path))
     assert isinstance(llm, LlamaForCausalLM) and not llm.training and tok.chat_template == CHAT_TEMPLATE
-    with pytest.raises(RuntimeError, match="load_in_8bit=true needs a CUDA GPU"):
+    with pytest.raises(LLMLoadError, match="load_in_8bit=true needs a CUDA GPU"):
         load_causal_lm(str(tmp_path), load_in_8bit=True)
 
 

@@ -262,19 +262,15 @@ def test_killed_in_plora_resumes_from_its_checkpoint(tmp_path, ml1m_dir, plora_a
 
 
 def test_export_user_lora_computes_the_state_with_the_runs_crm(finished, tmp_path):
-    """A pipeline run has no CRM-states stage: tools/export_user_lora.py gets the sample's state from the
+    """A pipeline run has no CRM-states stage: the export_user_lora command gets the sample's state from the
     run's CRM, and its gate weights equal the ones stage 2 computes for that sample in a batch."""
-    import importlib.util
-
     import torch
 
+    from reclora_ds.commands import export_user_lora as tool
     from reclora_ds.data.processed import ProcessedDataset
     from reclora_ds.training.scoring import eval_loader, load_scoring_model
 
     _, run_dir, _ = finished
-    spec = importlib.util.spec_from_file_location("export_user_lora", Path("tools") / "export_user_lora.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     sid = int(pq.read_table(run_dir / "plora" / "predictions_test.parquet")["sample_id"][3].as_py())
     assert tool.main(["--run-dir", str(run_dir), "--sample-id", str(sid), "--out", str(tmp_path / "e")]) == 0
     exported = json.loads((tmp_path / "e" / "personalization.json").read_text())["gate_weights"]

@@ -13,23 +13,20 @@ import numpy as np
 import pytest
 
 from reclora_ds.data.processed import ProcessedDataset
+from reclora_ds.retrieval.errors import RetrievalInputError
 from reclora_ds.retrieval.index import (
     DEFAULT_INDEX_KIND,
-    RetrievalInputError,
     build_index,
-    fit_pca,
     gpu_available,
     index_vectors,
     load_index,
     load_item_embeddings,
     make_sidecar,
-    on_score_grid,
     raw_item_ids,
     recall_at_k,
     save_index,
-    snap_unit_rows,
-    to_index_space,
 )
+from reclora_ds.retrieval.index_space import fit_pca, on_score_grid, snap_unit_rows, to_index_space
 
 
 def clustered(n: int, d: int, seed: int = 0, clusters: int = 64, spread: float = 0.35) -> np.ndarray:

@@ -11,26 +11,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import reclora_ds.retrieval.retriever as retriever
 from reclora_ds.data.histories import RetrievedHistoriesError, load_retrieved
 from reclora_ds.data.processed import ProcessedDataset
+from reclora_ds.retrieval import engine
+from reclora_ds.retrieval.engine import EngineStats, retrieve_rows
+from reclora_ds.retrieval.errors import RetrievalInputError
 from reclora_ds.retrieval.index import (
-    RetrievalInputError,
     build_index,
-    fit_pca,
     load_index,
     load_item_embeddings,
     make_sidecar,
     save_index,
-    snap_unit_rows,
-    to_index_space,
 )
-from reclora_ds.retrieval.retriever import (
-    EngineStats,
-    read_samples,
-    retrieve_histories,
-    retrieve_rows,
-)
+from reclora_ds.retrieval.index_space import fit_pca, snap_unit_rows, to_index_space
+from reclora_ds.retrieval.retriever import read_samples, retrieve_histories
 
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
 
@@ -111,7 +105,7 @@ def tiny():
 
 @pytest.mark.parametrize("topk_from", [2048, 1], ids=["sort-path", "topk-path"])
 def test_hand_checked_example(monkeypatch, topk_from):
-    monkeypatch.setattr(retriever, "_TOPK_MIN_COLUMNS", topk_from)
+    monkeypatch.setattr(engine, "_TOPK_MIN_COLUMNS", topk_from)
     items, offsets, user, hist_len, vectors = tiny()
     stats = EngineStats()
     got = retrieve_rows(items, offsets, user, hist_len, vectors, ks=(2, 1), stats=stats)
@@ -179,7 +173,7 @@ def test_matches_brute_force_on_bundled_data(setup):
         [np.argsort(lengths)[-1:], np.random.default_rng(1).choice(len(lengths), 25, replace=False)]
     )
     pick = np.flatnonzero(np.isin(s.user_index, users))
-    assert lengths[users].max() > retriever._TOPK_MIN_COLUMNS  # the longest user reaches the torch.topk path
+    assert lengths[users].max() > engine._TOPK_MIN_COLUMNS  # the longest user reaches the torch.topk path
     hist = opened(setup["data"], index_sha256=load_index(setup["index"]).sha256)
     assert setup["result"].meta["engine"]["tie_rows"] > 0  # duplicate vectors put ties on the K boundary
     for k in (60, 10):
@@ -246,7 +240,7 @@ def test_block_sizes_do_not_change_results(setup, monkeypatch):
     pick = np.flatnonzero(np.isin(s.user_index, users))
     vectors = load_index(setup["index"]).vectors()
     hist = opened(setup["data"])
-    monkeypatch.setattr(retriever, "_TOPK_MIN_COLUMNS", 1000)
+    monkeypatch.setattr(engine, "_TOPK_MIN_COLUMNS", 1000)
     stats = EngineStats()
     small = retrieve_rows(
         tl.item_index, tl.offsets, s.user_index[pick], s.hist_len[pick], vectors, (60, 10),

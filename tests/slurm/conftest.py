@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.launch import LAUNCH_VARS
+
 SBIN_PATH = os.pathsep.join(("/usr/sbin", "/sbin", "/usr/bin", "/bin"))
 BINARIES = ("munged", "munge", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo")
 START_TIMEOUT_S = 60.0
@@ -45,12 +47,7 @@ class SlurmCluster:
 
     def env(self, **extra: str) -> dict[str, str]:
         """The test process's environment for a client command, without launcher or outer-job variables."""
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith("SLURM_")
-            and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-        }
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in LAUNCH_VARS}
         env["SLURM_CONF"] = str(self.conf)
         env.update(extra)
         return env

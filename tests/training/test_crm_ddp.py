@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +29,7 @@ from reclora_ds.models.crm import CRMConfig, FeatureSpec
 from reclora_ds.models.registry import build_crm
 from reclora_ds.training.checkpoint import load_crm
 from reclora_ds.training.crm_recipe import predict, train_step, wrap_ddp
+from tests.launch import clean_env
 
 pytestmark = pytest.mark.distributed
 
@@ -45,7 +45,6 @@ META = {
 CONFIG = CRMConfig(embedding_dim=8, attention_hidden=16, tower=(32, 16), top_k=6, dropout=0.0)
 STEPS, PER_RANK, WORLD, LENGTH = 4, 16, 2, 12
 LR = 1e-2
-LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def global_batches(seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -92,7 +91,7 @@ def worker(out: Path, allreduce: str) -> None:
 
 
 def launch_env(rank: int, port: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env = clean_env()
     env.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -160,8 +159,7 @@ def test_two_process_entry_point(ml_small_prepared, tmp_path):
     """torchrun + launch/train_sim.py on 2 ranks: rank 0 alone writes; metrics gathered over the whole split."""
     data_dir = Path(ml_small_prepared.output_dir)
     out = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env["OMP_NUM_THREADS"] = "1"
+    env = clean_env()
     cmd = [
         sys.executable,
         "-m",

@@ -20,9 +20,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from reclora_ds.config import CRMTrainConfig, load_config
+from reclora_ds.config import load_config
 from reclora_ds.training.checkpoint import load_trainer_state, read_info
+from reclora_ds.training.crm_config import CRMTrainConfig
 from reclora_ds.training.crm_recipe import run_crm_training
+from tests.launch import clean_env
 
 ROOT = Path(__file__).parents[2]
 ENTRY = ROOT / "launch" / "train_sim.py"
@@ -47,9 +49,7 @@ OVERRIDES = [
     "log_every=15",
     "progress=false",
 ]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-    ENV.pop(name, None)
+ENV = clean_env()
 
 
 def command(data_dir: Path, out: Path) -> list[str]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from reclora_ds.config import CRMTrainConfig, PLoRATrainConfig
 from reclora_ds.data.histories import load_retrieved
 from reclora_ds.data.loader import uniform_sample_ids
 from reclora_ds.data.processed import ProcessedDataset
@@ -31,17 +29,19 @@ from reclora_ds.models.crm import CRMConfig, FeatureSpec
 from reclora_ds.models.registry import build_crm
 from reclora_ds.retrieval.index import (
     build_index,
-    fit_pca,
     load_index,
     load_item_embeddings,
     make_sidecar,
     save_index,
-    to_index_space,
 )
+from reclora_ds.retrieval.index_space import fit_pca, to_index_space
 from reclora_ds.retrieval.retriever import retrieve_histories
 from reclora_ds.training.checkpoint import CheckpointError, CRMCheckpointInfo, load_crm, save_crm_checkpoint
+from reclora_ds.training.crm_config import CRMTrainConfig
 from reclora_ds.training.crm_recipe import build_loader
+from reclora_ds.training.plora_config import PLoRATrainConfig
 from reclora_ds.training.plora_data import PLoRABatchLoader, history_settings
+from tests.launch import clean_env
 
 ROOT = Path(__file__).parents[2]
 K_LONG, K_SHORT = 60, 10
@@ -170,7 +170,7 @@ def check_prompt_rows(loader, ds, vectors, split, k, *, retrieved):
     table = ds.read_split(split, ["sample_id", "user_index", "item_index", "hist_len"]).slice(0, 48)
     cols = {c: table.column(c).to_numpy().astype(np.int64) for c in table.column_names}
     titles = ds.items.column("title").to_pylist()
-    for view, sid in zip(loader.text_views(cols), cols["sample_id"].tolist()):
+    for view, sid in zip(loader.build_text_views(cols), cols["sample_id"].tolist()):
         sample = by_id[sid]
         rows = brute_force_rows(ds, vectors, sample, k) if retrieved else most_recent_rows(ds, sample, k)
         expected = [(titles[ds.timelines.item_index[r]], float(ds.timelines.rating[r])) for r in rows]
@@ -237,10 +237,7 @@ def test_one_and_two_ranks_evaluate_the_same_uniform_ids_with_the_same_predictio
             "short_history_length=3", "eval_max_samples=37", "eval_batch_size=5", "eval_splits=[test]",
             "deepspeed_config=ds_configs/zero2_fp32.json", "progress=false",
         ]  # fmt: skip
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        run = subprocess.run(
-            cmd, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600
-        )
+        run = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
         preds[nproc] = pq.read_table(out / "predictions_test.parquet").to_pandas().sort_values("sample_id")
         metrics = json.loads((out / "metrics.json").read_text())["test"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,28 +27,22 @@ from sklearn.metrics import roc_auc_score
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import LlamaForCausalLM
 
-from reclora_ds.config import PLoRATrainConfig, load_config
+from reclora_ds.config import load_config
 from reclora_ds.data.processed import ProcessedDataset
 from reclora_ds.data.prompts import PromptEncoder, TextView
 from reclora_ds.data.text import text_views
 from reclora_ds.distributed import free_port
-from reclora_ds.models.adapter_io import load_plora_adapter, read_plora_adapter_config
 from reclora_ds.models.inject import inject_plora
+from reclora_ds.training.adapter_io import load_plora_adapter, read_plora_adapter_config
+from reclora_ds.training.plora_config import PLoRATrainConfig
 from reclora_ds.training.plora_data import PLoRABatchLoader
 from reclora_ds.training.plora_recipe import find_ds_config, resolve_ds_config, run_plora_training
+from tests.launch import clean_env, deepspeed
 
 ROOT = Path(__file__).parents[2]
 ENTRY = ROOT / "launch" / "train_plora.py"
 QUICKSTART = ROOT / "launch" / "configs" / "plora_quickstart.yaml"
-LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 CRM_HISTORY = 20  # the history length of the plora_assets CRM (tests/conftest.py)
-
-
-def clean_env() -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    for name in LAUNCH_VARS:
-        env.pop(name, None)
-    return env
 
 
 def overrides(plora_assets: dict[str, str], out: Path, *extra: str) -> list[str]:
@@ -214,14 +207,7 @@ def test_retrieved_histories_are_read_by_sample_id(plora_assets, tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def no_launcher_env(monkeypatch):
-    """The recipe sets the rendezvous variables of a 1-rank group: undo that after the test."""
-    for name in LAUNCH_VARS:
-        monkeypatch.delenv(name, raising=False)
-
-
-def test_zero_shot_evaluates_the_whole_splits_without_training(plora_assets, tmp_path, no_launcher_env):
+def test_zero_shot_evaluates_the_whole_splits_without_training(plora_assets, tmp_path):
     out = tmp_path / "zero_shot"
     cfg = load_config(
         PLoRATrainConfig,
@@ -245,7 +231,7 @@ def test_zero_shot_evaluates_the_whole_splits_without_training(plora_assets, tmp
     )
 
 
-def test_lora_mode_trains_peft_lora_only(plora_assets, tmp_path, no_launcher_env):
+def test_lora_mode_trains_peft_lora_only(plora_assets, tmp_path):
     out = tmp_path / "lora"
     extra = [
         "mode=lora",
@@ -274,18 +260,7 @@ def test_lora_mode_trains_peft_lora_only(plora_assets, tmp_path, no_launcher_env
 
 
 def deepspeed_command(args: list[str], port: int | None = None) -> list[str]:
-    launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
-    return [
-        launcher,
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(port or free_port()),
-        str(ENTRY),
-        "--config",
-        str(QUICKSTART),
-        *args,
-    ]
+    return deepspeed(2, ENTRY, "--config", str(QUICKSTART), *args, port=port)
 
 
 @pytest.mark.distributed
@@ -392,9 +367,7 @@ def latest_step(out: Path) -> int:
 
 
 @pytest.mark.slow
-def test_kill_9_after_the_first_checkpoint_then_resume_equals_an_uninterrupted_run(
-    plora_assets, tmp_path, no_launcher_env
-):
+def test_kill_9_after_the_first_checkpoint_then_resume_equals_an_uninterrupted_run(plora_assets, tmp_path):
     total = 40  # the few-shot split (1000 rows) gives 31 steps of 2 x 16 samples per epoch: 2 epochs
     extra = [
         "epochs=2",

@@ -3,9 +3,8 @@
 A CRM step allocates and frees the same few-MB tensors every step (the [B, L, E] search gather, the
 [B, K, H] attention activations and their gradients). glibc's malloc serves blocks above its mmap
 threshold with a fresh ``mmap`` and unmaps them on ``free``, and trims the heap top back to the kernel, so
-each step touches thousands of new pages: every first write is a page fault and a page of zeroing. On the
-2-core benchmark machine one SIM process trained at 7,549 samples/s with glibc's defaults against 9,761
-with this setting (``benchmarks/bench_crm.py --allocator``, docs/CRM_RESULTS.md section 4).
+each step touches thousands of new pages: every first write is a page fault and a page of zeroing. What
+the setting buys: ``benchmarks/bench_crm.py --allocator``, docs/CRM_RESULTS.md section 4.
 
 :func:`keep_freed_memory` fixes the mmap threshold at its maximum (32 MiB on 64-bit glibc: larger blocks
 still get their own mapping) and raises the trim threshold, so freed blocks are reused. The cost is that
@@ -50,3 +49,8 @@ def keep_freed_memory() -> bool:
         )
     _done = ok
     return ok
+
+
+def keeping_freed_memory() -> bool:
+    """True when :func:`keep_freed_memory` has set the thresholds in this process."""
+    return _done

@@ -1,4 +1,5 @@
-// reclora_ds CPU kernels (see reclora_ds/cpu_kernels/__init__.py for the math and when they are used).
+// reclora_ds CPU kernels (the math: reclora_ds/models/ops.py; building and registering them:
+// reclora_ds/cpu/kernels/__init__.py).
 //
 //   gather_dot(table [V, E], ids [B, L], query [B, E]) -> [B, L]
 //       out[b, l] = sum_e table[ids[b, l], e] * query[b, e]
@@ -14,7 +15,7 @@
 //       one per op.
 //
 // float32, contiguous CPU tensors; one thread (the CRM runs one rank per core). Loaded by
-// torch.utils.cpp_extension from reclora_ds.cpu_kernels.load.
+// torch.utils.cpp_extension from reclora_ds.cpu.kernels.load.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 

@@ -69,6 +69,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from reclora_ds.files import atomic_file, write_text_atomic
 from reclora_ds.models.inject import SHARED_GATE_NAME, is_plora_parameter_name
 from reclora_ds.models.plora import PLoRAConfig, PLoRAGate, PLoRALinear
 
@@ -328,7 +329,7 @@ def save_plora_adapter(
     # One metadata entry only (peft's): safetensors writes metadata in hash order, so the file stays
     # byte-identical between saves of the same tensors.
     _write_safetensors(out / ADAPTER_WEIGHTS_NAME, tensors, {"format": "pt"})
-    _write_text(out / PLORA_CONFIG_NAME, text)
+    write_text_atomic(out / PLORA_CONFIG_NAME, text)
     logger.info(
         "PLoRA adapter (%d tensors, %d modules) -> %s", len(tensors), len(manifest["replaced_modules"]), out
     )
@@ -465,7 +466,7 @@ def _one_state(crm_state: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def gate_weights(model: nn.Module, crm_state: torch.Tensor) -> dict[str, torch.Tensor]:
+def module_gate_weights(model: nn.Module, crm_state: torch.Tensor) -> dict[str, torch.Tensor]:
     """Each PLoRA layer's gate weights ``alpha`` [N] for one sample, by canonical module name.
 
     Gates run in eval mode (no gate dropout), as at inference; their train/eval mode is restored after.
@@ -506,7 +507,7 @@ def personalized_lora(model: nn.Module, crm_state: torch.Tensor) -> dict[str, Ef
         crm_state: [d_c] or [1, d_c] -> {module name: (A [r_eff, d_in], B [d_out, r_eff], scaling)}.
     """
     layers = _plora_layers(model)
-    alphas = gate_weights(model, crm_state)
+    alphas = module_gate_weights(model, crm_state)
     result = {}
     for name, layer in layers.items():
         bank_a, bank_b = layer.plora_A, layer.plora_B  # [N, r, d_in], [N, d_out, r]
@@ -619,12 +620,5 @@ def _optional_str(value: Any) -> str | None:
 
 
 def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)

@@ -2,13 +2,12 @@
 
 DDP on CPU all-reduces every bucket of gradients through gloo, which goes over TCP even between two
 processes of one machine. DeepSpeed ships a same-node all-reduce over POSIX shared memory
-(``deepspeed_shm_comm``, the op its CPU accelerator JIT-builds and uses for tensor-parallel inference).
-For the default SIM's 0.45 M fp32 gradients on the 2-core benchmark machine a 2-rank step takes 11.7 ms
-with it against 17.8 ms through gloo (``benchmarks/bench_crm.py``, docs/CRM_RESULTS.md section 4).
-:func:`enable_shm_allreduce`
-registers it as the DDP communication hook, so DDP keeps bucketing, ordering and the division by the world
-size, and only the transport changes. The sum of two ranks' buffers is the same float sum gloo computes,
-so parameters stay bitwise identical to a gloo run (``tests/training/test_crm_ddp.py``).
+(``deepspeed_shm_comm``, the op its CPU accelerator JIT-builds and uses for tensor-parallel inference);
+what it saves per step: ``benchmarks/bench_crm.py``, docs/CRM_RESULTS.md section 4.
+:func:`enable_shm_allreduce` registers it as the DDP communication hook, so DDP keeps bucketing, ordering
+and the division by the world size, and only the transport changes. The sum of two ranks' buffers is the
+same float sum gloo computes, so parameters stay bitwise identical to a gloo run
+(``tests/training/test_crm_ddp.py``).
 
 It is used only when every rank is on this node (the launcher's local world size equals the world size),
 the model is on the CPU, and the op builds and loads on every rank (a C++ compiler; DeepSpeed caches the
@@ -17,7 +16,10 @@ build under ``TORCH_EXTENSIONS_DIR``). Otherwise DDP keeps gloo.
 DeepSpeed never unlinks its segments (``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``,
 66 MB each), so every run would leave one per rank in RAM-backed ``/dev/shm``. Once every rank has mapped
 every segment, each rank unlinks its own (:func:`unlink_own_segment`): the mappings stay valid and
-nothing is left behind. The stage-2 recipe calls it after ``deepspeed.initialize`` for the same reason.
+nothing is left behind. DeepSpeed's CPU communication backend maps the same segments in
+``deepspeed.initialize`` under the deepspeed launcher, so a CPU run of stage 2 unlinks its own there too
+(:func:`reclora_ds.cpu.enable_cpu_extras` with ``deepspeed_comm``). Both are CPU-only: nothing here runs for
+a GPU job.
 """
 
 import logging
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
 SEGMENT_PREFIX = "deepspeed_allreduce_buffer"
+LOCAL_SIZE_ENV = "LOCAL_SIZE"  # what DeepSpeed's shm initialize() reads (the deepspeed launcher sets it)
 FP32_KERNEL_LEVEL = 1  # deepspeed's vector_kernel_level(): 1 = avx2 (fp32 reductions), 2 = avx512bw
 
 
@@ -110,8 +113,17 @@ def enable_shm_allreduce(
             raise RuntimeError(f"shm all-reduce requested but unavailable: {reason}")
         log.info("DDP all-reduces through gloo: %s", reason)
         return False
-    os.environ["LOCAL_SIZE"] = str(info.world_size)  # DeepSpeed's initialize() maps segments only when set
-    op.initialize(info.world_size, info.rank)  # creates this rank's segment, maps every other rank's
+    # DeepSpeed's initialize() maps the other ranks' segments only when LOCAL_SIZE is set; it is set for
+    # that call alone, so the process's environment is left as the launcher made it.
+    saved = os.environ.get(LOCAL_SIZE_ENV)
+    os.environ[LOCAL_SIZE_ENV] = str(info.world_size)
+    try:
+        op.initialize(info.world_size, info.rank)  # creates this rank's segment, maps every other rank's
+    finally:
+        if saved is None:
+            del os.environ[LOCAL_SIZE_ENV]
+        else:
+            os.environ[LOCAL_SIZE_ENV] = saved
     dist.barrier()  # every rank has mapped every segment
     unlink_own_segment(info.rank)
     ddp_model.register_comm_hook(info.world_size, shm_allreduce_hook)

@@ -7,7 +7,6 @@ References: the PLoRA model's own logits (round trip), peft's own ``save_pretrai
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 from pathlib import Path
 
@@ -20,23 +19,24 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from reclora_ds.models.adapter_io import (
+from reclora_ds.models.inject import SHARED_GATE_NAME, inject_plora, route_gate_inputs
+from reclora_ds.models.plora import PLoRAConfig, PLoRAGate
+from reclora_ds.training.adapter_io import (
     ADAPTER_WEIGHTS_NAME,
     PLORA_CONFIG_NAME,
     AdapterConfigMismatchError,
     AdapterKeyError,
     EffectiveLoRA,
     canonical_name,
-    gate_weights,
     load_plora_adapter,
+    module_gate_weights,
     personalized_lora,
     read_plora_adapter_config,
     save_peft_adapter,
     save_plora_adapter,
 )
-from reclora_ds.models.inject import SHARED_GATE_NAME, inject_plora, route_gate_inputs
-from reclora_ds.models.plora import PLoRAConfig, PLoRAGate
 from reclora_ds.training.crm_states import save_crm_states
+from tests.tiny_llm import tiny_llama
 
 CRM_DIM = 8
 VOCAB = 100
@@ -46,20 +46,9 @@ RANK = 2
 
 
 def _tiny_llama() -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=NUM_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        use_cache=False,
+    return tiny_llama(
+        vocab_size=VOCAB, layers=NUM_LAYERS, kv_heads=4, max_positions=64, tie_word_embeddings=False
     )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).float().eval()
 
 
 def _config(**overrides) -> PLoRAConfig:
@@ -336,7 +325,7 @@ def test_products_export_is_exactly_the_sum_of_expert_products():
     crm = _crm_state()[0]
     name = "model.layers.1.self_attn.v_proj"
     layer = model.get_submodule(name)
-    alpha = gate_weights(model, crm)[name]
+    alpha = module_gate_weights(model, crm)[name]
     lora = personalized_lora(model, crm)[name]
     expected = torch.einsum("n,nor,nri->oi", alpha, layer.plora_B, layer.plora_A)
     torch.testing.assert_close(lora.B @ lora.A, expected)
@@ -399,7 +388,7 @@ def test_save_peft_adapter_checks_shapes_and_targets(tmp_path):
         )
 
 
-# --- tools/export_user_lora.py ---------------------------------------------------------------------------
+# --- reclora_ds.commands.export_user_lora (tools/export_user_lora.py) ---------------------------------------
 
 
 def _write_processed_samples(data_dir: Path, rows: dict[str, list]) -> None:
@@ -422,12 +411,10 @@ def _write_processed_samples(data_dir: Path, rows: dict[str, list]) -> None:
 
 
 def _export_tool_main():
-    """``main`` of tools/export_user_lora.py, loaded from its file (``tools`` is not a package)."""
-    path = Path(__file__).resolve().parents[2] / "tools" / "export_user_lora.py"
-    spec = importlib.util.spec_from_file_location("export_user_lora", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    """``main`` of the export_user_lora command (``tools/export_user_lora.py`` wraps it)."""
+    from reclora_ds.commands.export_user_lora import main
+
+    return main
 
 
 @pytest.fixture

@@ -1,0 +1,100 @@
+"""CPU-only speed-ups in one corner, switched on by a recipe for a CPU run; the GPU path never calls them.
+
+- :mod:`reclora_ds.cpu.kernels`: C++ implementations of :mod:`reclora_ds.models.ops`' ``gather_dot`` (SIM's
+  soft-search scores) and ``attention_pool`` (DIN's activation unit), built once and registered as those
+  ops' implementations for float32 CPU tensors. The models only call the ops: they run the PyTorch forms
+  until a recipe registers the kernels.
+- :mod:`reclora_ds.cpu.allocator`: glibc malloc thresholds so a CPU step reuses its freed temporaries.
+- :mod:`reclora_ds.cpu.shm_allreduce`: DeepSpeed's same-node shared-memory all-reduce as DDP's comm hook,
+  and the unlinking of DeepSpeed's ``/dev/shm`` segments once every rank has mapped them.
+
+:func:`enable_cpu_extras` is the one call the recipes make; each of its arguments switches one part on.
+Stage 1 (:mod:`reclora_ds.training.crm_recipe`) on the CPU switches on the allocator setting and, with
+``cpu_kernels=true``, the kernels, and its DDP wrapper the shared-memory all-reduce. Stage 2
+(:mod:`reclora_ds.training.plora_recipe`) on the CPU unlinks DeepSpeed's segments and runs the frozen CRM
+in its PyTorch forms, as every other reader of a trained CRM does (CRM states, scoring): the CRM's forward
+is a negligible share of a stage-2 step (docs/RESULTS.md section 2), nothing is compiled for it, and the
+readers agree with each other bit for bit on any device.
+
+Why C++ kernels and not ``torch.compile``: inductor's code for the same SIM training step (the whole model
+compiled, or the two ops alone) was timed against the kernels and was slower, after a compile of tens of
+seconds, so the kernels stay (docs/CRM_RESULTS.md, "torch.compile against the C++ kernels").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch.nn.parallel import DistributedDataParallel
+
+from reclora_ds import distributed as dist_utils
+from reclora_ds.cpu import allocator as _allocator
+from reclora_ds.cpu import kernels as _kernels
+from reclora_ds.cpu import shm_allreduce
+
+ALLREDUCES = ("auto", "shm", "gloo")
+
+
+@dataclass(frozen=True)
+class CPUExtras:
+    """What is switched on in this process after an :func:`enable_cpu_extras` call.
+
+    Attributes:
+        kernels: the ops use the C++ kernels.
+        allocator: glibc keeps freed memory in the process.
+        shm_allreduce: the DDP model given to the call all-reduces through shared memory.
+    """
+
+    kernels: bool
+    allocator: bool
+    shm_allreduce: bool = False
+
+
+def enable_cpu_extras(
+    *,
+    kernels: bool | None = None,
+    allocator: bool = False,
+    ddp_model: DistributedDataParallel | None = None,
+    allreduce: str = "auto",
+    deepspeed_comm: bool = False,
+) -> CPUExtras:
+    """Switch on this process's CPU speed-ups; call it for a CPU run only (never for a GPU one).
+
+    Args:
+        kernels: True registers the C++ kernels as :mod:`reclora_ds.models.ops`' implementations (built on
+            first use; when they cannot be built, a warning and the PyTorch forms). False puts the PyTorch
+            forms back; None leaves the ops as they are.
+        allocator: True sets glibc's malloc thresholds (once per process; not undone).
+        ddp_model: a CPU DDP model whose gradients should all-reduce through shared memory, as
+            ``allreduce`` says: ``shm`` (a RuntimeError when it cannot), ``auto`` (when it can, else
+            gloo), ``gloo`` (nothing changes). A collective: every rank calls it.
+        deepspeed_comm: ``deepspeed.initialize`` has run with DeepSpeed's CPU communication: once every
+            rank has mapped the others' shared-memory segments (a barrier, so a collective), unlink this
+            rank's segment name.
+
+    Returns:
+        What is on now (:class:`CPUExtras`).
+
+    Example::
+
+        if device.type == "cpu":
+            enable_cpu_extras(kernels=cfg.cpu_kernels, allocator=True)
+    """
+    if allreduce not in ALLREDUCES:
+        raise ValueError(f"allreduce must be one of {ALLREDUCES}, got {allreduce!r}")
+    if kernels is True:
+        _kernels.enable()
+    elif kernels is False:
+        _kernels.disable()
+    if allocator:
+        _allocator.keep_freed_memory()
+    shm = False
+    if ddp_model is not None and allreduce != "gloo":
+        shm = shm_allreduce.enable_shm_allreduce(ddp_model, required=allreduce == "shm")
+    if deepspeed_comm:
+        info = dist_utils.dist_info()
+        dist_utils.barrier()  # every rank has mapped every segment
+        shm_allreduce.unlink_own_segment(info.rank)
+    return CPUExtras(
+        kernels=_kernels.enabled(), allocator=_allocator.keeping_freed_memory(), shm_allreduce=shm
+    )

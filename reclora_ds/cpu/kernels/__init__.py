@@ -1,0 +1,161 @@
+"""C++ CPU implementations of :mod:`reclora_ds.models.ops`' two functions, built once by
+``torch.utils.cpp_extension``.
+
+The functions and their math are in :mod:`reclora_ds.models.ops`; this module computes the same functions
+in fewer passes over memory, for float32 CPU tensors:
+
+- ``gather_dot`` reads each gathered table row once and writes only [B, L], where the PyTorch form writes a
+  [B, L, E] temporary (several times a core's L2 at the default sizes) and reads it back. It has no
+  backward: the op keeps its PyTorch form where autograd needs a gradient (the search runs under
+  ``no_grad``).
+- ``attention_pool`` runs its forward and its backward (:class:`_AttentionPool`) each in one pass over the
+  [B, L, H] activations, instead of one op per step.
+
+Results agree with the PyTorch forms to float rounding (the sums run in another order);
+``tests/models/test_cpu_kernels.py`` checks values and gradients against float64 references. What they save
+per training step: docs/CRM_RESULTS.md section 4.
+
+:func:`load` compiles the C++ source on first use (10-15 s, needs a C++ compiler) into
+``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) and loads it; later processes load the
+cached library, and ranks started together share the build (torch's file lock). :func:`enable` loads them
+and registers them as the ops' implementations (:func:`reclora_ds.models.ops.register`);
+:func:`reclora_ds.cpu.enable_cpu_extras` is the recipes' way to call it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from reclora_ds.models import ops
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("kernels.cpp")
+LIBRARY = "reclora_ds_cpu_kernels"  # the extension's name and its torch.ops namespace
+CFLAGS = ("-O3", "-fopenmp-simd", "-fno-trapping-math")  # the last lets GCC vectorise the ReLU masks
+
+_loaded: bool | None = None  # None: not tried in this process
+
+
+def load(required: bool = False) -> bool:
+    """Build (first time) and load the kernels; True when they can be used.
+
+    Tried once per process. A failed build (no compiler, an unsupported platform) logs a warning and
+    returns False, or raises a RuntimeError with the cause when ``required``.
+    """
+    global _loaded
+    if _loaded is None:
+        start = time.perf_counter()
+        try:
+            from torch.utils.cpp_extension import load as load_extension
+
+            load_extension(
+                name=LIBRARY,
+                sources=[str(SOURCE)],
+                extra_cflags=list(CFLAGS),
+                is_python_module=False,
+                verbose=False,
+            )
+            _loaded = True
+            log.info("reclora_ds CPU kernels loaded in %.1f s", time.perf_counter() - start)
+        except Exception as exc:  # a build failure of any kind: the PyTorch forms do the job
+            _loaded = False
+            log.warning(
+                "reclora_ds CPU kernels unavailable (%s: %s); using the PyTorch forms",
+                type(exc).__name__,
+                str(exc)[-500:],
+            )
+            if required:
+                raise RuntimeError(f"reclora_ds CPU kernels could not be built: {exc}") from exc
+    if required and not _loaded:
+        raise RuntimeError("reclora_ds CPU kernels could not be built (see the earlier warning)")
+    return _loaded
+
+
+def loaded() -> bool:
+    """True when :func:`load` has loaded the kernels in this process."""
+    return bool(_loaded)
+
+
+def accepts(*tensors: torch.Tensor) -> bool:
+    """True when the kernels can take these arguments: every tensor on the CPU, the floating ones float32."""
+    return all(
+        t.device.type == "cpu" and (t.dtype == torch.float32 or not t.is_floating_point()) for t in tensors
+    )
+
+
+def gather_dot(table: torch.Tensor, ids: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """:func:`reclora_ds.models.ops.gather_dot` through the kernel (no gradient). Ids outside the table raise."""
+    return getattr(torch.ops, LIBRARY).gather_dot(table, ids, query)
+
+
+def attention_pool(
+    pre: torch.Tensor,
+    target_term: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    mask: torch.Tensor,
+    behaviours: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`reclora_ds.models.ops.attention_pool` through the kernel, forward and backward."""
+    return _AttentionPool.apply(pre, target_term, weight, bias, mask, behaviours)
+
+
+IMPLEMENTATIONS = {
+    "gather_dot": ops.Implementation(gather_dot, accepts, differentiable=False),
+    "attention_pool": ops.Implementation(attention_pool, accepts),
+}
+"""What :func:`enable` registers, by op name."""
+
+
+def enable(required: bool = False) -> bool:
+    """:func:`load` the kernels and register them as the ops' implementations; True when they are in use.
+
+    When they cannot be built the ops keep their PyTorch forms (or a RuntimeError, when ``required``).
+    """
+    if not load(required):
+        return False
+    for name, implementation in IMPLEMENTATIONS.items():
+        ops.register(name, implementation)
+    return True
+
+
+def disable() -> None:
+    """Put the ops' PyTorch forms back (the library stays loaded)."""
+    for name in IMPLEMENTATIONS:
+        ops.register(name, None)
+
+
+def enabled() -> bool:
+    """True when the ops use these kernels."""
+    current = ops.registered()
+    return all(current.get(name) is implementation for name, implementation in IMPLEMENTATIONS.items())
+
+
+class _AttentionPool(torch.autograd.Function):
+    """:func:`attention_pool` through the kernel; the backward recomputes ``x = pre + u`` and its ReLU.
+
+    With ``g_s = <g_out, h_j>`` on a kept position: ``g_pre_j = g_s w * [x_j > 0]``, ``g_u = sum_j g_pre_j``,
+    ``g_w = sum g_s ReLU(x_j)``, ``g_c = sum g_s``, ``g_h_j = s_j g_out``; masked positions get 0.
+    """
+
+    @staticmethod
+    def forward(ctx, pre, target_term, weight, bias, mask, behaviours):  # noqa: ANN001, ANN205 (autograd's)
+        out, scores = getattr(torch.ops, LIBRARY).attention_pool(
+            pre, target_term, weight, bias, mask, behaviours
+        )
+        ctx.save_for_backward(pre, target_term, weight, mask, behaviours, scores)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_out):  # noqa: ANN001, ANN205
+        pre, target_term, weight, mask, behaviours, scores = ctx.saved_tensors
+        g_pre, g_u, g_w, g_c, g_h = getattr(torch.ops, LIBRARY).attention_pool_backward(
+            g_out, pre, target_term, weight, mask, behaviours, scores
+        )
+        return g_pre, g_u, g_w, g_c, None, g_h

@@ -1,0 +1,198 @@
+"""The project's one file-I/O module: checksums, atomic writes, fingerprints, versioned sidecars.
+
+Every stage writes its outputs through these functions, so the guarantees are stated once:
+
+* **Atomic files.** :func:`write_bytes_atomic` (and the text / JSON / ``.npy`` forms) write a temporary
+  sibling with a name unique to the writer (``.<name>.tmp-<pid>-<random>``: two concurrent writers never
+  share one), flush and fsync it, then ``os.replace`` it over the destination: a reader sees the old file or
+  the new one, never half of one. On an error the temporary file is removed.
+* **Atomic folders.** :func:`atomic_dir` yields an empty temporary sibling folder to fill; on success it
+  replaces the destination (the old one renamed aside first, then removed); on an error the destination is
+  untouched.
+* **Checksums.** :func:`sha256_file` hashes the bytes of a file in chunks.
+* **Fingerprints.** :func:`files_fingerprint` is the cheap identity of a set of input files (names, sizes,
+  modification times), for deciding whether a stage is stale without reading many GB.
+* **Versioned sidecars.** :func:`write_sidecar` / :func:`read_sidecar`: a JSON description with
+  ``format`` and ``format_version`` keys, checked on read against what the reader understands, with
+  required keys named in the error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HASH_CHUNK_BYTES = 4 << 20
+OLD_SUFFIX = ".old"  # atomic_dir: the previous folder during the swap (see resolve_old)
+
+
+class SidecarError(ValueError):
+    """A sidecar file is missing, not JSON, of another format or version, or lacks a key (all named)."""
+
+
+def sha256_file(path: str | os.PathLike[str], on_chunk: Callable[[int], object] | None = None) -> str:
+    """Hex sha256 of the file's bytes; ``on_chunk(n_bytes)`` after each chunk (e.g. a progress bar)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+            if on_chunk is not None:
+                on_chunk(len(chunk))
+    return digest.hexdigest()
+
+
+def temporary_sibling(path: str | os.PathLike[str]) -> Path:
+    """A hidden name beside ``path`` unique to this writer: ``.<name>.tmp-<pid>-<8 hex>``."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def remove_stale_temporaries(path: str | os.PathLike[str]) -> None:
+    """Remove the temporary siblings of ``path`` (files or folders) whose writer process no longer runs."""
+    path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        try:
+            pid = int(stale.name[len(path.name) + 6 :].split("-")[0])
+            os.kill(pid, 0)  # raises when no such process
+            continue
+        except ProcessLookupError:
+            pass
+        except (ValueError, PermissionError):
+            continue  # not ours, or a live process of another user
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary sibling to write; on success it is fsynced and renamed over ``path``."""
+    path = Path(path)
+    tmp = temporary_sibling(path)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as stream:
+            os.fsync(stream.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    write_bytes_atomic(path, text.encode())
+
+
+def write_json_atomic(path: str | os.PathLike[str], payload: Any) -> None:
+    write_text_atomic(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+
+
+def save_npy_atomic(path: str | os.PathLike[str], array: np.ndarray) -> str:
+    """``np.save`` through a temporary sibling; returns the sha256 of the bytes written."""
+    with atomic_file(path) as tmp:
+        with open(tmp, "wb") as stream:
+            np.save(stream, array)
+        digest = sha256_file(tmp)
+    return digest
+
+
+def _fsync_tree(path: Path) -> None:
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Write a folder atomically: yields an empty temporary sibling to fill; on success it replaces ``path``.
+
+    The old folder is renamed aside (``<name>.old``), the new one renamed into place, and the old one
+    deleted. A process killed at any point leaves either the old or the new complete folder (under its
+    own name or as ``<name>.old``; :func:`resolve_old` finds it); the temporary folder of a killed writer
+    is removed by the next call. On an exception the temporary folder is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    remove_stale_temporaries(path)  # left by a killed writer
+    tmp = temporary_sibling(path)
+    old = path.with_name(path.name + OLD_SUFFIX)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)  # the atomic step
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve_old(path: str | os.PathLike[str]) -> Path:
+    """``path``, or its ``<name>.old`` left by an :func:`atomic_dir` swap that a kill interrupted."""
+    path = Path(path)
+    old = path.with_name(path.name + OLD_SUFFIX)
+    return old if not path.exists() and old.exists() else path
+
+
+def files_fingerprint(folder: str | os.PathLike[str], paths: Sequence[str | os.PathLike[str]]) -> str:
+    """sha256 over the relative names, sizes and modification times of ``paths`` under ``folder``.
+
+    Metadata, not contents: instant on raw data of many GB (a stage that needs the contents' identity
+    records :func:`sha256_file` of what it read). Replacing or editing a file changes its size or mtime.
+    """
+    folder = Path(folder)
+    listing = sorted(
+        f"{Path(p).relative_to(folder)}:{Path(p).stat().st_size}:{Path(p).stat().st_mtime_ns}" for p in paths
+    )
+    return hashlib.sha256("\n".join(listing).encode()).hexdigest()
+
+
+def write_sidecar(path: str | os.PathLike[str], kind: str, version: int, payload: dict[str, Any]) -> None:
+    """Write ``{"format": kind, "format_version": version, **payload}`` atomically as JSON."""
+    write_json_atomic(path, {"format": kind, "format_version": version, **payload})
+
+
+def read_sidecar(
+    path: str | os.PathLike[str], kind: str, version: int, required: Sequence[str] = ()
+) -> dict[str, Any]:
+    """A sidecar written by :func:`write_sidecar`, checked: format, version, required keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise SidecarError(f"{path}: missing")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SidecarError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict) or data.get("format") != kind:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise SidecarError(f"{path}: format {found!r}, expected {kind!r}")
+    if data.get("format_version") != version:
+        raise SidecarError(
+            f"{path}: format_version {data.get('format_version')!r}, this reclora_ds reads {version} "
+            "(written by another version: write it again)"
+        )
+    missing = [key for key in required if key not in data]
+    if missing:
+        raise SidecarError(f"{path}: lacks the key(s) {missing}")
+    return data
