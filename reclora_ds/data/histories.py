@@ -87,10 +87,6 @@ class RetrievedHistories:
         return tuple(sorted(self.rows))
 
     @property
-    def mode(self) -> str:
-        return str(self.meta.get("mode", "similarity"))
-
-    @property
     def sidecar_sha256(self) -> str:
         """sha256 of the sidecar: it names the dataset, index and K values, so it identifies the retrieval."""
         return hashlib.sha256(json.dumps(self.meta, sort_keys=True).encode()).hexdigest()

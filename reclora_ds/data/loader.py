@@ -142,6 +142,7 @@ class CRMBatchLoader:
         self.files = dataset.split_files(split)
         self._file_rows = np.array([pq.ParquetFile(f).metadata.num_rows for f in self.files], dtype=np.int64)
         self._subset_rows: list[np.ndarray] | None = None  # per file: local positions of the subset's rows
+        self._subset_ids = None if sample_ids is None else np.unique(np.asarray(sample_ids, dtype=np.int64))
         if sample_ids is not None:
             self._subset_rows = self._locate(np.asarray(sample_ids, dtype=np.int64))
             self._subset_before = np.cumsum([0] + [len(r) for r in self._subset_rows])[:-1]
@@ -166,7 +167,7 @@ class CRMBatchLoader:
                 )
             retrieved.require_k(history_length)
             self._retrieved = retrieved
-            self._check_retrieved_covers_split()
+            self.check_covered(retrieved, history_length)
 
         self._batches_yielded = 0
         self._resume_from: int | None = None
@@ -194,11 +195,10 @@ class CRMBatchLoader:
         self._tl_rating = np.append(np.rint(tl.rating * RATING_SCALE).astype(np.int8), 0)  # [N + 1]
         self._offsets = tl.offsets
 
-    def _check_retrieved_covers_split(self) -> None:
-        ids = np.concatenate(
-            [pq.read_table(f, columns=["sample_id"]).column("sample_id").to_numpy() for f in self.files]
-        )
-        self._retrieved.lookup(ids, self.history_length)  # raises KeyError naming missing ids
+    def check_covered(self, retrieved: RetrievedHistories, k: int) -> None:
+        """Every sample this loader can yield has ``rows_k<k>`` in ``retrieved`` (KeyError naming the rest)."""
+        ids = self._subset_ids if self._subset_ids is not None else split_sample_ids(self.dataset, self.split)
+        retrieved.lookup(ids, k)
 
     def _locate(self, sample_ids: np.ndarray) -> list[np.ndarray]:
         """Per file, the ascending local positions of the rows whose sample_id is in ``sample_ids``."""

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from reclora_ds.data.histories import NO_ROW, RetrievedHistories, load_retrieved
@@ -152,10 +151,7 @@ class PLoRABatchLoader(CRMBatchLoader):
             self._columns.append("item_index")  # the target's title
         self._build_text_lookups()
         if self._short is not None:
-            ids = np.concatenate(
-                [pq.read_table(f, columns=["sample_id"]).column("sample_id").to_numpy() for f in self.files]
-            )
-            self._short.lookup(ids, short_history_length)  # raises KeyError naming missing ids
+            self.check_covered(self._short, short_history_length)
 
     def _build_text_lookups(self) -> None:
         """Titles by item, profile sentence and gender by user (ML-1M), timeline item and rating by row."""

@@ -25,6 +25,7 @@ from reclora_ds.retrieval.index import (
 )
 from reclora_ds.retrieval.index_space import fit_pca, snap_unit_rows, to_index_space
 from reclora_ds.retrieval.retriever import read_samples, retrieve_histories
+from tests.item_index import build_item_index
 
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
 
@@ -140,25 +141,7 @@ def setup(tmp_path_factory, ml_small_prepared):
     data = root / "data"
     shutil.copytree(ml_small_prepared.output_dir, data)
     ds = ProcessedDataset(data)
-    genre = ds.items.column("genre_id").to_numpy()
-    rng = np.random.default_rng(0)
-    centers = rng.standard_normal((genre.max() + 1, 48))
-    x = centers[genre] + 0.8 * rng.standard_normal((len(genre), 48))
-    same_text = (
-        rng.random(len(genre)) < 0.3
-    )  # items whose description is their genre's: identical vectors, ties
-    x[same_text] = centers[genre[same_text]]
-    emb_dir = root / "emb"
-    emb_dir.mkdir()
-    np.save(emb_dir / "embeddings.npy", x.astype(np.float32))
-    sha = hashlib.sha256((emb_dir / "embeddings.npy").read_bytes()).hexdigest()
-    (emb_dir / "embeddings.json").write_text(
-        json.dumps({"n_items": len(x), "dim": 48, "backbone": "test", "sha256": sha, "dataset": str(data)})
-    )
-    emb = load_item_embeddings(emb_dir, expected_n_items=ds.items.num_rows)
-    pca = fit_pca(emb.vectors, 32)
-    index = build_index(to_index_space(pca, emb.vectors), "flat")
-    save_index(root / "index", index, pca, make_sidecar(index, pca, emb.meta))
+    emb_dir, _ = build_item_index(data, root, dim=48, components=32, noise=0.8, duplicates=0.3)
     result = retrieve_histories(data, root / "index")
     return {"root": root, "data": data, "ds": ds, "index": root / "index", "result": result, "emb": emb_dir}
 

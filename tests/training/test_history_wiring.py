@@ -10,7 +10,6 @@ number of ranks (1 and 2 ranks score the same ids with the same predictions).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -28,19 +27,15 @@ from reclora_ds.distributed import DistInfo, free_port
 from reclora_ds.models.crm import CRMConfig, FeatureSpec
 from reclora_ds.models.registry import build_crm
 from reclora_ds.retrieval.index import (
-    build_index,
     load_index,
-    load_item_embeddings,
-    make_sidecar,
-    save_index,
 )
-from reclora_ds.retrieval.index_space import fit_pca, to_index_space
 from reclora_ds.retrieval.retriever import retrieve_histories
 from reclora_ds.training.checkpoint import CheckpointError, CRMCheckpointInfo, load_crm, save_crm_checkpoint
 from reclora_ds.training.crm_config import CRMTrainConfig
 from reclora_ds.training.crm_recipe import build_loader
 from reclora_ds.training.plora_config import PLoRATrainConfig
 from reclora_ds.training.plora_data import PLoRABatchLoader, history_settings
+from tests.item_index import build_item_index
 from tests.launch import clean_env
 
 ROOT = Path(__file__).parents[2]
@@ -53,20 +48,7 @@ def retrieval(tmp_path_factory, ml1m_prepared):
     root = tmp_path_factory.mktemp("wiring")
     data = Path(ml1m_prepared.output_dir)
     ds = ProcessedDataset(data)
-    genre = ds.items.column("genre_id").to_numpy()
-    rng = np.random.default_rng(3)
-    centers = rng.standard_normal((genre.max() + 1, 24))
-    x = (centers[genre] + rng.standard_normal((len(genre), 24))).astype(np.float32)
-    (root / "emb").mkdir()
-    np.save(root / "emb" / "embeddings.npy", x)
-    sha = hashlib.sha256((root / "emb" / "embeddings.npy").read_bytes()).hexdigest()
-    (root / "emb" / "embeddings.json").write_text(
-        json.dumps({"n_items": len(x), "dim": 24, "backbone": "test", "sha256": sha, "dataset": str(data)})
-    )
-    emb = load_item_embeddings(root / "emb", expected_n_items=len(x))
-    pca = fit_pca(emb.vectors, 16)
-    index = build_index(to_index_space(pca, emb.vectors), "flat")
-    save_index(root / "index", index, pca, make_sidecar(index, pca, emb.meta))
+    build_item_index(data, root, dim=24, components=16, noise=1.0, seed=3)
     retrieve_histories(data, root / "index", ks=(K_LONG, K_SHORT), out_dir=root / "retrieval")
     return {
         "data": data,
