@@ -90,9 +90,28 @@ class CRMConfig:
     item's embedding; ``hard`` = the K most recent behaviours of the window in the target's category."""
     top_k: int = 60
     """SIM only. K, the number of behaviours the general search unit keeps (ignored by ``precomputed``)."""
+    cross_layers: int = 3
+    """DCNv2 only. Cross layers of the cross network (paper App. B.1: {3, 6, 9, 12})."""
+    interaction_layers: int = 3
+    """AutoInt only. Multi-head self-attention layers over the fields (App. B.1: {3, 6, 9, 12})."""
+    attention_size: int = 64
+    """AutoInt and SASRec. Width of the self-attention (App. B.1: {64, 128, 256})."""
+    attention_heads: int = 1
+    """AutoInt and SASRec. Attention heads (App. B.1: 1 for AutoInt, {1, 2, 4} for SASRec); must divide
+    ``attention_size``."""
+    sequence_layers: int = 1
+    """GRU4Rec and SASRec. GRU layers / self-attention blocks over the history (App. B.1: {1, 2, 3})."""
+    caser_vertical_filters: int = 4
+    """Caser only. Vertical convolution kernels (App. B.1: {2, 4, 8})."""
+    caser_horizontal_filters: int = 16
+    """Caser only. Horizontal convolution kernels per height (App. B.1: {4, 8, 16})."""
 
     def __post_init__(self) -> None:
-        for name in ("embedding_dim", "attention_layers", "attention_hidden", "top_k"):
+        for name in (
+            "embedding_dim", "attention_layers", "attention_hidden", "top_k", "cross_layers",
+            "interaction_layers", "attention_size", "attention_heads", "sequence_layers",
+            "caser_vertical_filters", "caser_horizontal_filters",
+        ):
             value = getattr(self, name)
             if not _positive_int(value):
                 raise ValueError(f"CRMConfig.{name} must be a positive int, got {value!r}")
@@ -105,6 +124,11 @@ class CRMConfig:
             raise ValueError(f"CRMConfig.dropout must be a float in [0, 1), got {self.dropout!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"CRMConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.attention_size % self.attention_heads:
+            raise ValueError(
+                f"CRMConfig.attention_heads={self.attention_heads} must divide "
+                f"attention_size={self.attention_size}"
+            )
         if self.item_merge not in ITEM_MERGES:
             raise ValueError(f"CRMConfig.item_merge must be one of {ITEM_MERGES}, got {self.item_merge!r}")
         if self.search not in SEARCHES:
