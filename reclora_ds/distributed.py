@@ -6,6 +6,18 @@ rendezvous). Every other module asks :func:`dist_info` or the process group, so 
 runs as rank 0 of 1 without any environment and without a process group.
 
 Backends: ``nccl`` when CUDA is available, ``gloo`` otherwise (CPU tests use 2-process gloo groups).
+
+**A dead rank ends the job** (:func:`start_peer_watch`, started by :func:`init_distributed` in every
+multi-rank group). ``torchrun`` and the DeepSpeed launcher stop the other ranks when one dies, but ranks
+started one by one (``srun`` exporting ``RANK``, a hand-written launcher) have nobody watching: a rank
+killed with ``-9`` leaves the others blocked in their next collective, a gloo one until its timeout (30
+minutes by default) and DeepSpeed's shared-memory all-reduce (stage 1 on CPU) forever, spinning. So every
+rank learns the PIDs of the ranks on its own node when the group is made, and a daemon thread checks every
+:data:`PEER_WATCH_INTERVAL_S` that they still live. A peer that is gone without having ended normally (it
+leaves a flag file in :func:`peer_flag_dir` that only a normal end removes) makes this rank print
+``error: rank R (pid P) on this node died ...`` and exit 1 at once. Ranks that leave normally (exit status
+0 through :func:`exit_process`, or a normal interpreter exit) remove their flag first and are not
+mourned; :func:`destroy` stops the watch of the rank that calls it.
 """
 
 from __future__ import annotations
@@ -13,14 +25,19 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
+import errno
 import functools
 import logging
 import os
 import socket
 import sys
+import tempfile
+import threading
+import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import torch
@@ -36,6 +53,9 @@ MASTER_ADDR_ENV, MASTER_PORT_ENV = "MASTER_ADDR", "MASTER_PORT"
 LOCAL_WORLD_SIZE_ENVS = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE")
 
 T = TypeVar("T")
+
+USER_ERROR_EXIT = 2  # "error: <file/key>: <reason>": a mistake or condition the user can fix, not a bug
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 _group_backend: str | None = None  # the backend of the process group this process set up (see exit_process)
 
@@ -117,6 +137,32 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+WAIT_REPORT_S = 10.0
+"""A blocking wait of this module (the rendezvous, a barrier) longer than this is reported, and again at
+every such interval: what it waits on, for how long."""
+
+
+@contextlib.contextmanager
+def reporting_wait(what: str, interval_s: float | None = None) -> Iterator[None]:
+    """Run the block; while it blocks longer than ``interval_s`` (default :data:`WAIT_REPORT_S`), log a
+    warning every ``interval_s`` saying ``waited N s for <what>``. For waits inside C++ (a rendezvous, a
+    collective) that would otherwise be silent."""
+    interval = WAIT_REPORT_S if interval_s is None else interval_s
+    done = threading.Event()
+    start = time.monotonic()
+
+    def report() -> None:
+        while not done.wait(interval):
+            log.warning("waited %.0f s for %s", time.monotonic() - start, what)
+
+    thread = threading.Thread(target=report, name="reclora-wait-report", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+
+
 def init_distributed(
     backend: str | None = None,
     *,
@@ -151,7 +197,9 @@ def init_distributed(
                 f"WORLD_SIZE={info.world_size} but {MASTER_ADDR_ENV}/{MASTER_PORT_ENV}/{RANK_ENV} are not all "
                 "set: start the job with torchrun, deepspeed or srun exporting them"
             )
-        dist.init_process_group(**kwargs)  # env:// rendezvous
+        addr, port = rendezvous_address()
+        with reporting_wait(f"the {info.world_size} ranks to meet at {addr}:{port} (rank {info.rank})"):
+            dist.init_process_group(**kwargs)  # env:// rendezvous
     elif single_process_group:
         # DeepSpeed and some libraries read these; set them only when no launcher did.
         os.environ.setdefault(RANK_ENV, "0")
@@ -165,6 +213,8 @@ def init_distributed(
     global _group_backend
     _group_backend = str(dist.get_backend())
     info = dist_info()
+    if info.world_size > 1:
+        start_peer_watch()
     log.info(
         "process group %s: rank %d/%d (local %d)",
         kwargs["backend"],
@@ -186,9 +236,12 @@ def is_main_process() -> bool:
 
 
 def barrier() -> None:
-    """Wait for every rank; a no-op without a process group."""
+    """Wait for every rank (reported past :data:`WAIT_REPORT_S`); a no-op without a process group."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        with reporting_wait(
+            f"the other ranks at a barrier (rank {dist.get_rank()} of {dist.get_world_size()})"
+        ):
+            dist.barrier()
 
 
 def destroy(*, synchronize: bool = True) -> None:
@@ -203,10 +256,123 @@ def destroy(*, synchronize: bool = True) -> None:
     gives them the round trip they need. Pass ``synchronize=False`` where another rank may never get
     here (an error that only this rank saw): a barrier would wait for it until the timeout.
     """
+    stop_peer_watch()  # before the barrier: a peer may leave as soon as it is through
     if dist.is_available() and dist.is_initialized():
         if synchronize and dist.get_world_size() > 1:
             dist.barrier()
         dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the peer watch: a rank that dies ends the ranks of its node instead of leaving them blocked
+# ----------------------------------------------------------------------------------------------------------
+
+PEER_WATCH_INTERVAL_S = 1.0
+PEER_FLAG_ROOT_ENV = "RECLORA_PEER_FLAGS"  # default: <tmp>/reclora_ds_peers
+PEER_WATCH_ENV = "RECLORA_PEER_WATCH"  # "0" switches the watch off
+
+_watch_stop = threading.Event()
+_watch_thread: threading.Thread | None = None
+_own_flag: Path | None = None
+_exit_code: int | None = None  # set by exit_process: a flag is removed only on a normal end
+
+
+@dataclass(frozen=True)
+class _Peer:
+    rank: int
+    host: str
+    pid: int
+    start: str  # /proc/<pid>/stat start time: a reused PID is another process
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time (clock ticks since boot) from ``/proc``; "" when it is gone or unreadable."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+    return "" if fields[0] in ("Z", "X") else fields[19]  # a zombie has ended already
+
+
+def peer_flag_dir() -> Path:
+    """Where the ranks of this job keep their "still running" flags: one folder per rendezvous address."""
+    addr, port = rendezvous_address()
+    root = os.environ.get(PEER_FLAG_ROOT_ENV) or os.path.join(tempfile.gettempdir(), "reclora_ds_peers")
+    return Path(root) / f"{addr or 'local'}_{port or 'noport'}"
+
+
+def _remove_own_flag() -> None:
+    if _own_flag is not None and _exit_code in (None, 0):
+        _own_flag.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            _own_flag.parent.rmdir()  # the last rank to leave removes the folder
+
+
+def _sweep_dead_flags(root: Path) -> None:
+    """Remove the flags of processes that no longer run (left by killed jobs), and emptied job folders."""
+    for folder in root.glob("*") if root.is_dir() else ():
+        for flag in folder.glob("rank*.*"):
+            pid = flag.name.rpartition(".")[2]
+            if pid.isdigit() and not _start_time(int(pid)):
+                flag.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only when empty
+
+
+def start_peer_watch() -> None:
+    """Watch the ranks of this node (module docstring); a collective, called by :func:`init_distributed`.
+
+    Off with ``RECLORA_PEER_WATCH=0`` (every rank must agree: it is a collective).
+    """
+    global _watch_thread, _watch_stop, _own_flag
+    if os.environ.get(PEER_WATCH_ENV, "1") == "0" or _watch_thread is not None:
+        return
+    me = _Peer(dist.get_rank(), socket.gethostname(), os.getpid(), _start_time(os.getpid()))
+    _sweep_dead_flags(peer_flag_dir().parent)
+    _own_flag = peer_flag_dir() / f"rank{me.rank}.{me.pid}"
+    _own_flag.parent.mkdir(parents=True, exist_ok=True)
+    _own_flag.write_text(f"{me.pid}\n")
+    atexit.register(_remove_own_flag)
+    peers: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(peers, me)
+    local = [p for p in peers if p.host == me.host and p.rank != me.rank]
+    if not local:
+        return
+    _watch_stop = threading.Event()  # a fresh one per watch: an old watch's thread only ever sees its own
+    _watch_thread = threading.Thread(
+        target=_watch, args=(me, local, _watch_stop), name="reclora-peer-watch", daemon=True
+    )
+    _watch_thread.start()
+
+
+def stop_peer_watch() -> None:
+    """Stop this rank's watch (a rank that is ending; see :func:`destroy`)."""
+    global _watch_thread
+    _watch_stop.set()
+    _watch_thread = None
+
+
+def _watch(me: _Peer, peers: list[_Peer], stop: threading.Event) -> None:
+    flags = peer_flag_dir()
+    while not stop.wait(PEER_WATCH_INTERVAL_S):
+        for peer in peers:
+            if _start_time(peer.pid) == peer.start:
+                continue  # alive
+            flag = flags / f"rank{peer.rank}.{peer.pid}"
+            if not flag.exists():
+                peers.remove(peer)  # it ended normally (it removes its flag before it ends)
+                break
+            if stop.is_set():
+                return
+            message = (
+                f"error: rank {peer.rank} (pid {peer.pid}) on this node died (killed, or crashed before "
+                f"reaching a collective); rank {me.rank} ends too instead of waiting for it in a collective"
+            )
+            print(message, file=sys.stderr, flush=True)
+            global _exit_code
+            _exit_code = 1  # this rank's flag stays too: the other ranks (if more) see it end abnormally
+            os._exit(1)  # the main thread may be blocked in C++ (a collective): only this ends it
 
 
 def uses_gloo() -> bool:
@@ -236,6 +402,8 @@ def exit_process(code: int | None) -> NoReturn:
     recipes, outputs written atomically).
     """
     code = 0 if code is None else code
+    global _exit_code
+    _exit_code = code  # a failing rank keeps its peer flag: the others see it die and end too
     if not uses_gloo():
         destroy(synchronize=False)
         sys.exit(code)
@@ -249,7 +417,9 @@ def exit_process(code: int | None) -> NoReturn:
 def run_and_exit(main: Callable[[], int | None]) -> NoReturn:
     """Run an entry point's ``main`` and end the process with its return value through :func:`exit_process`.
 
-    A ``SystemExit`` from ``main`` (argparse's errors, ``sys.exit``) keeps its code. Any other exception
+    A ``SystemExit`` from ``main`` (argparse's errors, ``sys.exit``) keeps its code. A full disk
+    (``OSError`` with ``ENOSPC``/``EDQUOT``, :class:`reclora_ds.files.DiskFullError` included) prints
+    ``error: <message>`` and exits 2, without a traceback. Any other exception
     prints its traceback to stderr and exits 1 (130 for ``KeyboardInterrupt``) through the same path, so
     a failing gloo rank also skips the finalisation that could abort it, and a failing NCCL rank destroys
     its group. Use it as an entry point's last line: ``run_and_exit(main)``.
@@ -258,6 +428,13 @@ def run_and_exit(main: Callable[[], int | None]) -> NoReturn:
         code = main()
     except SystemExit as exc:
         code = _system_exit_code(exc)
+    except OSError as exc:
+        if exc.errno in DISK_FULL_ERRNOS:  # a full disk is no bug: say where, no traceback
+            print(f"error: {exc}", file=sys.stderr)
+            code = USER_ERROR_EXIT
+        else:
+            traceback.print_exc()
+            code = 1
     except BaseException as exc:
         traceback.print_exc()
         code = 130 if isinstance(exc, KeyboardInterrupt) else 1

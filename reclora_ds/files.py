@@ -9,7 +9,13 @@ Every stage writes its outputs through these functions, so the guarantees are st
 * **Atomic folders.** :func:`atomic_dir` yields an empty temporary sibling folder to fill; on success it
   replaces the destination (the old one renamed aside first, then removed); on an error the destination is
   untouched.
-* **Checksums.** :func:`sha256_file` hashes the bytes of a file in chunks.
+* **A full disk** (``ENOSPC``/``EDQUOT``, or a library's own write error while the file system has no room
+  left, e.g. the errno-less ``RuntimeError`` of ``torch.save``) inside :func:`atomic_file` or
+  :func:`atomic_dir` raises :class:`DiskFullError`, which names the destination and the space left and
+  says that the previous content is unchanged; the temporary is removed first, so its space is given back.
+  :func:`reclora_ds.distributed.run_and_exit` prints it as ``error: ...`` (exit 2), without a traceback.
+* **Checksums.** :func:`sha256_file` (and :func:`md5_file`, for checksums that publishers give in md5)
+  hashes the bytes of a file in chunks.
 * **Fingerprints.** :func:`files_fingerprint` is the cheap identity of a set of input files (names, sizes,
   modification times), for deciding whether a stage is stale without reading many GB.
 * **Versioned sidecars.** :func:`write_sidecar` / :func:`read_sidecar`: a JSON description with
@@ -20,6 +26,7 @@ Every stage writes its outputs through these functions, so the guarantees are st
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -33,10 +40,75 @@ import numpy as np
 
 HASH_CHUNK_BYTES = 4 << 20
 OLD_SUFFIX = ".old"  # atomic_dir: the previous folder during the swap (see resolve_old)
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded")
+LOW_SPACE_BYTES = 1 << 20
+"""Below this much free space a library's own write error (one that carries no errno) counts as a full disk."""
 
 
 class SidecarError(ValueError):
     """A sidecar file is missing, not JSON, of another format or version, or lacks a key (all named)."""
+
+
+class DiskFullError(OSError):
+    """A write through :func:`atomic_file` / :func:`atomic_dir` ran out of space; the destination is unchanged.
+
+    An ``OSError`` with ``errno.ENOSPC``, ``filename`` the destination and ``strerror`` the reason (free
+    space, what is left as it was); ``str()`` is ``<destination>: <reason>``, ready to print after ``error:``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], free_bytes: int | None) -> None:
+        free = "unknown" if free_bytes is None else f"{free_bytes / 2**20:.1f} MiB"
+        reason = (
+            f"no space left on the device while writing it ({free} free there); the previous "
+            f"{Path(path).name} is unchanged (nothing was replaced): free some space and run again"
+        )
+        super().__init__(errno.ENOSPC, reason, str(path))  # strerror: the reason, filename: the path
+
+    def __str__(self) -> str:
+        return f"{self.filename}: {self.strerror}"
+
+
+def free_bytes(path: str | os.PathLike[str]) -> int | None:
+    """Bytes an unprivileged writer can still use on the file system of ``path`` (or its nearest existing
+    parent); None when it cannot be asked."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def is_disk_full(exc: BaseException, where: str | os.PathLike[str] | None = None) -> bool:
+    """True when ``exc`` (or an exception it was raised from) is ``ENOSPC``/``EDQUOT`` or says so in its text
+    (safetensors' ``SafetensorError``); with ``where``, also a write error (not a ValueError, TypeError or
+    LookupError) while the file system of ``where`` has less than :data:`LOW_SPACE_BYTES` free:
+    ``torch.save`` reports a failed write as a ``RuntimeError`` that names no cause."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in DISK_FULL_ERRNOS:
+            return True
+        if any(text in str(current) for text in DISK_FULL_TEXTS):  # safetensors: "... (os error 28)"
+            return True
+        current = current.__cause__ or current.__context__
+    if where is not None and not isinstance(exc, (ValueError, TypeError, LookupError)):
+        free = free_bytes(where)
+        return free is not None and free < LOW_SPACE_BYTES
+    return False
+
+
+def md5_file(path: str | os.PathLike[str]) -> str:
+    """Hex md5 of the file's bytes (only for checking a publisher's md5, never as this project's own checksum)."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as stream:
+        while chunk := stream.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def sha256_file(path: str | os.PathLike[str], on_chunk: Callable[[int], object] | None = None) -> str:
@@ -76,7 +148,10 @@ def remove_stale_temporaries(path: str | os.PathLike[str]) -> None:
 
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary sibling to write; on success it is fsynced and renamed over ``path``."""
+    """Yield a temporary sibling to write; on success it is fsynced and renamed over ``path``.
+
+    On an error ``path`` is untouched and the temporary removed; a full disk raises :class:`DiskFullError`.
+    """
     path = Path(path)
     tmp = temporary_sibling(path)
     try:
@@ -84,6 +159,12 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
         with open(tmp, "rb+") as stream:
             os.fsync(stream.fileno())
         os.replace(tmp, path)
+    except Exception as exc:
+        full = is_disk_full(exc, path.parent)  # asked before the temporary gives its space back
+        tmp.unlink(missing_ok=True)
+        if full and not isinstance(exc, DiskFullError):
+            raise DiskFullError(path, free_bytes(path.parent)) from exc
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -128,7 +209,8 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     The old folder is renamed aside (``<name>.old``), the new one renamed into place, and the old one
     deleted. A process killed at any point leaves either the old or the new complete folder (under its
     own name or as ``<name>.old``; :func:`resolve_old` finds it); the temporary folder of a killed writer
-    is removed by the next call. On an exception the temporary folder is removed and ``path`` is untouched.
+    is removed by the next call. On an exception the temporary folder is removed and ``path`` is untouched;
+    a full disk raises :class:`DiskFullError`.
     """
     path = Path(path)
     remove_stale_temporaries(path)  # left by a killed writer
@@ -138,8 +220,11 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         _fsync_tree(tmp)
-    except BaseException:
+    except BaseException as exc:
+        full = isinstance(exc, Exception) and is_disk_full(exc, path.parent)
         shutil.rmtree(tmp, ignore_errors=True)
+        if full and not isinstance(exc, DiskFullError):
+            raise DiskFullError(path, free_bytes(path.parent)) from exc
         raise
     if path.exists():
         shutil.rmtree(old, ignore_errors=True)

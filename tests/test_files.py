@@ -87,3 +87,46 @@ def test_sidecars_are_checked_by_format_version_and_keys(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(files.SidecarError, match="not valid JSON"):
         files.read_sidecar(tmp_path / "bad.json", "reclora_ds.thing", 2)
+
+
+def test_md5_file_matches_hashlib(tmp_path):
+    path = tmp_path / "a.zip"
+    data = os.urandom(3 * files.HASH_CHUNK_BYTES // 2)
+    path.write_bytes(data)
+    assert files.md5_file(path) == hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("error", "free", "full"),
+    [
+        (OSError(28, "No space left on device"), 10**9, True),  # the errno says it
+        (
+            RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),
+            10**9,
+            True,
+        ),
+        (
+            RuntimeError("[enforce fail at inline_container.cc] unexpected pos"),
+            0,
+            True,
+        ),  # torch.save: no errno
+        (RuntimeError("[enforce fail at inline_container.cc] unexpected pos"), 10**9, False),  # room left
+        (ValueError("a bad value"), 0, False),  # a caller's mistake is never a full disk
+        (OSError(13, "Permission denied"), 10**9, False),
+    ],
+)
+def test_a_full_disk_is_told_apart_from_other_write_errors(tmp_path, monkeypatch, error, free, full):
+    monkeypatch.setattr(files, "free_bytes", lambda _path: free)
+    path = tmp_path / "out.json"
+    files.write_json_atomic(path, {"old": True})
+    with (
+        pytest.raises(files.DiskFullError if full else type(error)) as caught,
+        files.atomic_file(path) as tmp,
+    ):
+        tmp.write_text("partial")
+        raise error
+    if full:
+        assert caught.value.errno == 28 and caught.value.__cause__ is error
+        assert str(caught.value).startswith(f"{path}: no space left on the device")
+    assert json.loads(path.read_text()) == {"old": True}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]

@@ -7,6 +7,8 @@
 - :mod:`reclora_ds.cpu.allocator`: glibc malloc thresholds so a CPU step reuses its freed temporaries.
 - :mod:`reclora_ds.cpu.shm_allreduce`: DeepSpeed's same-node shared-memory all-reduce as DDP's comm hook,
   and the unlinking of DeepSpeed's ``/dev/shm`` segments once every rank has mapped them.
+- :mod:`reclora_ds.cpu.build_lock`: every JIT build or load of an extension above runs under a guard that
+  clears a killed builder's stale lock and reports any wait longer than a few seconds.
 
 :func:`enable_cpu_extras` is the one call the recipes make; each of its arguments switches one part on.
 Stage 1 (:mod:`reclora_ds.training.crm_recipe`) on the CPU switches on the allocator setting and, with
@@ -57,6 +59,7 @@ def enable_cpu_extras(
     ddp_model: DistributedDataParallel | None = None,
     allreduce: str = "auto",
     deepspeed_comm: bool = False,
+    prebuild_deepspeed_comm: bool = False,
 ) -> CPUExtras:
     """Switch on this process's CPU speed-ups; call it for a CPU run only (never for a GPU one).
 
@@ -71,6 +74,10 @@ def enable_cpu_extras(
         deepspeed_comm: ``deepspeed.initialize`` has run with DeepSpeed's CPU communication: once every
             rank has mapped the others' shared-memory segments (a barrier, so a collective), unlink this
             rank's segment name.
+        prebuild_deepspeed_comm: load (building it on first use) DeepSpeed's shm comm op now, under
+            :func:`reclora_ds.cpu.build_lock.guarded_build`; call it before ``deepspeed.initialize`` on the
+            CPU, which loads the op itself without that guard (a killed builder's stale lock would make it
+            wait forever). Not a collective.
 
     Returns:
         What is on now (:class:`CPUExtras`).
@@ -88,6 +95,8 @@ def enable_cpu_extras(
         _kernels.disable()
     if allocator:
         _allocator.keep_freed_memory()
+    if prebuild_deepspeed_comm:
+        shm_allreduce.load_op()
     shm = False
     if ddp_model is not None and allreduce != "gloo":
         shm = shm_allreduce.enable_shm_allreduce(ddp_model, required=allreduce == "shm")

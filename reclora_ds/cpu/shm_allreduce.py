@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from reclora_ds import distributed as dist_utils
+from reclora_ds.cpu.build_lock import guarded_build
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +52,20 @@ def unlink_own_segment(rank: int) -> None:
     segment_path(rank).unlink(missing_ok=True)
 
 
-def _load_op() -> Any | None:
-    """DeepSpeed's shm comm module, built or loaded from the extension cache; None when it cannot be."""
+def load_op() -> Any | None:
+    """DeepSpeed's shm comm module, built or loaded from the extension cache; None when it cannot be.
+
+    DeepSpeed keeps a loaded op for the whole process, so its own later load of the same op (in
+    ``deepspeed.initialize`` on the CPU) takes it from memory, without touching the build lock again.
+    """
     try:
         from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 
         builder = ShareMemCommBuilder()
         if not builder.is_compatible():
             return None
-        op = builder.load(verbose=False)
+        with guarded_build(builder.NAME):  # a dead process's build lock is cleared, a wait is reported
+            op = builder.load(verbose=False)
     except Exception as exc:  # no DeepSpeed, no compiler, a failed build: gloo does the job
         log.warning(
             "DeepSpeed's shm all-reduce is unavailable (%s: %s); DDP uses gloo", type(exc).__name__, exc
@@ -103,7 +109,7 @@ def enable_shm_allreduce(
             f"the ranks are not all on this node (local world size {dist_utils.local_world_size()}, "
             f"world size {info.world_size})"
         )
-    op = _load_op() if reason is None else None
+    op = load_op() if reason is None else None
     ready = torch.tensor([int(op is not None)])
     if info.world_size > 1:
         dist.all_reduce(ready, op=dist.ReduceOp.MIN)

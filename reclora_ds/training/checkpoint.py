@@ -13,7 +13,9 @@ A checkpoint is a folder::
 :func:`load_crm` rebuilds the model from ``crm.json`` alone and loads the weights with strict key and
 shape checks. Folders are written atomically (:func:`reclora_ds.files.atomic_dir`): into a temporary sibling, then
 renamed over the old one, so a process killed at any moment leaves a complete checkpoint behind
-(:func:`resolve_checkpoint` finds it).
+(:func:`resolve_checkpoint` finds it). A disk that fills up during the write raises
+:class:`reclora_ds.files.DiskFullError` (``error: <folder>: no space left ...`` from the entry points, exit
+2) and leaves the previous checkpoint as it was, loadable (``tests/faults/test_full_disk.py``).
 
 ``trainer_state.pt`` holds tensors and plain Python values only (numpy RNG states are stored as tensors),
 so it loads with ``torch.load(weights_only=True)``.
@@ -222,6 +224,9 @@ def save_crm_checkpoint(
     """Write a checkpoint folder atomically: weights, ``crm.json`` and, if given, ``trainer_state.pt``.
 
     Call it on one rank only (the recipes call it on rank 0). Returns ``path``.
+
+    Raises:
+        reclora_ds.files.DiskFullError: the disk filled up; the previous checkpoint at ``path`` is unchanged.
     """
     path = Path(path)
     description = json.dumps(info.to_dict(), indent=2, sort_keys=False)

@@ -17,7 +17,8 @@ per training step: docs/CRM_RESULTS.md section 4.
 
 :func:`load` compiles the C++ source on first use (10-15 s, needs a C++ compiler) into
 ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) and loads it; later processes load the
-cached library, and ranks started together share the build (torch's file lock). :func:`enable` loads them
+cached library, and ranks started together share the build (torch's file lock, guarded against a killed
+builder's stale lock by :func:`reclora_ds.cpu.build_lock.guarded_build`). :func:`enable` loads them
 and registers them as the ops' implementations (:func:`reclora_ds.models.ops.register`);
 :func:`reclora_ds.cpu.enable_cpu_extras` is the recipes' way to call it.
 """
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from reclora_ds.cpu.build_lock import guarded_build
 from reclora_ds.models import ops
 
 log = logging.getLogger(__name__)
@@ -53,13 +55,14 @@ def load(required: bool = False) -> bool:
         try:
             from torch.utils.cpp_extension import load as load_extension
 
-            load_extension(
-                name=LIBRARY,
-                sources=[str(SOURCE)],
-                extra_cflags=list(CFLAGS),
-                is_python_module=False,
-                verbose=False,
-            )
+            with guarded_build(LIBRARY):  # a dead process's build lock is cleared, a wait is reported
+                load_extension(
+                    name=LIBRARY,
+                    sources=[str(SOURCE)],
+                    extra_cflags=list(CFLAGS),
+                    is_python_module=False,
+                    verbose=False,
+                )
             _loaded = True
             log.info("reclora_ds CPU kernels loaded in %.1f s", time.perf_counter() - start)
         except Exception as exc:  # a build failure of any kind: the PyTorch forms do the job
