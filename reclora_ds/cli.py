@@ -6,6 +6,11 @@ reclora-ds <command> [args ...]      # = python -m reclora_ds.commands.<command>
 
 ``--config`` takes a path; a shipped config that is not in the working directory is found by its bare
 name (``--config quickstart.yaml``) or its repository path, in the package (:mod:`reclora_ds.package_data`).
+
+User mistakes never end in a traceback: :func:`reclora_ds.config.run_command` (used by :func:`main` and by
+every command's ``main``) catches the toolkit's user-error types (:func:`user_error_types`: bad configs, raw files, paths,
+sidecars, checkpoints, ...), prints ``error: <file/key>: <reason>`` and returns 2. Anything else is a bug
+and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -17,9 +22,17 @@ import pkgutil
 import sys
 from typing import NoReturn
 
-from reclora_ds.config import ConfigError, load_config
+from reclora_ds.config import (  # noqa: F401 - the entry points' error reporting, re-exported
+    ConfigError,
+    check_output_location,
+    load_config,
+    output_dir_problems,
+    report_user_error,
+    run_command,
+    run_folder_check,
+    user_error_types,
+)
 from reclora_ds.data.config import PrepareConfig
-from reclora_ds.data.errors import RawDataError
 from reclora_ds.package_data import resolve_launch_config
 
 COMMANDS_PACKAGE = "reclora_ds.commands"
@@ -32,22 +45,36 @@ def command_names() -> list[str]:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from reclora_ds.data.prepare import prepare_dataset
+    from reclora_ds.data.prepare import check_prepare_paths, prepare_dataset
 
-    cfg = load_config(PrepareConfig, resolve_launch_config(args.config), args.overrides, section="prepare")
-    result = prepare_dataset(cfg)
+    config_path = resolve_launch_config(args.config)
+    cfg = load_config(PrepareConfig, config_path, args.overrides, section=PrepareConfig.CONFIG_SECTION)
+    check_prepare_paths(cfg, config_path)  # before the heavy imports and the reading
+    result = prepare_dataset(cfg, config_path)
     print(result.summary())
     return 0
 
 
 def _pipeline(args: argparse.Namespace) -> int:
+    """Config mistakes exit 2 before the first stage; a stage that fails exits 1 (its log says why)."""
     from reclora_ds.pipeline.config import load_pipeline_settings
     from reclora_ds.pipeline.runner import PipelineError, run_pipeline
 
-    settings = load_pipeline_settings(resolve_launch_config(args.config), args.overrides)
+    config_path = resolve_launch_config(args.config)
+    settings = load_pipeline_settings(config_path, args.overrides)
+    problems = []
+    raw = settings.prepare.raw_path
+    if not raw.is_dir():
+        problems.append(f"prepare.raw_dir={settings.prepare.raw_dir!r}: no such folder")
+    # the run folder is reused across reruns (finished stages are skipped): only where it goes is checked
+    problems += output_dir_problems(
+        settings.pipeline.run_dir, "pipeline.runs_dir/pipeline.name", protected=(config_path, raw)
+    )
+    if problems:
+        raise ConfigError(problems, str(config_path))
     try:
         run_pipeline(settings, from_stage=args.from_stage)
-    except (PipelineError, FileNotFoundError, ValueError) as exc:
+    except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -58,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     p = sub.add_parser("prepare", help="raw dataset files -> processed, time-ordered samples")
-    p.add_argument("--config", help="YAML file (its `prepare:` section, or the whole file)")
+    p.add_argument("--config", help="YAML file with a `prepare:` section (a pipeline file works too)")
     p.add_argument(
         "overrides",
         nargs="*",
@@ -86,16 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     the arguments as they are, and parses them itself."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in command_names():
-        return importlib.import_module(f"{COMMANDS_PACKAGE}.{argv[0]}").main(argv[1:])
+        command = importlib.import_module(f"{COMMANDS_PACKAGE}.{argv[0]}")
+        return run_command(lambda: command.main(argv[1:]))
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
-    try:
-        return args.func(args)
-    except (ConfigError, RawDataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(lambda: args.func(args))
 
 
 def run() -> NoReturn:

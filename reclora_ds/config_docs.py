@@ -112,8 +112,10 @@ Its fields are set in a YAML file, by `key=value` arguments on the command line,
 keep the defaults listed here.
 
 **YAML.** A nested dataclass is a nested mapping. `reclora-ds prepare` reads the `prepare:` section of
-its file and `launch/train_plora.py` the `plora:` section (other top-level keys are ignored, so one file
-may hold several sections); `launch/train_sim.py` reads the whole file. For example the key
+its file and `launch/train_plora.py` the `plora:` section; `launch/train_sim.py` reads the whole file. A
+file read by section must hold that section, and may hold besides only the other sections of a pipeline
+file (`pipeline`, `prepare`, `sim`, `embeddings`, `plora`): a misspelled section (`prepar:`) or a file
+without the section is an error (with a did-you-mean hint), never the defaults. For example the key
 `adapter.num_experts` of `train_plora` is written
 
 ```yaml
@@ -124,25 +126,31 @@ plora:
 
 **Command line.** `key=value` arguments after the options use the dotted keys of the tables
 (`adapter.num_experts=4`, `crm.dropout=0.1`); for a stage with a YAML section the section prefix is
-optional (`plora.adapter.num_experts=4` works too). Values are parsed as YAML: `split=[0.7,0.2,0.1]`,
-`shard_dir=null`, `raw_dir=""`, `resume=false`. They are applied on top of the file.
-`tools/extract_item_embeddings.py` takes no file, only `key=value` arguments.
+optional (`plora.adapter.num_experts=4` works too). The value of a `str` setting is taken literally, never
+parsed: `raw_dir=/data/raw #2` and `output_dir=0755` are those strings (for `str | None` the text `null`
+means None; a value wholly in matching quotes is a YAML quoted string, so `retrieval_dir=''` is empty). Values of other types are parsed as YAML: `split=[0.7,0.2,0.1]`, `shard_dir=null`,
+`resume=false`. They are applied on top of the file. `tools/extract_item_embeddings.py` takes no file,
+only `key=value` arguments.
 
 **Types.** Values are checked against the types below: an int is accepted where a float is expected
 (`lr: 1` is 1.0), a list where a tuple is expected, and a string such as `1e-3` (which YAML reads as a
-string) where a float is expected. `list[str]` and the like are YAML lists.
+string) where a float is expected. `list[str]` and the like are YAML lists. In a file, a `str` setting
+must be a YAML string: YAML reads unquoted `0755`, `yes` or `2024` as a number or a boolean, which is an
+error asking to quote it (never converted). `raw_dir: bundled` names the bundled sample; an empty
+`raw_dir` or `output_dir` is an error.
 
-**Errors.** Unknown keys and wrong types anywhere in the file and the arguments, and the range checks of
-each dataclass, are collected and reported together in one `error:` message that also lists the valid
-keys; the command then exits with status 2 before it reads any data or loads any model. (A malformed
-argument without `=` is reported on its own, first; of each dataclass's range checks only the first
-failing one is reported.)
+**Errors.** Unknown or misspelled sections and keys, wrong shapes (a section that is a string or a list),
+wrong types anywhere in the file and the arguments, and the range checks of each dataclass are collected
+and reported together, one `error: <file>: <key>: <reason>` line each (with the valid keys); the command
+then exits with status 2 before it reads any data or loads any model. An output folder that cannot be
+created, lies under a file, is the current folder, holds the config file or the raw data, or holds
+anything but an earlier output of the same command is refused the same way (docs/DATA_SAFETY.md).
 
 **Provenance.** The resolved config (file, arguments and defaults merged) is saved beside every output:
 `<output_dir>/config.yaml` for `prepare`, `train_sim` and `train_plora` (and in every `train_plora`
 checkpoint folder), and the `config` entry of `embeddings.json` for `extract_item_embeddings`. A saved
-`config.yaml` holds the keys at its top level, without a section: `train_sim` reads it back as it is,
-`prepare` and `train_plora` need it under `prepare:` / `plora:` (without, they read no keys from it).
+`config.yaml` has the shape its command reads: under `prepare:` for `prepare` (a dataclass's
+`CONFIG_SECTION`), at the top level for `train_sim`, so `--config <output_dir>/config.yaml` reruns it.
 
 Stages: {stages}.
 """
@@ -298,7 +306,8 @@ def config_rows(
     """The rows of ``cls``: one per field, nested dataclasses as a section row then their fields.
 
     Defaults are read from ``default`` (the outer default instance), so a ``default_factory`` that sets
-    non-default values of a nested dataclass is documented as it really is. Undocumented fields are
+    non-default values of a nested dataclass is documented as it really is; a class's
+    ``DOCUMENTED_DEFAULTS`` (field -> value) overrides that for defaults resolved when the class is built. Undocumented fields are
     appended to ``missing`` as ``Class.field``; without a ``missing`` list they raise at once.
     """
     collect = missing if missing is not None else []
@@ -310,6 +319,9 @@ def config_rows(
         tp = hints[f.name]
         key = prefix + f.name
         value = getattr(default, f.name)
+        # a default that the dataclass resolves when built (``raw_dir: bundled`` -> the bundled folder) is
+        # shown as the user writes it, not as this machine's path
+        shown = getattr(cls, "DOCUMENTED_DEFAULTS", {}).get(f.name, value)
         meaning = described.get(f.name, "")
         if not meaning:
             collect.append(f"{cls.__module__}.{cls.__qualname__}.{f.name}")
@@ -317,7 +329,7 @@ def config_rows(
             rows.append(Row(key, f"section ({tp.__name__})", "", meaning, True))
             rows.extend(config_rows(tp, value, key + ".", collect))
         else:
-            rows.append(Row(key, type_name(tp), _yaml_value(value), meaning, False))
+            rows.append(Row(key, type_name(tp), _yaml_value(shown), meaning, False))
     if missing is None and collect:
         raise UndocumentedFieldsError(collect)
     return rows

@@ -66,7 +66,7 @@ def test_saved_config_round_trips(tmp_path):
     path = save_config(cfg, tmp_path / "config.yaml")
     assert load_config(PrepareConfig, path) == cfg
     assert set(field_paths(PrepareConfig)) >= {"min_history", "goodreads.books_glob"}
-    assert yaml.safe_load(path.read_text()) == config_to_dict(cfg)
+    assert yaml.safe_load(path.read_text()) == {"prepare": config_to_dict(cfg)}  # the section prepare reads
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)

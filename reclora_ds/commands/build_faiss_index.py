@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from reclora_ds.config import check_output_location, report_user_error, run_command
 from reclora_ds.files import sha256_file
 from reclora_ds.retrieval.errors import RetrievalInputError
 from reclora_ds.retrieval.index import (
@@ -126,15 +127,25 @@ def run(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+# Files one of which every earlier output folder of this command holds (it may be reused or replaced).
+OUTPUT_MARKERS = ("index.json", "index.faiss")
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_output_location(args.out, "--out", OUTPUT_MARKERS, source="--out")  # before any heavy work
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         print(run(args))
     except (RetrievalInputError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        report_user_error(exc)
         return 2
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command; a user's mistake prints ``error: <file/key>: <reason>`` and returns 2 (no traceback)."""
+    return run_command(lambda: _main(argv))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+from reclora_ds.config import report_user_error, run_command
 from reclora_ds.training.checkpoint import load_crm
 from reclora_ds.training.crm_states import (
     DEFAULT_BATCH_SIZE,
@@ -26,7 +27,7 @@ from reclora_ds.training.crm_states import (
 )
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its best)")
     parser.add_argument("--data", required=True, help="the processed dataset the CRM was trained on")
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             check_dataset=not args.no_dataset_check,
         )
     except DatasetMismatchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        report_user_error(exc)
         return 2
     seconds = time.perf_counter() - t0
     metadata = {
@@ -70,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         f"({seconds:.1f} s, {len(sample_ids) / max(seconds, 1e-9):,.0f} samples/s)"
     )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command; a user's mistake prints ``error: <file/key>: <reason>`` and returns 2 (no traceback)."""
+    return run_command(lambda: _main(argv))
 
 
 if __name__ == "__main__":

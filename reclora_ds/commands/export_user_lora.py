@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from reclora_ds.backbone import BackboneError, resolve_backbone
+from reclora_ds.config import check_output_location, report_user_error, run_command
 from reclora_ds.llm_loader import load_causal_lm
 from reclora_ds.models.inject import inject_plora
 from reclora_ds.training.adapter_io import (
@@ -159,7 +160,11 @@ def export(args: argparse.Namespace) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
+# Files one of which every earlier output folder of this command holds (it may be reused or replaced).
+OUTPUT_MARKERS = ("adapter_config.json",)
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--run-dir", help="run folder with adapter/ and crm_states/, or a pipeline run folder"
@@ -175,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--user-index", type=int, help="export the PLoRA of this user's most recent sample")
     parser.add_argument("--out", required=True, help="output folder (a peft LoRA adapter)")
     args = parser.parse_args(argv)
+    check_output_location(args.out, "--out", OUTPUT_MARKERS, source="--out")  # before any heavy work
     if not args.run_dir and not (args.adapter and args.states):
         parser.error("give --run-dir, or both --adapter and --states")
     if args.user_index is not None and not (args.run_dir or args.data):
@@ -190,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         AdapterKeyError,
         FileNotFoundError,
     ) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        report_user_error(exc)
         return 2
     user = f" (user {summary['user_index']})" if summary["user_index"] is not None else ""
     print(
@@ -198,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{summary['mixing']} rank {summary['rank']} -> {args.out}"
     )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command; a user's mistake prints ``error: <file/key>: <reason>`` and returns 2 (no traceback)."""
+    return run_command(lambda: _main(argv))
 
 
 if __name__ == "__main__":

@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from collections.abc import Sequence
 
 from reclora_ds.backbone import BackboneError
-from reclora_ds.config import ConfigError, load_config
+from reclora_ds.config import ConfigError, check_output_location, load_config, report_user_error, run_command
 from reclora_ds.distributed import destroy, dist_info, init_distributed, run_and_exit
 from reclora_ds.retrieval.embeddings import ItemEmbeddingConfig, extract_item_embeddings
 
@@ -43,15 +42,20 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+# Files one of which every earlier output folder of this command holds (it may be reused or replaced).
+OUTPUT_MARKERS = ("embeddings.json", "shards")
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_output_location(args.out, "--out", OUTPUT_MARKERS, source="--out")  # before any heavy work
     info = dist_info()
     logging.basicConfig(level=logging.INFO, format=f"[rank {info.rank}] %(levelname)s %(name)s: %(message)s")
     overrides = list(args.overrides) + ([f"backbone={args.backbone}"] if args.backbone else [])
     try:
         config = load_config(ItemEmbeddingConfig, None, overrides)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        report_user_error(exc)
         return 2
     info = init_distributed(timeout_s=args.timeout_s)
     start = time.perf_counter()
@@ -62,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # may be this rank's alone, and a barrier would wait for the others until the timeout.
         destroy(synchronize=isinstance(exc, Exception))
         if isinstance(exc, (FileNotFoundError, BackboneError, ValueError)):
-            print(f"error: {exc}", file=sys.stderr)
+            report_user_error(exc)
             return 2
         raise
     destroy()
@@ -77,6 +81,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"  -> {out_dir / 'embeddings.npy'} (sha256 {meta['sha256'][:16]}...)"
         )
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command; a user's mistake prints ``error: <file/key>: <reason>`` and returns 2 (no traceback)."""
+    return run_command(lambda: _main(argv))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from reclora_ds.config import check_output_location, report_user_error, run_command
 from reclora_ds.data.synthetic import (
     ML25M_RATINGS,
     SyntheticConfig,
@@ -30,8 +31,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+# Files one of which every earlier output folder of this command holds (it may be reused or replaced).
+OUTPUT_MARKERS = ("synthetic.json",)
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    check_output_location(args.out, "--out", OUTPUT_MARKERS, source="--out")  # before any heavy work
     base = scaled_config(args.rows, args.seed)
     try:
         cfg = SyntheticConfig(
@@ -42,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         result = write_synthetic_ml25m(args.out, cfg)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        report_user_error(exc)
         return 2
     print(
         f"wrote SYNTHETIC ML-25M layout to {result.raw_dir}: {cfg.rows:,} ratings, {cfg.users:,} users, "
@@ -50,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{result.ratings_bytes / 2**20:.0f} MiB, {result.seconds:.1f}s"
     )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command; a user's mistake prints ``error: <file/key>: <reason>`` and returns 2 (no traceback)."""
+    return run_command(lambda: _main(argv))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from reclora_ds.backbone import (
     prepare_default_backbone,
     verify_default_backbone,
 )
+from reclora_ds.config import run_command
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,7 +62,7 @@ def format_summary(summary: BackboneSummary, elapsed_seconds: float) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     """Prepare (or only verify) the default backbone and print its summary; return the exit status."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -77,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(format_summary(summary, time.perf_counter() - started))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command; a user's mistake prints ``error: <file/key>: <reason>`` and returns 2 (no traceback)."""
+    return run_command(lambda: _main(argv))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import argparse
 import logging
 import sys
 
+from reclora_ds.config import check_output_location, run_command
 from reclora_ds.data.histories import RETRIEVAL_MODES
 from reclora_ds.retrieval.engine import DEFAULT_KS
 from reclora_ds.retrieval.errors import RetrievalInputError
@@ -34,8 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
+# Files one of which every earlier output folder of this command holds (it may be reused or replaced).
+OUTPUT_MARKERS = ("retrieval.json",)
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_output_location(args.out, "--out", OUTPUT_MARKERS, source="--out")  # before any heavy work
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.mode == "similarity" and not args.index:
         print(
@@ -50,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(result.summary())
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command; a user's mistake prints ``error: <file/key>: <reason>`` and returns 2 (no traceback)."""
+    return run_command(lambda: _main(argv))
 
 
 if __name__ == "__main__":

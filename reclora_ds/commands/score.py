@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 
 from reclora_ds.backbone import BackboneError
-from reclora_ds.config import ConfigError, load_config
+from reclora_ds.config import ConfigError, load_config, report_user_error, run_command
 from reclora_ds.data.processed import ALL_SPLITS
 from reclora_ds.distributed import destroy, init_distributed, is_main_process, run_and_exit
 from reclora_ds.models.rec_llm import MODES
@@ -48,7 +47,7 @@ BAD_INPUT = (
 )
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--run",
@@ -103,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except BAD_INPUT as exc:
         destroy()  # bad input is seen by every rank alike
-        print(f"error: {exc}", file=sys.stderr)
+        report_user_error(exc)
         return 2
     except BaseException:
         destroy(synchronize=False)  # may be this rank's alone: no barrier that would wait for the others
@@ -112,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     if path is not None:
         print(f"scores of {args.split} ({scoring.source}) -> {path} ({time.perf_counter() - t0:.1f} s)")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command; a user's mistake prints ``error: <file/key>: <reason>`` and returns 2 (no traceback)."""
+    return run_command(lambda: _main(argv))
 
 
 if __name__ == "__main__":

@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
-from reclora_ds.config import ConfigError, load_config
+from reclora_ds.config import check_output_location, load_config, run_command, run_folder_check
 from reclora_ds.distributed import is_main_process, run_and_exit
 from reclora_ds.package_data import resolve_launch_config
 from reclora_ds.training.plora_config import PLoRATrainConfig
-from reclora_ds.training.plora_recipe import run_plora_training
 
 CONFIG_SECTION = "plora"
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML file with a `plora:` section (launch/configs/plora_*.yaml)")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
@@ -34,15 +32,24 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if is_main_process() else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    try:
-        cfg = load_config(
-            PLoRATrainConfig, resolve_launch_config(args.config), args.overrides, section=CONFIG_SECTION
-        )
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    config_path = resolve_launch_config(args.config)
+    cfg = load_config(PLoRATrainConfig, config_path, args.overrides, section=CONFIG_SECTION)
+    check_output_location(
+        cfg.output_dir,
+        "output_dir",
+        run_folder_check(PLoRATrainConfig, CONFIG_SECTION),
+        source=str(config_path or "<command line>"),
+        protected=(config_path,),
+    )
+    from reclora_ds.training.plora_recipe import run_plora_training  # heavy: after the checks
+
     run_plora_training(cfg)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command; a user's mistake prints ``error: <file/key>: <reason>`` and returns 2 (no traceback)."""
+    return run_command(lambda: _main(argv))
 
 
 if __name__ == "__main__":

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
-from reclora_ds.config import ConfigError, load_config
+from reclora_ds.config import check_output_location, load_config, run_command, run_folder_check
 from reclora_ds.distributed import is_main_process, run_and_exit
 from reclora_ds.package_data import resolve_launch_config
 from reclora_ds.training.crm_config import CRMTrainConfig
-from reclora_ds.training.crm_recipe import run_crm_training
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML file of a CRMTrainConfig (launch/configs/sim_*.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. epochs=3 crm.dropout=0.1")
@@ -29,13 +27,24 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if is_main_process() else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    try:
-        cfg = load_config(CRMTrainConfig, resolve_launch_config(args.config), args.overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    config_path = resolve_launch_config(args.config)
+    cfg = load_config(CRMTrainConfig, config_path, args.overrides)
+    check_output_location(
+        cfg.output_dir,
+        "output_dir",
+        run_folder_check(CRMTrainConfig, None),
+        source=str(config_path or "<command line>"),
+        protected=(config_path,),
+    )
+    from reclora_ds.training.crm_recipe import run_crm_training  # heavy: after the checks
+
     run_crm_training(cfg)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command; a user's mistake prints ``error: <file/key>: <reason>`` and returns 2 (no traceback)."""
+    return run_command(lambda: _main(argv))
 
 
 if __name__ == "__main__":

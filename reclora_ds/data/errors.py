@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from reclora_ds.config import UserError
+
 MAX_EXAMPLES = 5
 # Drops that are the recipe's policy rather than bad input: strict mode does not turn them into errors.
 POLICY_DROPS = frozenset({"history_only", "unrated_shelf", "kcore"})
@@ -31,6 +33,9 @@ DROP_REASONS: dict[str, str] = {
     "timestamp_out_of_range": "the timestamp is before 1970 or after 2100",
     "unrated_shelf": "GoodReads rating 0: shelved without a rating, not a negative",
     "duplicate_row": "same user, item and timestamp as an earlier row (the first is kept)",
+    "rerated_pair": "the user rated the same item again later: only the latest rating is kept (re-rating policy)",
+    "user_field_invalid": "a user attribute is not one of the dataset's documented codes (ML-1M README)",
+    "title_missing": "the item has no title (its text view would be empty)",
     "duplicate_id": "the id appears on an earlier line of the metadata file (the first is kept)",
     "unknown_item": "the item id is not in the item metadata file",
     "unknown_user": "the user id is not in the user metadata file",
@@ -39,7 +44,7 @@ DROP_REASONS: dict[str, str] = {
 }
 
 
-class RawDataError(ValueError):
+class RawDataError(UserError):
     """A raw file cannot be used; the message names the file, the line (when known) and the reason."""
 
     def __init__(self, path: str | Path, reason: str, line: int | None = None):
@@ -48,6 +53,15 @@ class RawDataError(ValueError):
         self.reason = reason
         where = f"{self.path}:{line}" if line is not None else self.path
         super().__init__(f"{where}: {reason}")
+
+
+class PrepareSettingsError(UserError):
+    """The settings leave nothing to work with on this data (``min_history``, ``kcore``, ``split``); the
+    message names the key, the value and what it left."""
+
+    def __init__(self, key: str, reason: str):
+        self.key = key
+        super().__init__(f"{key}: {reason}")
 
 
 @dataclass

@@ -1,12 +1,20 @@
-"""Stage 0 as a library call: :func:`prepare_dataset` reads raw files and writes a processed dataset."""
+"""Stage 0 as a library call: :func:`prepare_dataset` reads raw files and writes a processed dataset.
+
+Safety of the output (``docs/DATA_SAFETY.md``): :func:`check_prepare_paths` runs before anything is read
+and refuses (all problems together, as a :class:`~reclora_ds.config.ConfigError`) an ``output_dir`` that
+is the current folder, lies under a file, cannot be created, holds the raw data or the config file, or
+exists with anything but an earlier ``prepare`` output in it (:func:`own_output_problem`). The dataset is
+then built in a temporary sibling folder and renamed into place (:func:`reclora_ds.files.atomic_dir`): a
+rerun leaves the old output or the new one, never a mix, and no user file is overwritten or deleted.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -14,24 +22,73 @@ import numpy as np
 
 from reclora_ds import __version__
 from reclora_ds.batch import OOV_ID, PAD_ID
-from reclora_ds.config import config_to_dict, save_config
-from reclora_ds.data.config import PrepareConfig
+from reclora_ds.config import STAGE_CONFIG_FILE, ConfigError, config_to_dict, output_dir_problems, save_config
+from reclora_ds.data.config import PrepareConfig, bundled_dataset
 from reclora_ds.data.errors import DropLog
 from reclora_ds.data.preprocess import SPLITS, Prepared, prepare
 from reclora_ds.data.processed import SCHEMA_VERSION, write_processed
 from reclora_ds.data.raw import read_raw
 from reclora_ds.data.report import plot_summary
 from reclora_ds.data.specs import DATASET_SPECS, DatasetSpec
-from reclora_ds.files import sha256_file, write_text_atomic
+from reclora_ds.files import atomic_dir, sha256_file, write_text_atomic
 
 log = logging.getLogger(__name__)
 
 HISTORY_COPY_LENGTH = 60  # what a per-sample copy of the long history would hold (ids + ratings)
 
 
-def bundled_dataset(name: str = "ml-latest-small") -> Path:
-    """Folder of a dataset vendored in the package (``ml-latest-small``: real MovieLens, ML-25M layout)."""
-    return Path(str(resources.files("reclora_ds") / "bundled" / name))
+__all__ = ["PrepareResult", "bundled_dataset", "check_prepare_paths", "own_output_problem", "prepare_dataset"]
+
+# What a prepare output folder holds (processed.py's layout); anything else in it is not ours.
+OUTPUT_ENTRIES = frozenset(
+    {
+        "metadata.json",
+        "config.yaml",
+        "run_info.json",
+        "summary.png",
+        "samples",
+        "timelines.parquet",
+        "users.parquet",
+        "items.parquet",
+        "vocabs.json",
+        STAGE_CONFIG_FILE,  # the pipeline's copy of the stage config, carried over to the new folder
+    }
+)
+
+
+def own_output_problem(folder: Path) -> str | None:
+    """None when ``folder`` is an earlier ``prepare`` output (a ``metadata.json`` with its schema and
+    dataset, and nothing but the files prepare writes); else what makes it not one."""
+    meta = folder / "metadata.json"
+    try:
+        data = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        return "no readable metadata.json of a processed dataset"
+    if not isinstance(data, dict) or "schema_version" not in data or "dataset" not in data:
+        return "its metadata.json is not a processed dataset's"
+    foreign = sorted(p.name for p in folder.iterdir() if p.name not in OUTPUT_ENTRIES)
+    if foreign:
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        return f"it also holds {', '.join(foreign[:5])}{more}, which prepare did not write"
+    return None
+
+
+def check_prepare_paths(cfg: PrepareConfig, config_path: str | Path | None = None) -> None:
+    """Refuse, before any heavy work, an output location that is unsafe (see the module docstring).
+
+    Raises:
+        ConfigError: every problem, with the key it concerns.
+    """
+    problems = []
+    raw = cfg.raw_path  # a missing raw folder is reported by the reader first thing, naming its layout
+    protected: list[str | Path] = [raw]
+    if config_path is not None:
+        protected.append(config_path)
+    problems += output_dir_problems(
+        cfg.output_dir, "output_dir", is_own_output=own_output_problem, protected=protected
+    )
+    if problems:
+        raise ConfigError(problems, str(config_path) if config_path else "<command line>")
 
 
 def peak_rss_mib() -> float:
@@ -151,11 +208,19 @@ def build_metadata(
     }
 
 
-def prepare_dataset(cfg: PrepareConfig) -> PrepareResult:
-    """Read ``cfg.raw_dir`` (or the bundled sample), run the recipe, write ``cfg.output_dir``."""
+def prepare_dataset(cfg: PrepareConfig, config_path: str | Path | None = None) -> PrepareResult:
+    """Read ``cfg.raw_dir``, run the recipe, write ``cfg.output_dir`` (built beside it, renamed into place).
+
+    Args:
+        config_path: the config file ``cfg`` came from, which the output may not replace.
+    Raises:
+        ConfigError: unsafe paths (:func:`check_prepare_paths`), before anything is read.
+        RawDataError: a raw file cannot be used, or the settings leave no sample (names the file or key).
+    """
+    check_prepare_paths(cfg, config_path)
     spec = DATASET_SPECS[cfg.dataset]
-    raw_dir = Path(cfg.raw_dir) if cfg.raw_dir else bundled_dataset()
-    out = Path(cfg.output_dir)
+    raw_dir = cfg.raw_path
+    out = Path(cfg.output_dir).expanduser()
     timings: dict[str, float] = {}
     drops, meta_drops = DropLog(strict=cfg.strict), DropLog(strict=cfg.strict)
 
@@ -182,14 +247,18 @@ def prepare_dataset(cfg: PrepareConfig) -> PrepareResult:
     log.info("writing %s", out)
     t0 = time.perf_counter()
     metadata = build_metadata(cfg, spec, p, raw.raw_rows, drops, meta_drops, raw.files, raw_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    metadata["shards"] = write_processed(p, spec, out, cfg.shards_per_split, metadata)
-    save_config(cfg, out / "config.yaml")
-    plot_summary(p, f"{spec.name}: {len(p.sample_ids):,} samples from {raw_dir}", out / "summary.png")
-    timings["write"] = time.perf_counter() - t0
-    timings["total"] = sum(timings.values())
-    timings["peak_rss_mib"] = peak_rss_mib()
-    write_text_atomic(
-        out / "run_info.json", json.dumps({"timings_s": timings, "reclora_ds_version": __version__}, indent=2)
-    )
+    check_prepare_paths(cfg, config_path)  # again: the folder may have changed while the data was read
+    with atomic_dir(out) as tmp:
+        if (out / STAGE_CONFIG_FILE).is_file():
+            shutil.copy2(out / STAGE_CONFIG_FILE, tmp / STAGE_CONFIG_FILE)
+        metadata["shards"] = write_processed(p, spec, tmp, cfg.shards_per_split, metadata)
+        save_config(cfg, tmp / "config.yaml")
+        plot_summary(p, f"{spec.name}: {len(p.sample_ids):,} samples from {raw_dir}", tmp / "summary.png")
+        timings["write"] = time.perf_counter() - t0
+        timings["total"] = sum(timings.values())
+        timings["peak_rss_mib"] = peak_rss_mib()
+        write_text_atomic(
+            tmp / "run_info.json",
+            json.dumps({"timings_s": timings, "reclora_ds_version": __version__}, indent=2),
+        )
     return PrepareResult(out, metadata, timings)

@@ -5,7 +5,8 @@ benchmark's budget (``benchmarks/bench_prepare.py``).
 
 1. Rows whose item (user) is missing from the item (user) metadata are dropped (``unknown_item``/``unknown_user``).
 2. Stable global order by (timestamp, user, item); exact duplicates of (user, item, timestamp) keep the
-   first row in file order (``duplicate_row``).
+   first row in file order (``duplicate_row``). Re-ratings (the same user and item at another time) keep
+   only the latest row (``rerated_pair``; ``strict`` rejects them): see :func:`drop_rerated`.
 3. Optional k-core: repeat {drop users and items with fewer than k rows} until nothing changes (``kcore``).
 4. Each user's timeline = that user's rows in global order. A row's ``hist_len`` = its position in the
    timeline = the number of the same user's earlier rows; its history is ``timeline[:hist_len]``, so no
@@ -29,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from reclora_ds.batch import OOV_ID
-from reclora_ds.data.errors import DropLog
+from reclora_ds.data.errors import DropLog, PrepareSettingsError
 from reclora_ds.data.raw.base import RawData, RawInteractions
 from reclora_ds.data.specs import DatasetSpec
 
@@ -124,7 +125,29 @@ def global_order(inter: RawInteractions, drops: DropLog, names: list[str]) -> Ra
             & (inter.item[1:] == inter.item[:-1])
         )
     drops.add_mask("duplicate_row", dup, inter.file, inter.line, names)
-    return inter if not dup.any() else inter.select(~dup)
+    inter = inter if not dup.any() else inter.select(~dup)
+    return drop_rerated(inter, drops, names)
+
+
+def drop_rerated(inter: RawInteractions, drops: DropLog, names: list[str]) -> RawInteractions:
+    """Re-rating policy: of the rows of one (user, item) pair, keep only the latest in global order.
+
+    ``inter`` is in global (timestamp, user, item) order without exact repeats, so the latest row of a pair
+    is its last one here (a later timestamp). The earlier rows are dropped as ``rerated_pair`` (counted;
+    ``strict`` turns the first into an error), so no sample's history holds its own item and each pair is
+    one sample whose label is the user's final opinion.
+    """
+    if len(inter) < 2:
+        return inter
+    pos = np.arange(len(inter))
+    order = np.lexsort((pos, inter.item, inter.user))  # by pair, then global position
+    u, i = inter.user[order], inter.item[order]
+    later_same = np.zeros(len(inter), dtype=bool)
+    later_same[:-1] = (u[1:] == u[:-1]) & (i[1:] == i[:-1])  # a later row of the same pair follows
+    earlier = np.zeros(len(inter), dtype=bool)
+    earlier[order[later_same]] = True
+    drops.add_mask("rerated_pair", earlier, inter.file, inter.line, names)
+    return inter if not earlier.any() else inter.select(~earlier)
 
 
 def kcore_filter(inter: RawInteractions, k: int, drops: DropLog, names: list[str]) -> RawInteractions:
@@ -230,6 +253,15 @@ def _aligned_metadata(
     return pa.table(columns)
 
 
+def _drop_summary(drops: DropLog) -> str:
+    return (
+        ", ".join(
+            f"{r}: {d['count']} (e.g. {', '.join(d['examples'][:2])})" for r, d in drops.to_json().items()
+        )
+        or "none"
+    )
+
+
 def prepare(
     raw: RawData,
     spec: DatasetSpec,
@@ -244,13 +276,17 @@ def prepare(
     drops, names = raw.drops, raw.file_names
     inter = drop_unknown_ids(raw, drops)
     inter = global_order(inter, drops, names)
+    if len(inter) == 0:
+        raise PrepareSettingsError(
+            "raw_dir", f"no interaction is usable; dropped rows by reason: {_drop_summary(drops)}"
+        )
+    before_kcore = len(inter)
     inter = kcore_filter(inter, kcore, drops, names)
     if len(inter) == 0:
-        counts = ", ".join(
-            f"{r}: {d['count']} (e.g. {', '.join(d['examples'][:2])})" for r, d in drops.to_json().items()
-        )
-        raise ValueError(
-            f"no interactions left after validation and filtering; dropped rows by reason: {counts}"
+        raise PrepareSettingsError(
+            "kcore",
+            f"kcore={kcore} removes all {before_kcore:,} interactions (no user and item keep {kcore} rows "
+            "each); lower it, or 0 for no k-core",
         )
 
     users_raw, user_index = dense_index(inter.user)
@@ -261,10 +297,19 @@ def prepare(
     drops.add_mask("history_only", ~is_sample, inter.file, inter.line, names)
     sample_ids = np.flatnonzero(is_sample).astype(np.int64)
     bounds = split_bounds(len(sample_ids), split)
+    if len(sample_ids) == 0:
+        longest = int(hist_len.max()) if len(hist_len) else 0
+        raise PrepareSettingsError(
+            "min_history",
+            f"min_history={min_history} leaves no sample: the longest user timeline has {longest + 1} rows, "
+            f"so at most min_history={longest} gives one",
+        )
     if min(bounds[0], bounds[1] - bounds[0], bounds[2] - bounds[1]) == 0:
-        raise ValueError(
-            f"too few samples ({len(sample_ids)}) for a {split} split with min_history={min_history}: "
-            "every split needs at least one sample"
+        raise PrepareSettingsError(
+            "split",
+            f"{len(sample_ids)} samples (min_history={min_history}) are too few for split={list(split)}: "
+            f"it gives {bounds[0]} train, {bounds[1] - bounds[0]} valid, {bounds[2] - bounds[1]} test rows, "
+            "and every split needs at least one",
         )
     train_era_end = int(sample_ids[bounds[0] - 1])
 

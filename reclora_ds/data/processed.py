@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from reclora_ds.config import UserError
 from reclora_ds.data.preprocess import SPLITS, Prepared
 from reclora_ds.data.specs import DatasetSpec
 from reclora_ds.files import sha256_file, write_text_atomic
@@ -149,8 +150,18 @@ class Timelines:
         return start[:, None] + np.where(valid, pos, 0), valid
 
 
+class ProcessedDataError(UserError):
+    """A processed-dataset folder does not match its ``metadata.json`` (names the folder and the mismatch)."""
+
+
 class ProcessedDataset:
-    """Read access to a processed-dataset directory (metadata, shards, tables, histories, text views)."""
+    """Read access to a processed-dataset directory (metadata, shards, tables, histories, text views).
+
+    Opening checks the folder against its ``metadata.json`` before anything is read: the schema version,
+    that every listed shard exists and no other shard is in ``samples/`` (a mix of two runs), and the row
+    count of every split (parquet footers only) and of the timelines, users and items tables where the
+    metadata records them. A mismatch is a :class:`ProcessedDataError`.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -159,12 +170,61 @@ class ProcessedDataset:
             raise FileNotFoundError(
                 f"{meta_path}: not a processed dataset (no metadata.json); run `reclora-ds prepare`"
             )
-        self.metadata: dict[str, Any] = json.loads(meta_path.read_text())
+        try:
+            self.metadata: dict[str, Any] = json.loads(meta_path.read_text())
+        except ValueError as exc:
+            raise ProcessedDataError(f"{meta_path}: not valid JSON ({exc})") from None
+        if not isinstance(self.metadata, dict):
+            raise ProcessedDataError(f"{meta_path}: not a JSON object")
         version = self.metadata.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise ValueError(
+            raise ProcessedDataError(
                 f"{meta_path}: schema_version {version}, this reclora_ds reads {SCHEMA_VERSION}; re-run prepare"
             )
+        self._check_against_metadata()
+
+    def _check_against_metadata(self) -> None:
+        shards = self.metadata.get("shards")
+        if not isinstance(shards, dict):
+            raise ProcessedDataError(f"{self.path}/metadata.json: no shard list (an unfinished prepare?)")
+        listed = {name for names in shards.values() for name in names}
+        samples = self.path / "samples"
+        missing = sorted(name for name in listed if not (samples / name).is_file())
+        if missing:
+            raise ProcessedDataError(
+                f"{samples}: lacks {len(missing)} shard(s) metadata.json lists ({', '.join(missing[:3])}); "
+                "the folder is incomplete or mixed: run prepare again"
+            )
+        extra = sorted(p.name for p in samples.glob("*.parquet") if p.name not in listed)
+        if extra:
+            raise ProcessedDataError(
+                f"{samples}: holds shard(s) metadata.json does not list ({', '.join(extra[:3])}): a mix of two "
+                "runs; run prepare again"
+            )
+        splits = self.metadata.get("splits", {})
+        for split, names in shards.items():
+            expected = splits.get(split, {}).get("rows") if isinstance(splits.get(split), dict) else None
+            if expected is None:
+                continue
+            found = sum(pq.ParquetFile(samples / name).metadata.num_rows for name in names)
+            if found != expected:
+                raise ProcessedDataError(
+                    f"{samples}: split {split!r} has {found} rows in its shards, metadata.json says {expected}; "
+                    "run prepare again"
+                )
+        counts = self.metadata.get("counts", {})
+        for file, key in (
+            ("timelines.parquet", "interactions"),
+            ("users.parquet", "users"),
+            ("items.parquet", "items"),
+        ):
+            if key in counts and (self.path / file).is_file():
+                found = pq.ParquetFile(self.path / file).metadata.num_rows
+                if found != counts[key]:
+                    raise ProcessedDataError(
+                        f"{self.path / file}: {found} rows, metadata.json counts {counts[key]} {key}; "
+                        "run prepare again"
+                    )
 
     def split_files(self, split: str) -> list[str]:
         if split not in self.metadata["shards"]:

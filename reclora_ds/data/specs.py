@@ -44,9 +44,16 @@ class DatasetSpec:
         return positive.astype(np.int8)
 
     def rating_valid(self, rating: np.ndarray) -> np.ndarray:
-        """True where the rating is on the dataset's scale (range and step)."""
+        """True where the rating is on the dataset's scale: in range and exactly on a step.
+
+        Checked in float64 on the parsed text, exactly: every valid rating (0.5, 3.0, 4.5, ...) and step is
+        exact in binary, so ``(rating - min) / step`` is an exact integer for them and ``3.0000004`` (off the
+        grid by 4e-7) or ``3.0000000001`` is rejected. (Text that float64 cannot tell from a grid value,
+        such as 17 zeros then a 1, parses to that value.)
+        """
+        rating = np.asarray(rating, dtype=np.float64)
         steps = (rating - self.rating_min) / self.rating_step
-        on_grid = np.abs(steps - np.round(steps)) < 1e-6
+        on_grid = steps == np.round(steps)
         return (rating >= self.rating_min) & (rating <= self.rating_max) & on_grid
 
     def feature_columns(self) -> dict[str, tuple[str, str]]:

@@ -24,7 +24,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from reclora_ds.config import ConfigError, config_from_dict, merge, parse_overrides, read_yaml_mapping
+from reclora_ds.config import (
+    ConfigError,
+    config_from_dict,
+    did_you_mean,
+    merge,
+    parse_overrides,
+    read_yaml_mapping,
+)
 from reclora_ds.data.config import PrepareConfig
 from reclora_ds.models.rec_llm import MODES
 from reclora_ds.retrieval.embeddings import ItemEmbeddingConfig
@@ -119,7 +126,7 @@ def load_pipeline_settings(path: str | Path | None, overrides: Sequence[str] = (
     tree, problems = parse_overrides(overrides)
     data = merge(data, tree)
     problems += [
-        f"unknown section {key!r} (valid sections: {', '.join(SECTIONS)})"
+        f"unknown section {key!r}{did_you_mean(str(key), list(SECTIONS))} (valid sections: {', '.join(SECTIONS)})"
         for key in data
         if key not in SECTIONS
     ]
@@ -134,9 +141,12 @@ def load_pipeline_settings(path: str | Path | None, overrides: Sequence[str] = (
                 )
     built: dict[str, Any] = {}
     for section, cls in SECTIONS.items():
-        value = data.get(section) or {}
+        value = data.get(section)
+        value = {} if value is None else value
         if not isinstance(value, Mapping):
-            problems.append(f"section {section!r} must be a mapping")
+            problems.append(
+                f"{section}: expected a section (mapping of its keys), got {type(value).__name__} {value!r}"
+            )
             continue
         try:
             built[section] = config_from_dict(cls, value, f"{source} [{section}]")

@@ -649,15 +649,18 @@ def test_malformed_input(case: Case, tmp_path):
         assert set(meta["drops"]) == {case.drop[0]}
 
 
+U_NEW = "d" * 32
+
+
 def test_accepted_variants(tmp_path):
     """Numeric-string and integral-float ratings, JSON-integer book ids and a BOM are accepted."""
     first = json.dumps(BASE_ROWS[0])
     rows = [
         "\ufeff" + first,
         *BASE_ROWS[1:],
-        good(rating="4"),
-        good(rating=4.0, book_id="102"),
-        good(book_id=103),
+        good(rating="4", user=U_NEW),  # a user of its own: (U1, 101) again would be a re-rating
+        good(rating=4.0, book_id="102", user=U_NEW),
+        good(book_id=103, user=U_NEW),
     ]
     raw = make_json_dir(tmp_path, rows)
     result = run(raw, tmp_path)

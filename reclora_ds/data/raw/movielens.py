@@ -5,11 +5,18 @@ ML-25M: ``ratings.csv`` (userId,movieId,rating,timestamp; half stars 0.5..5.0) a
 ML-1M: ``ratings.dat`` (UserID::MovieID::Rating::Timestamp), ``users.dat``
 (UserID::Gender::Age::Occupation::Zip-code) and ``movies.dat`` (MovieID::Title::Genres, ISO-8859-1; a copy
 re-saved as UTF-8 is detected and read as UTF-8).
+
+Checks of the metadata (``metadata_drops`` in metadata.json; ``strict`` turns each into an error): a movie
+without a title is ``title_missing``; an ML-1M user whose gender is not M/F, age not one of the README's
+codes (1, 18, 25, 35, 45, 50, 56) or occupation not 0..20 is ``user_field_invalid`` (their ratings then
+count as ``unknown_user``). A title or genre holding a control character is a :class:`RawDataError` naming
+the file and line: the file is in another encoding (e.g. Windows-1252 read as ISO-8859-1).
 The item field ``genre`` is the first listed genre (as in the paper's field lists).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +28,11 @@ from reclora_ds.data.raw.base import InteractionBuffer, RawData
 from reclora_ds.data.raw.delimited import csv_line_pattern, parse_int, read_delimited, unquote_csv
 from reclora_ds.data.raw.ratings import read_rating_rows
 from reclora_ds.data.specs import ML_1M, ML_25M
+from reclora_ds.data.text import ML1M_AGES, ML1M_GENDERS, ML1M_OCCUPATIONS
+
+# C0 controls other than tab, DEL and the C1 controls (0x80-0x9f): never in a MovieLens title or genre. A
+# Windows-1252 file read as ISO-8859-1 turns its curly quotes and dashes into C1 controls.
+_CONTROL_RE = "[\\x00-\\x08\\x0b-\\x1f\\x7f-\\x9f]"
 
 ML25M_RATINGS_HEADER = ["userId", "movieId", "rating", "timestamp"]
 ML25M_MOVIES_HEADER = ["movieId", "title", "genres"]
@@ -71,14 +83,38 @@ def _read_ml25m_movies(path: Path, meta_drops: DropLog) -> pa.Table:
         header=ML25M_MOVIES_HEADER,
         pattern=csv_line_pattern(["item", "title", "genres"]),
     )
-    return _items_table(path, {f: unquote_csv(c) for f, c in cols.items()}, lines, meta_drops)
+    cols = {f: unquote_csv(c) for f, c in cols.items()}
+    check_control_characters(path, {"title": cols["title"], "genres": cols["genres"]}, lines, "UTF-8")
+    return _items_table(path, cols, lines, meta_drops)
+
+
+def check_control_characters(path: Path, cols: dict[str, pa.Array], lines: np.ndarray, encoding: str) -> None:
+    """A RawDataError at the first line whose text holds a control character (wrong encoding)."""
+    for field, col in cols.items():
+        bad = pc.match_substring_regex(pc.fill_null(col, ""), _CONTROL_RE).to_numpy(zero_copy_only=False)
+        if bad.any():
+            k = int(np.flatnonzero(bad)[0])
+            char = next(c for c in col[k].as_py() if re.match(_CONTROL_RE, c))
+            raise RawDataError(
+                path,
+                f"control character U+{ord(char):04X} in the {field}: the file is not {encoding} text "
+                "(Windows-1252? convert it to UTF-8 or ISO-8859-1)",
+                int(lines[k]),
+            )
 
 
 def _items_table(path: Path, cols: dict[str, pa.Array], lines: np.ndarray, meta_drops: DropLog) -> pa.Table:
-    """Columns item, title, genres (strings) -> table(item, title, genres, genre) without bad or repeated ids."""
+    """Columns item, title, genres (strings) -> table(item, title, genres, genre) without bad or repeated ids,
+    or items without a title."""
     ids, ok = parse_int(cols["item"])
     if not ok.all():
         meta_drops.add_lines("item_id_invalid", ~ok, lines, path.name)
+    untitled = ok & pc.equal(pc.utf8_trim_whitespace(pc.fill_null(cols["title"], "")), "").to_numpy(
+        zero_copy_only=False
+    )
+    if untitled.any():
+        meta_drops.add_lines("title_missing", untitled, lines, path.name)
+        ok = ok & ~untitled
     mask = pa.array(ok)
     genres = cols["genres"].filter(mask)
     items = pa.table(
@@ -159,8 +195,10 @@ def read_ml1m(raw_dir: Path, drops: DropLog, meta_drops: DropLog, batch_rows: in
     ratings_path, users_path, movies_path = require_files(
         raw_dir, ["ratings.dat", "users.dat", "movies.dat"], "MovieLens-1M"
     )
-    mcols, mlines = _read_table(
-        movies_path, ["item", "title", "genres"], meta_drops, encoding=movies_dat_encoding(movies_path)
+    encoding = movies_dat_encoding(movies_path)
+    mcols, mlines = _read_table(movies_path, ["item", "title", "genres"], meta_drops, encoding=encoding)
+    check_control_characters(
+        movies_path, {"title": mcols["title"], "genres": mcols["genres"]}, mlines, encoding.upper()
     )
     items = _items_table(movies_path, mcols, mlines, meta_drops)
 
@@ -168,6 +206,17 @@ def read_ml1m(raw_dir: Path, drops: DropLog, meta_drops: DropLog, batch_rows: in
     uids, uok = parse_int(ucols["user"])
     if not uok.all():
         meta_drops.add_lines("user_id_invalid", ~uok, ulines, users_path.name)
+    codes_ok = (
+        pc.is_in(ucols["gender"], value_set=pa.array(sorted(ML1M_GENDERS))).to_numpy(zero_copy_only=False)
+        & pc.is_in(ucols["age"], value_set=pa.array(sorted(ML1M_AGES))).to_numpy(zero_copy_only=False)
+        & pc.is_in(
+            ucols["occupation"], value_set=pa.array([str(k) for k in range(len(ML1M_OCCUPATIONS))])
+        ).to_numpy(zero_copy_only=False)
+    )
+    bad_codes = uok & ~codes_ok
+    if bad_codes.any():
+        meta_drops.add_lines("user_field_invalid", bad_codes, ulines, users_path.name)
+        uok = uok & ~bad_codes
     umask = pa.array(uok)
     users = pa.table(
         {"user": pa.array(uids[uok], pa.int64())} | {f: ucols[f].filter(umask) for f in ML_1M.user_fields}

@@ -2,7 +2,9 @@
 
 Decisions: only books some interaction refers to are kept (the others are skipped, so their repeats are not
 counted); a repeated ``book_id`` keeps the first (``duplicate_id`` in the metadata drops); a book id that is
-not digits is ``item_id_invalid`` there. Other book keys, when absent, count as empty strings.
+not digits is ``item_id_invalid`` there; a book without a title is ``title_missing`` there (its ratings
+then count as ``unknown_item``). Books files none of whose books an interaction rates are a
+:class:`RawDataError` (another dataset's or genre's books), before any interaction is dropped for it. Other book keys, when absent, count as empty strings.
 
 Item fields (strings; ``""`` when unknown): ``author`` (name of the first listed author from the authors
 file, else its ``author_id``), ``publisher``, ``language`` (``language_code``), ``format``, ``year``
@@ -22,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from reclora_ds.data.errors import DropLog
+from reclora_ds.data.errors import DropLog, RawDataError
 from reclora_ds.data.raw.delimited import parse_float
 from reclora_ds.data.raw.goodreads.jsonl import stream_json_lines
 from reclora_ds.data.raw.goodreads.parsing import RATING_MAX, apply_checks, parse_ids, rel_name
@@ -125,6 +127,7 @@ def read_books(
     parts, lines, sources = [], [], []
     names = [rel_name(p, raw_dir) for p in book_files]
     book_rows = min(batch_rows, BOOK_BATCH_ROWS)
+    matched_any = False
     for file_index, path in enumerate(book_files):
         name = names[file_index]
         for batch in stream_json_lines(path, BOOK_SCHEMA, book_rows, required=("book_id",), what="books"):
@@ -132,6 +135,11 @@ def read_books(
             ids, ok = parse_ids(t.column("book_id").combine_chunks())
             apply_checks([("item_id_invalid", ~ok)], batch.lines, name, meta_drops)
             keep = ok & pc.is_in(pa.array(ids), value_set=wanted_set).to_numpy(zero_copy_only=False)
+            matched_any |= bool(keep.any())
+            untitled = keep & pc.equal(_text(t, "title"), "").to_numpy(zero_copy_only=False)
+            if untitled.any():
+                meta_drops.add_lines("title_missing", untitled, batch.lines, name)
+                keep &= ~untitled
             if not keep.any():
                 continue
             t = t.filter(pa.array(keep))
@@ -153,6 +161,12 @@ def read_books(
             )
             lines.append(batch.lines[keep])
             sources.append(np.full(int(keep.sum()), file_index, dtype=np.int16))
+    if not matched_any and len(wanted):
+        raise RawDataError(
+            book_files[0] if len(book_files) == 1 else raw_dir,
+            f"no book of {', '.join(names)} is one the interactions rate ({len(wanted):,} book ids, e.g. "
+            f"{', '.join(map(str, wanted[:3].tolist()))}): books of another dataset or genre?",
+        )
     if parts:
         books = pa.concat_tables(parts)
         line, source = np.concatenate(lines), np.concatenate(sources)

@@ -1,7 +1,7 @@
 """Line-exact JSON-lines streaming (optionally gzipped): Arrow tables of a fixed schema, with line numbers.
 
-Files are streamed line by line with the ``datasets`` ``text`` builder (streaming, Arrow format,
-``batch_rows`` lines at a time, line breaks kept) and each batch is parsed by Arrow's JSON reader with an
+Files are streamed line by line from exactly the path given (no glob, no fsspec protocol; Arrow string
+batches of ``batch_rows`` lines, line breaks kept) and each batch is parsed by Arrow's JSON reader with an
 explicit schema that keeps only the needed keys. The ``datasets`` ``json`` builder is not used: it cannot
 name the line of a bad row (it skips blank lines, so "row count + 1" is not the line number), it turns a
 key whose type changes between lines into JSON text on its own, and on an unparsable line it falls back to
@@ -29,13 +29,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as paj
 
 from reclora_ds.data.errors import RawDataError
+from reclora_ds.data.raw.delimited import literal_lines
 
 log = logging.getLogger(__name__)
 
@@ -54,21 +54,13 @@ class JsonBatch:
 
 
 def _stream_lines(path: Path, batch_rows: int) -> Iterator[pa.Array]:
-    """The file's lines, each with its line break (.gz decompressed on the fly), as string arrays.
+    """The file's lines, each with its line break (.gz decompressed on the fly), as string arrays, read
+    from exactly ``path`` (no glob, no protocol: :func:`~reclora_ds.data.raw.delimited.literal_lines`).
 
     Keeping the line breaks makes an array's data buffer the newline-separated text that Arrow's JSON
     reader takes, without a copy; past 2 GiB of text in one batch the array gets 64-bit offsets.
     """
-    ds = datasets.load_dataset(
-        "text", data_files=str(path), split="train", streaming=True, keep_linebreaks=True
-    ).with_format("arrow")
-    for table in ds.iter(batch_size=batch_rows):
-        column = table.column(0)
-        try:
-            lines = column.combine_chunks()
-        except (pa.ArrowInvalid, pa.ArrowCapacityError):
-            lines = column.cast(pa.large_string()).combine_chunks()
-        yield lines
+    yield from literal_lines(path, "utf-8", batch_rows, keep_linebreaks=True)
 
 
 def _first_bad_utf8_line(path: Path) -> tuple[int | None, str]:
@@ -126,6 +118,8 @@ def _parse_slow(lines: pa.Array, numbers: np.ndarray, schema: pa.Schema, path: P
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
             raise RawDataError(path, f"not valid JSON ({exc.msg} at column {exc.colno})", lineno) from None
+        except RecursionError:
+            raise RawDataError(path, "JSON nested too deeply to be a GoodReads record", lineno) from None
         if not isinstance(obj, dict):
             raise RawDataError(path, f"not a JSON object (found a JSON {type(obj).__name__})", lineno)
         rows.append({f.name: _coerce(obj.get(f.name), f.type) for f in loose})
