@@ -33,7 +33,7 @@ import csv
 import dataclasses
 import json
 import logging
-import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +43,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 from tqdm.auto import tqdm
+
+from reclora_ds.config import STAGE_CONFIG_FILE
+from reclora_ds.files import atomic_dir, sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +109,7 @@ INITIAL_CATALOG_SHARE = 0.3  # movies that exist before the first rating
 RATINGS_HEADER = "userId,movieId,rating,timestamp"
 MOVIES_HEADER = ["movieId", "title", "genres"]
 MANIFEST = "synthetic.json"
+DATA_FILES = ("ratings.csv", "movies.csv")
 GENERATOR_VERSION = 1  # bump when the output for a given config changes (invalidates reused folders)
 SAMPLING_ROUNDS = 8  # vectorised draw-and-reject rounds before the per-user fallback
 
@@ -417,25 +421,97 @@ def _write_movies(path: Path, cfg: SyntheticConfig, cat: _Catalog) -> int:
     rng = _rng(cfg.seed, 0, 2)
     titles = _titles(rng, cat.movie_id, cat.year)
     genres = _genres(rng, len(cat.movie_id))
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:  # inside the temporary output folder
         w = csv.writer(f, lineterminator="\n")  # quotes only titles with commas or quotes, like the real file
         w.writerow(MOVIES_HEADER)
         w.writerows(zip(cat.movie_id.tolist(), titles, genres))
-    os.replace(tmp, path)
     return len(titles)
 
 
-def write_synthetic_ml25m(out_dir: str | Path, cfg: SyntheticConfig | None = None) -> SyntheticResult:
-    """Write SYNTHETIC ``ratings.csv`` + ``movies.csv`` (ML-25M layout) and ``synthetic.json`` into ``out_dir``.
+class SyntheticFolderError(ValueError):
+    """A folder is not a complete synthetic dataset: its ``synthetic.json`` and its files disagree (named)."""
 
-    ``synthetic.json`` (the config and file sizes) is written last, so its presence means the folder is
-    complete; :func:`existing_synthetic` uses it to reuse a folder.
+
+def synthetic_problems(out_dir: str | Path) -> list[str]:
+    """Why ``out_dir`` is not a complete, unchanged output of :func:`write_synthetic_ml25m` (empty: it is).
+
+    Checked against ``synthetic.json``: its generator version, its ``files`` list (every file present with
+    its size and, for ``movies.csv``, its sha256; ``ratings.csv`` by size and its row count, as hashing
+    GBs on every reuse would cost as much as writing them again) and no other file in the folder but
+    hidden temporaries and the pipeline's ``stage_config.yaml``.
+    """
+    out = Path(out_dir)
+    manifest = out / MANIFEST
+    if not manifest.is_file():
+        return [f"{MANIFEST} is missing"]
+    try:
+        saved = json.loads(manifest.read_text())
+    except (OSError, ValueError) as exc:
+        return [f"{MANIFEST} cannot be read ({exc})"]
+    if not isinstance(saved, dict) or saved.get("generator_version") != GENERATOR_VERSION:
+        found = saved.get("generator_version") if isinstance(saved, dict) else None
+        return [f"{MANIFEST} is of generator_version {found!r}, this reclora_ds writes {GENERATOR_VERSION}"]
+    files = saved.get("files")
+    if not isinstance(files, dict) or set(files) != set(DATA_FILES):
+        return [f"{MANIFEST} does not list {list(DATA_FILES)} (written by an older reclora_ds?)"]
+    problems = []
+    for name, info in files.items():
+        path = out / name
+        if not path.is_file():
+            problems.append(f"{name} is listed in {MANIFEST} but missing")
+        elif path.stat().st_size != info.get("bytes"):
+            problems.append(f"{name} has {path.stat().st_size} bytes, {MANIFEST} lists {info.get('bytes')}")
+        elif "sha256" in info and sha256_file(path) != info["sha256"]:
+            problems.append(f"{name} has another sha256 than {MANIFEST} lists")
+    for entry in sorted(out.iterdir()):
+        if entry.name not in {*DATA_FILES, MANIFEST, STAGE_CONFIG_FILE} and not entry.name.startswith("."):
+            problems.append(f"{entry.name} is in the folder but not listed in {MANIFEST}")
+    return problems
+
+
+def check_synthetic(out_dir: str | Path) -> dict[str, Any]:
+    """The ``synthetic.json`` of a complete synthetic folder; :class:`SyntheticFolderError` naming the folder
+    and every difference otherwise (:func:`synthetic_problems`)."""
+    problems = synthetic_problems(out_dir)
+    if problems:
+        raise SyntheticFolderError(f"{out_dir}: not a complete synthetic dataset: " + "; ".join(problems))
+    return json.loads((Path(out_dir) / MANIFEST).read_text())
+
+
+def write_synthetic_ml25m(out_dir: str | Path, cfg: SyntheticConfig | None = None) -> SyntheticResult:
+    """Write SYNTHETIC ``ratings.csv`` + ``movies.csv`` (ML-25M layout) and ``synthetic.json`` as the folder
+    ``out_dir``, replacing an earlier synthetic folder whole.
+
+    Everything is written into a temporary sibling folder, ``synthetic.json`` last (the config, and every
+    file's size and sha256, row counts), and the folder is renamed into place
+    (:func:`reclora_ds.files.atomic_dir`): a kill or a full disk at any moment leaves the previous folder as
+    it was (a full disk raises :class:`reclora_ds.files.DiskFullError`). An existing non-empty folder
+    without ``synthetic.json`` (user files) is refused with :class:`SyntheticFolderError` before anything is
+    written. :func:`existing_synthetic` / :func:`check_synthetic` check a folder against its manifest.
     """
     cfg = cfg or SyntheticConfig()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)
+    final = Path(out_dir)
+    if final.is_dir() and not (final / MANIFEST).is_file():
+        foreign = sorted(
+            e.name for e in final.iterdir() if e.name != STAGE_CONFIG_FILE and not e.name.startswith(".")
+        )
+        if foreign:
+            raise SyntheticFolderError(
+                f"{final}: holds {foreign[:5]} but no {MANIFEST}: not a synthetic dataset written by "
+                "reclora_ds, so it is not replaced (give an empty or new folder)"
+            )
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(final) as out:
+        if (final / STAGE_CONFIG_FILE).is_file():  # the pipeline's copy of the stage config
+            shutil.copy2(final / STAGE_CONFIG_FILE, out / STAGE_CONFIG_FILE)
+        result = _write_folder(out, cfg)
+    result.raw_dir = final
+    log.info("wrote synthetic %s (%d rows) in %.1fs", final, cfg.rows, result.seconds)
+    return result
+
+
+def _write_folder(out: Path, cfg: SyntheticConfig) -> SyntheticResult:
+    """Write the data files and ``synthetic.json`` (last) into the (temporary) folder ``out``."""
     t0 = time.perf_counter()
     cat = _catalog(cfg)
     movies_rows = _write_movies(out / "movies.csv", cfg, cat)
@@ -455,13 +531,12 @@ def write_synthetic_ml25m(out_dir: str | Path, cfg: SyntheticConfig | None = Non
     bounds = np.unique(np.concatenate([[0], cuts, [cfg.users]]))
     level_text = pa.array(RATING_LEVELS)
     path = out / "ratings.csv"
-    tmp = path.with_name(path.name + ".tmp")
     schema = pa.schema(
         [("userId", pa.int64()), ("movieId", pa.int64()), ("rating", pa.string()), ("timestamp", pa.int64())]
     )
     options = pacsv.WriteOptions(include_header=False, quoting_style="none")
     with (
-        open(tmp, "wb") as f,
+        open(path, "wb") as f,
         tqdm(total=cfg.rows, desc="synthetic ratings.csv", unit=" rows", unit_scale=True, leave=False) as bar,
     ):
         f.write((RATINGS_HEADER + "\n").encode())
@@ -498,36 +573,34 @@ def write_synthetic_ml25m(out_dir: str | Path, cfg: SyntheticConfig | None = Non
                 )
                 writer.write_table(table)
                 bar.update(len(user))
-    os.replace(tmp, path)
     seconds = time.perf_counter() - t0
+    files = {
+        "ratings.csv": {"bytes": path.stat().st_size, "sha256": sha256_file(path), "rows": cfg.rows},
+        "movies.csv": {
+            "bytes": (out / "movies.csv").stat().st_size,
+            "sha256": sha256_file(out / "movies.csv"),
+            "rows": movies_rows,
+        },
+    }
     manifest = {
         "synthetic": True,
         "generator_version": GENERATOR_VERSION,
         "note": "made-up data in the MovieLens-25M layout (reclora_ds.data.synthetic); not real ratings",
         "config": dataclasses.asdict(cfg),
-        "ratings_bytes": path.stat().st_size,
+        "ratings_bytes": files["ratings.csv"]["bytes"],
         "movies_rows": movies_rows,
+        "files": files,
         "seconds": round(seconds, 2),
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    log.info("wrote synthetic %s (%d rows) in %.1fs", out, cfg.rows, seconds)
+    write_json_atomic(out / MANIFEST, manifest)  # last
     return SyntheticResult(out, cfg, manifest["ratings_bytes"], movies_rows, seconds)
 
 
 def existing_synthetic(out_dir: str | Path, cfg: SyntheticConfig) -> bool:
-    """True if ``out_dir`` holds a complete synthetic dataset written with exactly ``cfg``."""
-    manifest = Path(out_dir) / MANIFEST
-    if not manifest.is_file():
+    """True if ``out_dir`` holds a complete synthetic dataset written with exactly ``cfg`` and unchanged
+    since (:func:`synthetic_problems` finds nothing); False for a missing folder, another config, or a folder
+    that differs from its manifest (then it is written again)."""
+    if not Path(out_dir).is_dir() or synthetic_problems(out_dir):
         return False
-    try:
-        saved: dict[str, Any] = json.loads(manifest.read_text())
-    except json.JSONDecodeError:
-        return False
-    ratings = Path(out_dir) / "ratings.csv"
-    return (
-        saved.get("generator_version") == GENERATOR_VERSION
-        and saved.get("config") == dataclasses.asdict(cfg)
-        and ratings.is_file()
-        and ratings.stat().st_size == saved.get("ratings_bytes")
-        and (Path(out_dir) / "movies.csv").is_file()
-    )
+    saved = json.loads((Path(out_dir) / MANIFEST).read_text())
+    return saved.get("config") == dataclasses.asdict(cfg)

@@ -23,21 +23,28 @@ order) cuts padding; it changes results only by float rounding.
 
 Sharding over ranks (``torchrun``/``deepspeed``/``srun``, see ``reclora_ds.distributed``): rank ``r`` of ``W``
 embeds the CONTIGUOUS item range ``[r*n//W, (r+1)*n//W)`` (item_index order, sizes differ by at most one) and
-writes ``shards/rank{r:03d}-of-{W:03d}.npy`` plus a ``.json`` beside it (range, shape, sha256, and a
-fingerprint of the inputs: backbone checksum, dataset metadata checksum, max_length, dtype, ...). Both go
-through a temporary file and ``os.replace``; the JSON is written last and is the commit point. A rerun keeps a
-shard whose JSON matches the current inputs, range and the ``.npy`` checksum, and recomputes any other. Once
-every rank reports success (a collective that doubles as the barrier; a failed rank makes all of them raise),
-rank 0 checks every shard again and concatenates them (contiguous ranges: concatenation in rank order is
-item_index order) into the output directory::
+writes ``rank{r:03d}-of-{W:03d}.npy`` plus a ``.json`` beside it (range, shape, sha256, and a fingerprint of the
+inputs: backbone checksum, dataset metadata checksum, max_length, dtype, ...) into the shard folder: by default
+``<parent>/.<out name>.shards``, a hidden sibling of the output that every rank derives from ``out_dir`` alone
+(``shard_dir=`` names another one). Both files go through a temporary file and ``os.replace``; the JSON is
+written last and is the commit point. A rerun keeps a shard whose JSON matches the current inputs, range and
+the ``.npy`` checksum, takes one from the previous output's ``shards/`` (a hard link: that output is only
+read), and recomputes any other. Once every rank reports success (a collective that doubles as the barrier; a
+failed rank makes all of them raise), rank 0 checks every shard again, concatenates them (contiguous ranges:
+concatenation in rank order is item_index order) and writes the output folder WHOLE
+(:func:`reclora_ds.retrieval.index.write_item_embeddings`: a temporary sibling folder, ``embeddings.json``
+last, one rename over the old folder), moving the default shard folder's shards into it::
 
     embeddings.npy    float32 [n_items, D]; row i = the item with item_index i (0-based, never a raw id)
     item_ids.npy      int64 [n_items]; raw item id (e.g. MovieLens movieId) of each row
+    shards/           this run's shards (a cache for the next rerun; delete the folder as a whole if unwanted)
     embeddings.json   counts, backbone + checksum, pooling, max_length, dtype, sha256 of embeddings.npy,
-                      dataset path + metadata.json sha256, world_size, shard list (written last)
+                      dataset path + metadata.json sha256, world_size, shard list, ``files`` (every file's
+                      size and sha256, checked by the reader, :func:`reclora_ds.retrieval.index.load_item_embeddings`)
 
-``shards/`` is kept so that a rerun is cheap; delete it when the output is final. Shards of a run with another
-world size have other names and are ignored.
+So a finished folder is the old output or the new one, never new arrays beside an old ``embeddings.json``,
+whatever moment a kill or a full disk hits: before the rename the old folder is untouched (the ranks wrote
+only into the shard folder), after it the new one is complete.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -60,10 +68,11 @@ from reclora_ds import __version__
 from reclora_ds.distributed import all_gather_variable, broadcast_object, dist_info
 from reclora_ds.files import save_npy_atomic, sha256_file, write_json_atomic
 from reclora_ds.llm_loader import load_causal_lm, rank_device, resolve_dtype
+from reclora_ds.retrieval.index import EMBEDDINGS_SIDECAR, SHARDS_DIR, write_item_embeddings
+from reclora_ds.retrieval.outputs import link_or_copy, refuse_foreign
 
 log = logging.getLogger(__name__)
 
-EMBEDDINGS_FORMAT_VERSION = 1
 SHARD_FORMAT_VERSION = 1
 DTYPES = ("auto", "float32", "bfloat16")
 POOLING = "mean of the base model's last_hidden_state (post final norm) over the non-padding tokens"
@@ -89,7 +98,8 @@ class ItemEmbeddingConfig:
     load_in_8bit: bool = False
     """Load the backbone in 8-bit with bitsandbytes (CUDA only; an error on CPU)."""
     shard_dir: str | None = None
-    """Where the per-rank shards go; ``None`` means ``<out_dir>/shards``."""
+    """Where the per-rank shards go; ``None`` means ``<parent>/.<out name>.shards``, moved into ``<out_dir>/shards``
+    when the output is written. Another folder is kept as it is and must lie outside ``out_dir``."""
     bucket_by_length: bool = True
     """Sort texts by token count before batching (less padding); the output order is unchanged."""
     add_special_tokens: bool = True
@@ -423,8 +433,13 @@ def extract_shard(
     rank: int,
     world_size: int,
     device: torch.device | None = None,
+    reuse_from: Sequence[Path] = (),
 ) -> bool:
     """Embed this rank's item range into its shard unless a valid shard is already there.
+
+    ``reuse_from``: further folders (the ``shards/`` of the finished output being replaced) whose valid
+    shard is hard-linked (or copied) into ``shard_dir`` instead of being computed again; the files there are
+    only read, so that output stays loadable whatever happens to this run.
 
     Returns:
         True when the shard was (re)computed, False when an existing one was kept.
@@ -432,6 +447,13 @@ def extract_shard(
     start, stop = shard_range(len(inputs.descriptions), rank, world_size)
     npy_path, json_path = shard_paths(shard_dir, rank, world_size)
     problem = check_shard(shard_dir, rank, world_size, inputs.fingerprint)
+    for folder in reuse_from if problem is not None else ():
+        if check_shard(folder, rank, world_size, inputs.fingerprint) is None:
+            shard_dir.mkdir(parents=True, exist_ok=True)
+            for source, target in zip(shard_paths(folder, rank, world_size), (npy_path, json_path)):
+                link_or_copy(source, target)
+            problem = check_shard(shard_dir, rank, world_size, inputs.fingerprint)
+            break
     if problem is None:
         log.info(
             "rank %d: shard %s is complete (items [%d, %d), sha256 verified): skipped",
@@ -493,14 +515,28 @@ def extract_shard(
     return True
 
 
+def work_shard_dir(out_dir: Path) -> Path:
+    """Where the ranks write their shards by default: ``<parent>/.<name>.shards``, a hidden sibling of the
+    output that every rank derives from ``out_dir`` alone (no communication), outside the finished output."""
+    return out_dir.with_name(f".{out_dir.name}.shards")
+
+
 def merge_shards(
     inputs: ExtractionInputs,
     shard_dir: Path,
     out_dir: Path,
     world_size: int,
     config: ItemEmbeddingConfig | None = None,
+    move_shards: bool = False,
 ) -> Path:
-    """Check every shard, concatenate them in rank order, write the output files (JSON last). Rank 0 only."""
+    """Check every shard, concatenate them in rank order and write ``out_dir`` whole. Rank 0 only.
+
+    The folder is written by :func:`reclora_ds.retrieval.index.write_item_embeddings` (temporary sibling,
+    ``embeddings.json`` last with every file's size and sha256, one rename): the previous output stays
+    as it was until the rename. ``move_shards``: the shard files of this run go into the new folder's
+    ``shards/`` (hard links), and ``shard_dir`` is removed once the new folder is in place (a failed
+    write leaves it for the next try).
+    """
     parts, shards, n_truncated = [], [], 0
     for rank in range(world_size):
         problem = check_shard(shard_dir, rank, world_size, inputs.fingerprint)
@@ -516,25 +552,25 @@ def merge_shards(
     embeddings = np.ascontiguousarray(np.concatenate(parts, axis=0), dtype=np.float32)  # [n_items, D]
     if embeddings.shape[0] != len(inputs.item_ids):
         raise RuntimeError(f"merged shards hold {embeddings.shape[0]} rows, expected {len(inputs.item_ids)}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    sha256 = save_npy_atomic(out_dir / "embeddings.npy", embeddings)
-    item_ids_sha256 = save_npy_atomic(out_dir / "item_ids.npy", inputs.item_ids.astype(np.int64))
     meta = {
-        "format_version": EMBEDDINGS_FORMAT_VERSION,
         "reclora_ds_version": __version__,
         **inputs.fingerprint,
-        "dim": int(embeddings.shape[1]),
-        "sha256": sha256,
-        "item_ids_sha256": item_ids_sha256,
         "row_rule": "row i = item_index i of items.parquet (0-based); item_ids.npy[i] = its raw id",
         "n_truncated": n_truncated,
         "world_size": world_size,
         "sharding": SHARDING,
-        "shard_dir": str(shard_dir),
+        "shard_dir": SHARDS_DIR if move_shards else str(shard_dir),
         "shards": shards,
         "config": dataclasses.asdict(config) if config is not None else None,
     }
-    write_json_atomic(out_dir / "embeddings.json", meta)
+    moved = (
+        [p for r in range(world_size) for p in shard_paths(shard_dir, r, world_size)] if move_shards else []
+    )
+    write_item_embeddings(out_dir, embeddings, inputs.item_ids, meta, shard_files=moved)
+    if move_shards:
+        shutil.rmtree(
+            shard_dir, ignore_errors=True
+        )  # linked into the output; also shards of other world sizes
     log.info("wrote %s: %d items x %d dims", out_dir / "embeddings.npy", *embeddings.shape)
     return out_dir
 
@@ -564,12 +600,22 @@ def extract_item_embeddings(
     config = config or ItemEmbeddingConfig()
     info = dist_info()
     out_dir = Path(out_dir).expanduser()
-    shard_dir = Path(config.shard_dir).expanduser() if config.shard_dir else out_dir / "shards"
+    own_shards = not config.shard_dir  # the default: a work folder beside out_dir, moved into it at the end
+    shard_dir = work_shard_dir(out_dir) if own_shards else Path(config.shard_dir).expanduser()
+    absolute_out, absolute_shards = Path(os.path.abspath(out_dir)), Path(os.path.abspath(shard_dir))
+    if absolute_shards == absolute_out or absolute_out in absolute_shards.parents:
+        raise ValueError(
+            f"shard_dir={config.shard_dir!r}: lies inside the output folder {out_dir}, which is replaced whole "
+            "when the embeddings are written; leave shard_dir unset (null) or give a folder outside it"
+        )
+    reuse = (out_dir / SHARDS_DIR,) if own_shards else ()
     device = device or rank_device()
     error: Exception | None = None
     try:
+        if info.is_main:
+            refuse_foreign(out_dir, EMBEDDINGS_SIDECAR)  # before any work: it would be replaced whole
         inputs = read_inputs(dataset_dir, config, device)
-        extract_shard(inputs, shard_dir, config, info.rank, info.world_size, device)
+        extract_shard(inputs, shard_dir, config, info.rank, info.world_size, device, reuse)
     except Exception as exc:  # reported to the other ranks first, then re-raised
         error = exc
     failed = all_gather_variable(torch.tensor([error is not None], dtype=torch.int64))  # [W] (the barrier)
@@ -581,7 +627,7 @@ def extract_item_embeddings(
     merge_error = None
     if info.is_main:
         try:
-            merge_shards(inputs, shard_dir, out_dir, info.world_size, config)
+            merge_shards(inputs, shard_dir, out_dir, info.world_size, config, move_shards=own_shards)
         except Exception as exc:
             merge_error = exc
     message = broadcast_object(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,10 @@ import faiss
 import numpy as np
 
 from reclora_ds import __version__
-from reclora_ds.files import atomic_file, sha256_file, write_text_atomic
+from reclora_ds.files import sha256_file, write_json_atomic, write_text_atomic
 from reclora_ds.retrieval.errors import RetrievalInputError
 from reclora_ds.retrieval.index_space import PCA, SCORE_GRID_BITS
+from reclora_ds.retrieval.outputs import check_listing, link_or_copy, listing, replace_output
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +43,14 @@ METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 HNSW_DEFAULTS = {"M": 32, "ef_search": 128, "ef_construction": 64}
 IVF_DEFAULTS = {"nprobe": 32}  # nlist defaults to ~4 sqrt(n), see default_nlist
 IVF_MIN_POINTS_PER_LIST = 39  # FAISS warns below this many training points per centroid
-INDEX_FORMAT_VERSION = 1
+INDEX_FORMAT_VERSION = 2  # 2: one folder written whole; files lists bytes and sha256
+INDEX_SIDECAR = "index.json"
+INDEX_FILES = ("index.faiss", "pca.npz")
 EMBEDDINGS_REQUIRED_KEYS = ("n_items", "dim", "backbone", "sha256", "dataset")
+EMBEDDINGS_FORMAT_VERSION = 2  # 2: one folder written whole; files lists every file with bytes and sha256
+EMBEDDINGS_SIDECAR = "embeddings.json"
+EMBEDDINGS_FILES = ("embeddings.npy", "item_ids.npy")
+SHARDS_DIR = "shards"  # the per-rank shards, moved into the finished folder (a cache for reruns)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -63,16 +71,75 @@ class ItemEmbeddings:
         return self.meta["sha256"]
 
 
+def write_item_embeddings(
+    directory: str | Path,
+    vectors: np.ndarray,
+    item_ids: np.ndarray,
+    meta: dict[str, Any],
+    shard_files: Sequence[Path] = (),
+) -> dict[str, Any]:
+    """Write an embeddings folder whole: ``embeddings.npy``, ``item_ids.npy``, ``shards/``, ``embeddings.json``.
+
+    Args:
+        directory: the folder; replaced as a whole (:func:`reclora_ds.retrieval.outputs.replace_output`), so
+            a kill or a full disk leaves the previous folder as it was. A non-empty folder without
+            ``embeddings.json`` is refused.
+        vectors: float32 [n_items, dim], row i = item_index i.
+        item_ids: int64 [n_items], the raw id of each row.
+        meta: what the vectors were made from (must hold ``backbone`` and ``dataset``); ``n_items``, ``dim``,
+            ``sha256``, ``item_ids_sha256``, ``format_version`` and ``files`` are set here.
+        shard_files: files hard-linked (copied across file systems) into ``shards/`` of the new folder and
+            listed; the originals are left where they are (the caller removes them once this returns).
+
+    Returns:
+        The ``embeddings.json`` written (last, inside the temporary folder, listing every file's size and
+        sha256).
+    """
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    item_ids = np.asarray(item_ids, dtype=np.int64)
+    if vectors.ndim != 2 or item_ids.shape != (vectors.shape[0],):
+        raise ValueError(
+            f"vectors [n, d] and item_ids [n] expected, got {vectors.shape} and {item_ids.shape}"
+        )
+    missing = [k for k in ("backbone", "dataset") if k not in meta]
+    if missing:
+        raise ValueError(f"embeddings meta lacks {missing}")
+    with replace_output(directory, EMBEDDINGS_SIDECAR) as tmp:
+        np.save(tmp / "embeddings.npy", vectors)
+        np.save(tmp / "item_ids.npy", item_ids)
+        names = list(EMBEDDINGS_FILES)
+        if shard_files:
+            (tmp / SHARDS_DIR).mkdir()
+            for f in shard_files:
+                link_or_copy(Path(f), tmp / SHARDS_DIR / Path(f).name)
+                names.append(f"{SHARDS_DIR}/{Path(f).name}")
+        files = listing(tmp, names)
+        full = {
+            **meta,
+            "format_version": EMBEDDINGS_FORMAT_VERSION,
+            "n_items": int(vectors.shape[0]),
+            "dim": int(vectors.shape[1]),
+            "sha256": files["embeddings.npy"]["sha256"],
+            "item_ids_sha256": files["item_ids.npy"]["sha256"],
+            "files": files,
+        }
+        write_json_atomic(tmp / EMBEDDINGS_SIDECAR, full)
+    return full
+
+
 def load_item_embeddings(directory: str | Path, expected_n_items: int | None = None) -> ItemEmbeddings:
     """Read and validate an embeddings directory (``embeddings.npy`` + ``embeddings.json``).
 
-    Checks: both files exist; the JSON has ``n_items, dim, backbone, sha256, dataset``; the sha256 of
-    ``embeddings.npy`` (the whole file) matches; the array is float32, 2-D, ``[n_items, dim]`` and finite;
-    and ``n_items == expected_n_items`` when given (the processed dataset's item count).
-    Raises :class:`RetrievalInputError` with the reason.
+    Checks: both files exist; the JSON has ``n_items, dim, backbone, sha256, dataset`` and a format version
+    this reader knows; the folder holds exactly the files ``embeddings.json`` lists, with their sizes (format
+    2: ``files``; the ``shards/`` cache may be deleted as a whole but not in part; format 1, written before the
+    folder was written whole: ``embeddings.npy``, ``item_ids.npy`` when it has ``item_ids_sha256``, and the
+    ``shards/`` cache); the sha256 of ``embeddings.npy`` (the whole file) and of ``item_ids.npy``; the array
+    is float32, 2-D, ``[n_items, dim]`` and finite; and ``n_items == expected_n_items`` when given (the
+    processed dataset's item count). Raises :class:`RetrievalInputError` naming the folder and the difference.
     """
     d = Path(directory)
-    npy, meta_path = d / "embeddings.npy", d / "embeddings.json"
+    npy, meta_path = d / "embeddings.npy", d / EMBEDDINGS_SIDECAR
     for f in (npy, meta_path):
         if not f.is_file():
             raise RetrievalInputError(
@@ -82,10 +149,36 @@ def load_item_embeddings(directory: str | Path, expected_n_items: int | None = N
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as exc:
         raise RetrievalInputError(f"{meta_path}: not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise RetrievalInputError(f"{meta_path}: not a JSON object")
     missing = [k for k in EMBEDDINGS_REQUIRED_KEYS if k not in meta]
     if missing:
         raise RetrievalInputError(
             f"{meta_path}: missing keys {missing} (needs {list(EMBEDDINGS_REQUIRED_KEYS)})"
+        )
+    version = meta.get("format_version", 1)  # hand-made folders of format 1 carry no version
+    if version == EMBEDDINGS_FORMAT_VERSION:
+        files = meta.get("files")
+        if isinstance(files, dict) and (files.get("embeddings.npy") or {}).get("sha256") != meta["sha256"]:
+            raise RetrievalInputError(
+                f"{meta_path}: its sha256 and its files list disagree on embeddings.npy"
+            )
+        check_listing(
+            d, files, EMBEDDINGS_SIDECAR, verify_sha256=("item_ids.npy",), optional_dirs=(SHARDS_DIR,)
+        )
+    elif version == 1:
+        legacy = {"embeddings.npy": {"bytes": npy.stat().st_size}}
+        if "item_ids_sha256" in meta:
+            legacy["item_ids.npy"] = {"bytes": _size(d / "item_ids.npy"), "sha256": meta["item_ids_sha256"]}
+        shards = d / SHARDS_DIR
+        for f in sorted(shards.rglob("*")) if shards.is_dir() else []:  # format 1 kept the cache here
+            if f.is_file():
+                legacy[f.relative_to(d).as_posix()] = {"bytes": f.stat().st_size}
+        check_listing(d, legacy, EMBEDDINGS_SIDECAR, verify_sha256=("item_ids.npy",))
+    else:
+        raise RetrievalInputError(
+            f"{meta_path}: format_version {version!r}, this reclora_ds reads 1 and {EMBEDDINGS_FORMAT_VERSION} "
+            "(written by another version: extract the embeddings again)"
         )
     actual = sha256_file(npy)
     if actual != meta["sha256"]:
@@ -103,6 +196,13 @@ def load_item_embeddings(directory: str | Path, expected_n_items: int | None = N
         raise RetrievalInputError(
             f"{npy}: shape {vectors.shape} but {meta_path.name} says n_items={meta['n_items']}, dim={meta['dim']}"
         )
+    ids_path = d / "item_ids.npy"
+    if ids_path.is_file():
+        ids = np.load(ids_path, mmap_mode="r")
+        if ids.shape != (vectors.shape[0],):
+            raise RetrievalInputError(
+                f"{ids_path}: shape {ids.shape}, embeddings.npy has {vectors.shape[0]} rows"
+            )
     if expected_n_items is not None and vectors.shape[0] != expected_n_items:
         raise RetrievalInputError(
             f"{npy}: {vectors.shape[0]} rows but the processed dataset has {expected_n_items} items "
@@ -114,6 +214,10 @@ def load_item_embeddings(directory: str | Path, expected_n_items: int | None = N
             bad = start + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
             raise RetrievalInputError(f"{npy}: row {bad} (item_index {bad}) has NaN or inf values")
     return ItemEmbeddings(vectors=vectors, meta=meta, path=d)
+
+
+def _size(path: Path) -> int | None:
+    return path.stat().st_size if path.is_file() else None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -257,7 +361,7 @@ class LoadedIndex:
     @property
     def sha256(self) -> str:
         """Checksum of ``index.faiss`` (what a retrieval run records)."""
-        return self.sidecar["files"]["index.faiss"]
+        return self.sidecar["files"]["index.faiss"]["sha256"]
 
     @property
     def embeddings_sha256(self) -> str:
@@ -304,23 +408,27 @@ def make_sidecar(
 
 
 def save_index(directory: str | Path, index: faiss.Index, pca: PCA, sidecar: dict[str, Any]) -> Path:
-    """Write ``index.faiss``, ``pca.npz`` and ``index.json`` (last, with both files' sha256).
+    """Write ``index.faiss``, ``pca.npz`` and ``index.json`` as one folder that replaces ``directory`` whole.
 
-    Each file goes through a temporary name and ``os.replace``; the sidecar is the commit point, and
-    :func:`load_index` rejects files whose checksum it does not list.
+    The three files are written into a temporary sibling folder, ``index.json`` last with the size and
+    sha256 of the other two (``files``), and the folder is renamed into place
+    (:func:`reclora_ds.retrieval.outputs.replace_output`): a kill or a full disk leaves the previous index
+    as it was. An existing folder without ``index.json`` is refused (not this stage's output).
     """
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
     cpu = faiss.index_gpu_to_cpu(index) if _is_gpu_index(index) else index
     if sidecar["count"] != cpu.ntotal or sidecar["dimension"] != cpu.d:
         raise ValueError(
             f"sidecar says {sidecar['count']} x {sidecar['dimension']}, index has {cpu.ntotal} x {cpu.d}"
         )
-    with atomic_file(d / "index.faiss") as tmp:
-        faiss.write_index(cpu, str(tmp))
-    pca.save(d / "pca.npz")
-    files = {name: sha256_file(d / name) for name in ("index.faiss", "pca.npz")}
-    write_text_atomic(d / "index.json", json.dumps({**sidecar, "files": files}, indent=2))
+    with replace_output(d, INDEX_SIDECAR) as tmp:
+        faiss.write_index(cpu, str(tmp / "index.faiss"))
+        pca.save(tmp / "pca.npz")
+        files = listing(tmp, INDEX_FILES)
+        write_text_atomic(
+            tmp / INDEX_SIDECAR,
+            json.dumps({**sidecar, "format_version": INDEX_FORMAT_VERSION, "files": files}, indent=2),
+        )
     return d
 
 
@@ -330,10 +438,14 @@ def load_index(directory: str | Path, expected_embeddings_sha256: str | None = N
     side_path = d / "index.json"
     if not side_path.is_file():
         raise RetrievalInputError(f"{side_path}: missing; build the index with tools/build_faiss_index.py")
-    sidecar = json.loads(side_path.read_text())
-    if sidecar.get("format_version") != INDEX_FORMAT_VERSION:
+    try:
+        sidecar = json.loads(side_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RetrievalInputError(f"{side_path}: not valid JSON ({exc})") from exc
+    if not isinstance(sidecar, dict) or sidecar.get("format_version") != INDEX_FORMAT_VERSION:
         raise RetrievalInputError(
-            f"{side_path}: format_version {sidecar.get('format_version')}, expected {INDEX_FORMAT_VERSION}"
+            f"{side_path}: format_version {sidecar.get('format_version') if isinstance(sidecar, dict) else None}, "
+            f"this reclora_ds reads {INDEX_FORMAT_VERSION} (written by another version: build the index again)"
         )
     if (
         expected_embeddings_sha256 is not None
@@ -343,15 +455,7 @@ def load_index(directory: str | Path, expected_embeddings_sha256: str | None = N
             f"{d}: index built from embeddings sha256 {sidecar['embeddings']['sha256']}, "
             f"but the expected embeddings have sha256 {expected_embeddings_sha256}; rebuild the index"
         )
-    for name, expected in sidecar["files"].items():
-        f = d / name
-        if not f.is_file():
-            raise RetrievalInputError(f"{f}: missing (listed in {side_path.name})")
-        actual = sha256_file(f)
-        if actual != expected:
-            raise RetrievalInputError(
-                f"{f}: sha256 {actual} but {side_path.name} lists {expected} (an interrupted or mixed write?)"
-            )
+    check_listing(d, sidecar.get("files"), INDEX_SIDECAR, verify_sha256=INDEX_FILES)
     index = faiss.read_index(str(d / "index.faiss"))
     pca = PCA.load(d / "pca.npz")
     problems = []

@@ -5,12 +5,14 @@ they are chosen). Output: **timeline row indices** (rows of ``timelines.parquet`
 rating of each behaviour can be looked up), int32 ``[n_samples, K]``, valid rows first and oldest first,
 padded with -1 when the history is shorter than K, in the retrieval folder format of
 :mod:`reclora_ds.data.histories` (``sample_ids.npy``, ``rows_k<K>.npy`` per K, ``retrieval.json`` written
-last), by default ``<processed>/retrieved/<mode>/``. Every reader opens it with
-:func:`reclora_ds.data.histories.load_retrieved`.
+last, listing every file's size and sha256), by default ``<processed>/retrieved/<mode>/``, written whole
+(temporary sibling folder + rename: old or new, never a mix). Every reader opens it with
+:func:`reclora_ds.data.histories.load_retrieved`; :func:`check_retrieval_folder` checks the file list.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -36,6 +38,7 @@ from reclora_ds.retrieval.engine import DEFAULT_KS, EngineStats, check_ks, retri
 from reclora_ds.retrieval.errors import RetrievalInputError
 from reclora_ds.retrieval.index import LoadedIndex, load_index
 from reclora_ds.retrieval.index_space import on_score_grid
+from reclora_ds.retrieval.outputs import check_listing, listing, refuse_foreign, replace_output
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +102,51 @@ class RetrievalResult:
         return "\n".join(lines)
 
 
+def check_retrieval_folder(folder: str | Path, verify_sha256: bool = False) -> dict[str, Any]:
+    """The sidecar of a retrieval folder, after checking the folder against its ``files`` list.
+
+    Every listed file present with its size (and, with ``verify_sha256``, its checksum), nothing else in the
+    folder; the sidecar's format, version and keys (:func:`reclora_ds.data.histories.read_retrieval_sidecar`).
+    Raises :class:`RetrievalInputError` naming the folder and each difference.
+    """
+    folder = Path(folder)
+    try:
+        meta = read_retrieval_sidecar(folder)
+    except ValueError as exc:
+        raise RetrievalInputError(str(exc)) from exc
+    listed = meta.get("files")
+    check_listing(
+        folder,
+        listed,
+        SIDECAR_FILE,
+        verify_sha256=list(listed) if verify_sha256 and isinstance(listed, dict) else (),
+    )
+    expected = {SAMPLE_IDS_FILE, *(info["file"] for info in meta["outputs"].values())}
+    if set(listed) != expected:
+        raise RetrievalInputError(
+            f"{folder / SIDECAR_FILE}: lists {sorted(listed)} but its outputs need {sorted(expected)}"
+        )
+    return meta
+
+
+def _allocated_memmap(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    """An int32 ``.npy`` memory map whose blocks are allocated up front (``posix_fallocate``).
+
+    A store into a sparse memory-mapped page that the file system cannot back kills the process with
+    SIGBUS (no exception, no message); allocating first turns a full disk into an ``ENOSPC`` ``OSError``
+    here, which :func:`reclora_ds.files.atomic_dir` reports as ``DiskFullError``.
+    """
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.int32, shape=shape)
+    with open(path, "r+b") as stream:
+        try:
+            os.posix_fallocate(stream.fileno(), 0, os.fstat(stream.fileno()).st_size)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # file systems without fallocate
+                del array
+                raise
+    return array
+
+
 def default_out_dir(processed: str | Path, mode: str) -> Path:
     return Path(processed) / "retrieved" / mode
 
@@ -120,8 +168,10 @@ def retrieve_histories(
     """Retrieve histories for every sample of a processed dataset and write them beside it.
 
     ``index`` (a directory or a :class:`LoadedIndex`) supplies the vectors in ``similarity`` mode; its
-    count must equal the dataset's item count. Files are written under temporary names and renamed;
-    ``retrieval.json`` comes last.
+    count must equal the dataset's item count. The folder is written whole: into a temporary sibling,
+    ``retrieval.json`` last (with ``files``: every file's size and sha256), then renamed over ``out_dir``
+    (:func:`reclora_ds.retrieval.outputs.replace_output`), so a kill or a full disk leaves the previous
+    retrieval as it was. A non-empty ``out_dir`` without ``retrieval.json`` is refused before any work.
     """
     from reclora_ds.data.processed import ProcessedDataset
 
@@ -151,63 +201,53 @@ def retrieve_histories(
             "embeddings_sha256": loaded.embeddings_sha256,
             "kind": loaded.sidecar["kind"],
         }
+    refuse_foreign(out, SIDECAR_FILE)  # before the heavy work: the folder is replaced whole
     samples = read_samples(ds)
     tl = ds.timelines
     n = len(samples.sample_id)
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / SIDECAR_FILE).unlink(missing_ok=True)  # the old sidecar must not vouch for new files
     files = {k: rows_file(k) for k in ks}
-    arrays = {
-        k: np.lib.format.open_memmap(out / (name + ".tmp"), mode="w+", dtype=np.int32, shape=(n, k))
-        for k, name in files.items()
-    }
     stats = EngineStats()
-    try:
+    with replace_output(out, SIDECAR_FILE) as tmp:  # the old folder stays as it was until the final rename
+        arrays = {k: _allocated_memmap(tmp / name, (n, k)) for k, name in files.items()}
         retrieve_rows(
             tl.item_index, tl.offsets, samples.user_index, samples.hist_len, vectors, ks, mode,
             out=arrays, stats=stats, **engine,
         )  # fmt: skip
-    except BaseException:
+        outputs = {}
+        for k, arr in arrays.items():
+            arr.flush()
+            n_valid = np.zeros(n, dtype=np.int64)
+            for s in range(0, n, _COUNT_CHUNK):
+                n_valid[s : s + _COUNT_CHUNK] = (arr[s : s + _COUNT_CHUNK] >= 0).sum(axis=1)
+            outputs[str(k)] = {
+                "file": files[k],
+                "shape": [n, k],
+                "mean_valid": float(n_valid.mean()) if n else 0.0,
+                "full_fraction": float((n_valid == k).mean()) if n else 0.0,
+            }
+            del arr
         arrays.clear()
-        for name in files.values():
-            (out / (name + ".tmp")).unlink(missing_ok=True)
-        raise
-    outputs = {}
-    for k, arr in arrays.items():
-        arr.flush()
-        n_valid = np.zeros(n, dtype=np.int64)
-        for s in range(0, n, _COUNT_CHUNK):
-            n_valid[s : s + _COUNT_CHUNK] = (arr[s : s + _COUNT_CHUNK] >= 0).sum(axis=1)
-        outputs[str(k)] = {
-            "file": files[k],
-            "shape": [n, k],
-            "mean_valid": float(n_valid.mean()) if n else 0.0,
-            "full_fraction": float((n_valid == k).mean()) if n else 0.0,
+        np.save(tmp / SAMPLE_IDS_FILE, samples.sample_id)
+        meta = {
+            "reclora_ds_version": __version__,
+            "mode": mode,
+            "ks": list(ks),
+            "n_samples": n,
+            "row_space": "rows of timelines.parquet (user-major); valid rows first, oldest first, -1 padding",
+            "ties": "equal cosine: the more recent row wins",
+            "outputs": outputs,
+            "index": index_info,
+            "dataset": {
+                "path": str(ds.path),
+                "metadata_sha256": metadata_sha256(ds.path),
+                "config": ds.metadata.get("config"),
+                "counts": ds.metadata.get("counts"),
+            },
+            "engine": stats.as_dict(),
+            "files": listing(tmp, [SAMPLE_IDS_FILE, *files.values()]),
+            "timings_s": {"total": time.perf_counter() - t_start, "peak_rss_mib": _peak_rss_mib()},
         }
-        del arr
-    arrays.clear()
-    for name in files.values():
-        os.replace(out / (name + ".tmp"), out / name)
-    np.save(out / (SAMPLE_IDS_FILE + ".tmp.npy"), samples.sample_id)
-    os.replace(out / (SAMPLE_IDS_FILE + ".tmp.npy"), out / SAMPLE_IDS_FILE)
-    meta = {
-        "reclora_ds_version": __version__,
-        "mode": mode,
-        "ks": list(ks),
-        "n_samples": n,
-        "row_space": "rows of timelines.parquet (user-major); valid rows first, oldest first, -1 padding",
-        "ties": "equal cosine: the more recent row wins",
-        "outputs": outputs,
-        "index": index_info,
-        "dataset": {
-            "path": str(ds.path),
-            "metadata_sha256": metadata_sha256(ds.path),
-            "config": ds.metadata.get("config"),
-            "counts": ds.metadata.get("counts"),
-        },
-        "engine": stats.as_dict(),
-        "timings_s": {"total": time.perf_counter() - t_start, "peak_rss_mib": _peak_rss_mib()},
-    }
-    write_sidecar(out / SIDECAR_FILE, FORMAT, FORMAT_VERSION, meta)
+        write_sidecar(tmp / SIDECAR_FILE, FORMAT, FORMAT_VERSION, meta)  # last
+    check_retrieval_folder(out)
     return RetrievalResult(out, read_retrieval_sidecar(out))

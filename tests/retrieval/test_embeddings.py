@@ -30,6 +30,7 @@ from reclora_ds.retrieval.embeddings import (
     merge_shards,
     read_inputs,
     shard_paths,
+    work_shard_dir,
 )
 from tests.tiny_llm import tiny_llama, word_tokenizer
 
@@ -175,6 +176,7 @@ def test_two_ranks_match_one_rank(tmp_path, tiny, tiny_backbone, dataset_dir, de
         "item_ids.npy",
         "shards",
     ]
+    assert not work_shard_dir(two).exists()  # the shards were moved into the output
     ranges = [json.loads(shard_paths(two / "shards", r, 2)[1].read_text()) for r in range(2)]
     assert [(m["start"], m["stop"]) for m in ranges] == [
         (0, ranges[0]["stop"]),
@@ -204,10 +206,10 @@ import sys
 from reclora_ds.distributed import destroy, init_distributed
 from reclora_ds.retrieval import embeddings
 
-def fail_on_rank_1(inputs, shard_dir, config, rank, world_size, device=None):
+def fail_on_rank_1(inputs, shard_dir, config, rank, world_size, *args):
     if rank == 1:
         raise MemoryError("injected failure on rank 1")
-    return real(inputs, shard_dir, config, rank, world_size, device)
+    return real(inputs, shard_dir, config, rank, world_size, *args)
 
 real, embeddings.extract_shard = embeddings.extract_shard, fail_on_rank_1
 info = init_distributed(timeout_s=60)
@@ -240,8 +242,9 @@ def test_a_failed_rank_makes_every_rank_raise(tmp_path, tiny_backbone, dataset_d
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "rank 1 raised MemoryError: injected failure on rank 1" in run.stdout
     assert "rank 0 raised RuntimeError: rank(s) [1] failed to embed their shards" in run.stdout
-    assert shard_paths(tmp_path / "out" / "shards", 0, 2)[1].is_file()  # rank 0's work is kept for a rerun
-    assert not (tmp_path / "out" / "embeddings.npy").exists()
+    work = work_shard_dir(tmp_path / "out")  # rank 0's work is kept for a rerun, beside the output
+    assert shard_paths(work, 0, 2)[1].is_file()
+    assert not (tmp_path / "out").exists()
 
 
 def test_rerun_skips_finished_shards_and_recomputes_bad_ones(tmp_path, tiny_backbone, dataset_dir, caplog):

@@ -218,7 +218,7 @@ def test_load_index_rejects_other_embeddings_and_damaged_files(tmp_path):
     shutil.copytree(d, broken)
     pca = dict(np.load(broken / "pca.npz"))
     np.savez(broken / "pca.npz", **{**pca, "mean": pca["mean"] + 1})  # a pca.npz from another run
-    with pytest.raises(RetrievalInputError, match="pca.npz: sha256"):
+    with pytest.raises(RetrievalInputError, match="pca.npz has another sha256 than index.json lists"):
         load_index(broken)
 
     wrong_count = tmp_path / "count"
