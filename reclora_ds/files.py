@@ -32,7 +32,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -281,3 +281,68 @@ def read_sidecar(
     if missing:
         raise SidecarError(f"{path}: lacks the key(s) {missing}")
     return data
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """``target`` gets ``source``'s content: a hard link (no copy; this toolkit's writers never modify a file
+    in place, they replace it) or, across file systems, a copy; through a temporary name, so ``target`` is
+    never half a file."""
+    tmp = temporary_sibling(target)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copy2(source, tmp)
+    os.replace(tmp, target)
+
+
+def listing(folder: Path, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """``{name: {"bytes": size, "sha256": hex}}`` of the files ``names`` (relative paths) under ``folder``."""
+    return {
+        name: {"bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
+        for name in sorted(names)
+    }
+
+
+def listing_problems(
+    folder: Path,
+    listed: dict[str, dict[str, Any]],
+    sidecar: str,
+    *,
+    also_allowed: Iterable[str] = (),
+    verify_sha256: Iterable[str] = (),
+    optional_dirs: Iterable[str] = (),
+) -> list[str]:
+    """Differences between ``folder`` and the files its ``sidecar`` lists (empty list: it matches).
+
+    Checked: every listed file exists with the listed size; the sha256 of the files in ``verify_sha256``;
+    no other entry at the top of the folder except ``sidecar``, ``also_allowed`` and hidden temporaries;
+    in a listed subfolder (a name of ``listed`` containing ``/``) no unlisted file. A folder of
+    ``optional_dirs`` may be absent as a whole (e.g. the shard cache, deletable), never in part.
+    """
+    problems = []
+    optional = set(optional_dirs)
+    absent_dirs = {d for d in optional if not (folder / d).exists()}
+    for name, info in listed.items():
+        top = name.split("/")[0]
+        if top in absent_dirs:
+            continue
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name} is listed in {sidecar} but missing")
+        elif path.stat().st_size != info.get("bytes"):
+            problems.append(f"{name} has {path.stat().st_size} bytes, {sidecar} lists {info.get('bytes')}")
+        elif name in set(verify_sha256) and sha256_file(path) != info.get("sha256"):
+            problems.append(f"{name} has another sha256 than {sidecar} lists (changed after it was written)")
+    tops = {name.split("/")[0] for name in listed}
+    allowed = tops | {sidecar, *also_allowed}
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue  # a writer's temporary (removed by the next write)
+        if entry.name not in allowed:
+            problems.append(f"{entry.name} is in the folder but not listed in {sidecar} (from another run?)")
+        elif entry.is_dir():
+            for file in sorted(p for p in entry.rglob("*") if p.is_file()):
+                rel = file.relative_to(folder).as_posix()
+                if rel not in listed and not file.name.startswith("."):
+                    problems.append(f"{rel} is in the folder but not listed in {sidecar} (from another run?)")
+    return problems

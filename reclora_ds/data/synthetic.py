@@ -45,7 +45,7 @@ import pyarrow.csv as pacsv
 from tqdm.auto import tqdm
 
 from reclora_ds.config import STAGE_CONFIG_FILE
-from reclora_ds.files import atomic_dir, sha256_file, write_json_atomic
+from reclora_ds.files import atomic_dir, listing_problems, sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -454,19 +454,13 @@ def synthetic_problems(out_dir: str | Path) -> list[str]:
     files = saved.get("files")
     if not isinstance(files, dict) or set(files) != set(DATA_FILES):
         return [f"{MANIFEST} does not list {list(DATA_FILES)} (written by an older reclora_ds?)"]
-    problems = []
-    for name, info in files.items():
-        path = out / name
-        if not path.is_file():
-            problems.append(f"{name} is listed in {MANIFEST} but missing")
-        elif path.stat().st_size != info.get("bytes"):
-            problems.append(f"{name} has {path.stat().st_size} bytes, {MANIFEST} lists {info.get('bytes')}")
-        elif "sha256" in info and sha256_file(path) != info["sha256"]:
-            problems.append(f"{name} has another sha256 than {MANIFEST} lists")
-    for entry in sorted(out.iterdir()):
-        if entry.name not in {*DATA_FILES, MANIFEST, STAGE_CONFIG_FILE} and not entry.name.startswith("."):
-            problems.append(f"{entry.name} is in the folder but not listed in {MANIFEST}")
-    return problems
+    return listing_problems(
+        out,
+        files,
+        MANIFEST,
+        also_allowed=(STAGE_CONFIG_FILE,),
+        verify_sha256=[name for name, info in files.items() if "sha256" in info],
+    )
 
 
 def check_synthetic(out_dir: str | Path) -> dict[str, Any]:

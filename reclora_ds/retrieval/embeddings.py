@@ -66,10 +66,10 @@ from tqdm.auto import tqdm
 
 from reclora_ds import __version__
 from reclora_ds.distributed import all_gather_variable, broadcast_object, dist_info
-from reclora_ds.files import save_npy_atomic, sha256_file, write_json_atomic
+from reclora_ds.files import link_or_copy, save_npy_atomic, sha256_file, write_json_atomic
 from reclora_ds.llm_loader import load_causal_lm, rank_device, resolve_dtype
 from reclora_ds.retrieval.index import EMBEDDINGS_SIDECAR, SHARDS_DIR, write_item_embeddings
-from reclora_ds.retrieval.outputs import link_or_copy, refuse_foreign
+from reclora_ds.retrieval.outputs import refuse_foreign
 
 log = logging.getLogger(__name__)
 

@@ -30,10 +30,10 @@ import faiss
 import numpy as np
 
 from reclora_ds import __version__
-from reclora_ds.files import sha256_file, write_json_atomic, write_text_atomic
+from reclora_ds.files import link_or_copy, listing, sha256_file, write_json_atomic, write_text_atomic
 from reclora_ds.retrieval.errors import RetrievalInputError
 from reclora_ds.retrieval.index_space import PCA, SCORE_GRID_BITS
-from reclora_ds.retrieval.outputs import check_listing, link_or_copy, listing, replace_output
+from reclora_ds.retrieval.outputs import check_listing, replace_output
 
 log = logging.getLogger(__name__)
 

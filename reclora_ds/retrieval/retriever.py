@@ -33,12 +33,12 @@ from reclora_ds.data.histories import (
     rows_file,
 )
 from reclora_ds.data.processed import metadata_sha256
-from reclora_ds.files import write_sidecar
+from reclora_ds.files import listing, write_sidecar
 from reclora_ds.retrieval.engine import DEFAULT_KS, EngineStats, check_ks, retrieve_rows
 from reclora_ds.retrieval.errors import RetrievalInputError
 from reclora_ds.retrieval.index import LoadedIndex, load_index
 from reclora_ds.retrieval.index_space import on_score_grid
-from reclora_ds.retrieval.outputs import check_listing, listing, refuse_foreign, replace_output
+from reclora_ds.retrieval.outputs import check_listing, refuse_foreign, replace_output
 
 log = logging.getLogger(__name__)
 
