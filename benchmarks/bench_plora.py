@@ -1,5 +1,8 @@
-"""PLoRA training-step cost against peft's LoRA r=8, on the same model and the same batch (issue #5).
+"""Stage-2 cost: PLoRA's step against peft's LoRA r=8 (issue #5), and the real stage-2 path against a FLOP floor
+(issue #16).
 
+    python benchmarks/bench_plora.py --stage2 --runs runs/quickstart          # real stage 2, 2 ranks (below)
+    python benchmarks/bench_plora.py --stage2 --runs runs/quickstart --quick  # 2 variants, a few steps
     python benchmarks/bench_plora.py                        # SmolLM2-135M-Instruct, CPU, float32, B=4, T=256
     python benchmarks/bench_plora.py --tiny                 # smoke run on a random 2-layer Llama (< 1 min)
     python benchmarks/bench_plora.py --device cuda --dtype bfloat16 --batch 8
@@ -40,6 +43,20 @@ Threads: one by default (``--threads``), as stage 2 runs on a CPU: the quickstar
 ranks with ``OMP_NUM_THREADS=1`` on a 2-core machine, each stepping a micro batch of 4. (With two OpenMP
 threads on a 2-core machine that other processes also use, steps were about 3x slower and erratic.)
 
+Stage 2 (``--stage2``): every variant is a real stage-2 run: ``deepspeed --num_gpus 2`` (``OMP_NUM_THREADS=1``)
+starts this file with ``--stage2-worker``, whose ranks run :class:`reclora_ds.training.plora_recipe.PLoRARecipe`
+(RecLLM with the quickstart's SIM, DeepSpeed ZeRO-2, the quickstart's prompts from ``<runs>/prepare``,
+``<runs>/retrieval``, ``<runs>/sim``) for a few optimizer steps, then its final evaluation of test ids. The
+recipe's own ``perf`` figures are read back from ``metrics.json``: seconds per sample of the timed steps
+(data, forward, backward, optimizer step; no logging, validation or checkpoint), of evaluation, prompt tokens
+per sample and the padding fraction. Variants switch one speed-up at a time (``STAGE2_VARIANTS``). The FLOP
+floor: a training sample costs ``4 P T`` (forward + activation gradients through the frozen weights; no
+weight gradients) and an inference sample ``2 P T``, with P the non-embedding weights of the decoder layers
+and T the real (unpadded) tokens per sample; the attention scores add ``4 n_layers T^2 d`` (training x2). The
+floor divides that by a matmul probe measured in the same run (a [1024, 576] @ [576, 1536] GEMM, fp32 and
+bf16, best of several, one thread as each rank runs); measured / floor shows how far a variant is from what
+the cores can do. Job seconds per sample = a rank's seconds per sample / the number of ranks.
+
 Memory: on CPU, the peak of the process RSS sampled every millisecond by a thread during one training step,
 minus the RSS just before it (after ``gc.collect()`` and glibc ``malloc_trim(0)``, so heap memory freed by
 earlier steps does not hide the step's own growth): what one step allocates on top of the model, the
@@ -55,6 +72,8 @@ import contextlib
 import copy
 import ctypes
 import gc
+import json
+import math
 import os
 import platform
 import resource
@@ -63,6 +82,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import psutil
 import torch
@@ -571,19 +591,20 @@ def component_times(variants: list[Variant], batch: Batch, device: torch.device,
     Variants run round-robin, ``repeats`` times, medians.
     """
     size, seq = batch.input_ids.shape
-    dtype = next(iter(variants[0].trainable())).dtype
-    inputs: dict[int, torch.Tensor] = {}  # one input per width, made once: not part of the timed passes
+    adapter_dtype = next(iter(variants[0].trainable())).dtype
+    inputs: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # one input per width and dtype, made once
 
-    def input_for(layer: nn.Module) -> torch.Tensor:
-        if layer.in_features not in inputs:
-            inputs[layer.in_features] = torch.randn(size, seq, layer.in_features, device=device, dtype=dtype)
-        x = inputs[layer.in_features].requires_grad_(True)
+    def input_for(layer: nn.Module, dtype: torch.dtype = adapter_dtype) -> torch.Tensor:
+        key = (layer.in_features, dtype)
+        if key not in inputs:
+            inputs[key] = torch.randn(size, seq, layer.in_features, device=device, dtype=dtype)
+        x = inputs[key].requires_grad_(True)
         x.grad = None
         return x
 
     def base_pass(layers: list[nn.Module]) -> None:
-        for layer in layers:
-            layer.base_layer(input_for(layer)).sum().backward()
+        for layer in layers:  # the frozen projection in its own dtype (bf16 under --dtype bfloat16)
+            layer.base_layer(input_for(layer, layer.base_layer.weight.dtype)).sum().backward()
 
     def adapter_pass(v: Variant, layers: list[nn.Module]) -> None:
         for layer in layers:
@@ -637,6 +658,182 @@ def component_times(variants: list[Variant], batch: Batch, device: torch.device,
         print(f"| {name} | {statistics.median(values) * 1e3:.1f} |")
 
 
+# ------------------------------------------------------------------------------------------- stage 2
+
+STAGE2_CONFIG = "launch/configs/plora_quickstart.yaml"
+STAGE2_RANKS = 2
+PROBE_SHAPE = (1024, 576, 1536)  # M, K, N: a SmolLM2 MLP projection of 1024 tokens
+# (name, overrides): one speed-up switched on at a time, then all of them, then LoRA with all of them
+STAGE2_VARIANTS: list[tuple[str, tuple[str, ...]]] = [
+    ("fp32", ("dtype=float32", "length_group_size=0", "eval_batch_size=8")),
+    ("bf16", ("dtype=auto", "length_group_size=0", "eval_batch_size=8")),
+    ("bf16+group", ("dtype=auto", "length_group_size=8", "eval_batch_size=8")),
+    ("bf16+group+eval32", ("dtype=auto", "length_group_size=8", "eval_batch_size=32")),
+    ("lora bf16+group+eval32", ("mode=lora", "dtype=auto", "length_group_size=8", "eval_batch_size=32")),
+]
+STAGE2_QUICK = ("fp32", "bf16+group+eval32")
+
+
+def matmul_gflops(dtype: torch.dtype, threads: int, repeats: int = 20) -> float:
+    """Best GFLOP/s of a [M, K] @ [K, N] matmul (PROBE_SHAPE) in ``dtype`` on ``threads`` threads."""
+    m, k, n = PROBE_SHAPE
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+        for _ in range(3):
+            a @ b
+        best = math.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(before)
+    return 2 * m * k * n / best / 1e9
+
+
+@dataclass
+class ModelShape:
+    """What the FLOP floor needs of the backbone: non-embedding decoder weights, layers, width."""
+
+    decoder_weights: int
+    layers: int
+    hidden: int
+
+    @classmethod
+    def of(cls, backbone: str) -> ModelShape:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from reclora_ds.backbone import resolve_backbone
+
+        config = AutoConfig.from_pretrained(str(resolve_backbone(backbone)))
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        weights = sum(
+            m.weight.numel() for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n
+        )
+        return cls(weights, config.num_hidden_layers, config.hidden_size)
+
+    def flops(self, tokens: float, train: bool) -> float:
+        """FLOPs of one sample of ``tokens`` real tokens: 2 P T + 4 n T^2 d forward; x2 for training."""
+        forward = 2 * self.decoder_weights * tokens + 4 * self.layers * tokens**2 * self.hidden
+        return 2 * forward if train else forward
+
+
+def stage2_overrides(args: argparse.Namespace, out: Path) -> list[str]:
+    runs = Path(args.runs)
+    steps, eval_n = (2, 32) if args.quick else (args.steps, args.eval_samples)
+    return [
+        f"data_dir={runs / 'prepare'}", f"retrieval_dir={runs / 'retrieval'}", f"crm_path={runs / 'sim'}",
+        f"backbone={args.backbone}", f"output_dir={out}", f"max_steps={steps}", "batch_size=8",
+        "micro_batch_size=2", f"eval_max_samples={eval_n}", "eval_splits=[test]", "checkpoint_every=0",
+        "log_every=1", "progress=false", "resume=false", "deepspeed_config=ds_configs/zero2_fp32.json",
+    ]  # fmt: skip
+
+
+def stage2_worker(overrides: list[str]) -> None:
+    """One rank of one variant: the stage-2 recipe as ``launch/train_plora.py`` runs it."""
+    from reclora_ds.config import load_config
+    from reclora_ds.training.plora_config import PLoRATrainConfig
+    from reclora_ds.training.plora_recipe import run_plora_training
+
+    run_plora_training(load_config(PLoRATrainConfig, STAGE2_CONFIG, overrides, "plora"))
+
+
+def run_stage2_variant(args: argparse.Namespace, name: str, extra: tuple[str, ...], root: Path) -> dict:
+    import subprocess
+    import sys
+
+    from reclora_ds.distributed import free_port
+
+    out = root / name.replace(" ", "_").replace("+", "_")
+    launcher = str(Path(sys.executable).parent / "deepspeed")
+    command = [
+        launcher, "--num_gpus", str(STAGE2_RANKS), "--master_port", str(free_port()), __file__,
+        "--stage2-worker", *stage2_overrides(args, out), *extra,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    started = time.perf_counter()
+    run = subprocess.run(command, env=env, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise SystemExit(f"variant {name} failed:\n{(run.stdout + run.stderr)[-3000:]}")
+    metrics = json.loads((out / "metrics.json").read_text())
+    metrics["launch_s"] = time.perf_counter() - started
+    metrics["dtype"] = json.loads((out / "adapter" / "rec_llm.json").read_text())["load"]["dtype"]
+    return metrics
+
+
+def stage2_main(args: argparse.Namespace) -> None:
+    import tempfile
+
+    started = time.perf_counter()
+    names = STAGE2_QUICK if args.quick else tuple(n for n, _ in STAGE2_VARIANTS)
+    print(
+        f"# bench_plora --stage2: {cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{STAGE2_RANKS} DeepSpeed ranks x 1 thread, quickstart assets {args.runs}, backbone {args.backbone}"
+    )
+    print(f"load average before: {loadavg()}")
+    m, k, n = PROBE_SHAPE
+    probe = {
+        (dtype, threads): matmul_gflops(DTYPES[dtype], threads)
+        for dtype in ("float32", "bfloat16")
+        for threads in (1, os.cpu_count() or 1)
+    }
+    print(
+        f"matmul probe [{m} x {k}] @ [{k} x {n}], best of 20, GFLOP/s: "
+        + ", ".join(f"{dtype} {threads} thread(s) {g:.0f}" for (dtype, threads), g in probe.items())
+    )
+    shape = ModelShape.of(args.backbone)
+    print(
+        f"backbone: {shape.decoder_weights:,} decoder weights (non-embedding), {shape.layers} layers, width "
+        f"{shape.hidden}; floor FLOPs per sample = 4 P T + 8 n T^2 d (train), 2 P T + 4 n T^2 d (inference)"
+    )
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bench_stage2_") as tmp:
+        for name, extra in STAGE2_VARIANTS:
+            if name in names:
+                results[name] = run_stage2_variant(args, name, extra, Path(tmp))
+                perf = results[name]["perf"]
+                print(
+                    f"{name}: train {perf['train_s_per_sample']:.3f} s/sample per rank, eval "
+                    f"{perf['eval_s_per_sample_test']:.3f}; launch {results[name]['launch_s']:.0f} s; "
+                    f"load {loadavg()}",
+                    flush=True,
+                )
+    print(f"\nload average after: {loadavg()}\n")
+    print(
+        "| variant | weights | train s/sample (rank / job) | train tokens/sample | train padding | train floor "
+        "s/sample (rank) | train x floor | infer s/sample (rank / job) | infer tokens/sample | infer padding | "
+        "infer floor s/sample (rank) | infer x floor | train loss (first / last) | test AUC (n) |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+    for name, metrics in results.items():
+        perf = metrics["perf"]
+        gflops = probe[(metrics["dtype"], 1)] if metrics["dtype"] in ("float32", "bfloat16") else math.nan
+        train_tokens, infer_tokens = perf["train_tokens_per_sample"], perf["eval_test_tokens_per_sample"]
+        train_floor = shape.flops(train_tokens, True) / (gflops * 1e9)
+        infer_floor = shape.flops(infer_tokens, False) / (gflops * 1e9)
+        train_s, infer_s = perf["train_s_per_sample"], perf["eval_s_per_sample_test"]
+        losses = [loss for _, loss in metrics["train_loss"]]
+        print(
+            f"| {name} | {metrics['dtype']} | {train_s:.3f} / {train_s / STAGE2_RANKS:.3f} | {train_tokens:.0f} | "
+            f"{perf['train_padding_fraction']:.3f} | {train_floor:.3f} | {train_s / train_floor:.1f} | "
+            f"{infer_s:.3f} / {infer_s / STAGE2_RANKS:.3f} | {infer_tokens:.0f} | "
+            f"{perf['eval_test_padding_fraction']:.3f} | {infer_floor:.3f} | {infer_s / infer_floor:.1f} | "
+            f"{losses[0]:.4f} / {losses[-1]:.4f} | {metrics['test']['auc']:.4f} ({metrics['test']['n']}) |"
+        )
+    print(
+        "\nrank = one rank's seconds per sample of its own samples (metrics.json perf); job = rank / "
+        f"{STAGE2_RANKS} ranks; floor = FLOPs per sample / the 1-thread probe of the variant's weight dtype"
+    )
+    plora, lora = results.get("bf16+group+eval32"), results.get("lora bf16+group+eval32")
+    if plora and lora:
+        ratio = plora["perf"]["train_s_per_sample"] / lora["perf"]["train_s_per_sample"]
+        print(f"PLoRA / LoRA training s/sample (bf16+group+eval32): {ratio:.3f} (target <= 1.10)")
+    print(f"\nwall time {time.perf_counter() - started:.0f} s")
+
+
 # --------------------------------------------------------------------------------------------- main
 
 
@@ -677,7 +874,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--profile-top", type=int, default=12, help="ops shown per variant")
     parser.add_argument("--profile-steps", type=int, default=2, help="profiled training steps per variant")
     parser.add_argument("--profile-repeats", type=int, default=5, help="repeats of each component timing")
+    parser.add_argument("--stage2", action="store_true", help="the real stage-2 path, 2 DeepSpeed ranks")
+    parser.add_argument(
+        "--runs", default="runs/quickstart", help="--stage2: run folder with prepare/ retrieval/ sim/"
+    )
+    parser.add_argument("--quick", action="store_true", help="--stage2: 2 variants, 2 steps, 32 test ids")
+    parser.add_argument("--steps", type=int, default=8, help="--stage2: optimizer steps (8 samples each)")
+    parser.add_argument("--eval-samples", type=int, default=128, help="--stage2: uniform test ids scored")
     args = parser.parse_args()
+    if args.stage2:
+        runs = Path(args.runs)
+        missing = [d for d in ("prepare", "retrieval", "sim") if not (runs / d).is_dir()]
+        if missing:
+            parser.error(f"--runs {runs}: missing {missing} (run the quickstart pipeline first)")
     args.batch = args.batch or (2 if args.tiny else 4)
     args.seq = args.seq or (32 if args.tiny else 256)
     args.trials = args.trials if args.trials is not None else (3 if args.tiny else 4)
@@ -687,7 +896,17 @@ def parse_args() -> argparse.Namespace:
 
 
 def main() -> None:
+    import sys
+
+    if "--stage2-worker" in sys.argv:  # a rank started by run_stage2_variant; the launcher adds --local_rank
+        stage2_worker(
+            [a for a in sys.argv[1:] if a != "--stage2-worker" and not a.startswith("--local_rank")]
+        )
+        return
     args = parse_args()
+    if args.stage2:
+        stage2_main(args)
+        return
     started = time.perf_counter()
     if args.threads > 0:
         torch.set_num_threads(args.threads)

@@ -35,7 +35,6 @@ from reclora_ds.training.scoring import (
     score_split,
 )
 
-CONFIG_SECTION = "plora"
 BAD_INPUT = (
     ScoringError,
     ConfigError,
@@ -87,7 +86,10 @@ def _main(argv: list[str] | None = None) -> int:
         config = None
         if args.run is None:
             config = load_config(
-                PLoRATrainConfig, resolve_launch_config(args.config), args.overrides, section=CONFIG_SECTION
+                PLoRATrainConfig,
+                resolve_launch_config(args.config),
+                args.overrides,
+                section=PLoRATrainConfig.CONFIG_SECTION,
             )
         init_distributed()
         scoring = load_scoring_model(args.run, config, mode=args.mode, overrides=args.overrides)

@@ -19,8 +19,6 @@ from reclora_ds.distributed import is_main_process, run_and_exit
 from reclora_ds.package_data import resolve_launch_config
 from reclora_ds.training.plora_config import PLoRATrainConfig
 
-CONFIG_SECTION = "plora"
-
 
 def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -33,11 +31,11 @@ def _main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     config_path = resolve_launch_config(args.config)
-    cfg = load_config(PLoRATrainConfig, config_path, args.overrides, section=CONFIG_SECTION)
+    cfg = load_config(PLoRATrainConfig, config_path, args.overrides, section=PLoRATrainConfig.CONFIG_SECTION)
     check_output_location(
         cfg.output_dir,
         "output_dir",
-        run_folder_check(PLoRATrainConfig, CONFIG_SECTION),
+        run_folder_check(PLoRATrainConfig, PLoRATrainConfig.CONFIG_SECTION),
         source=str(config_path or "<command line>"),
         protected=(config_path,),
     )

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 from reclora_ds.models.rec_llm import RecLLMConfig
 
 SHORT_HISTORIES = ("recent", "retrieved")
 LONG_HISTORIES = ("auto", "recent", "retrieved")
+DTYPE_SETTINGS = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass
@@ -22,6 +24,9 @@ class PLoRATrainConfig(RecLLMConfig):
     AdamW without weight decay, linear schedule, global batch 256, retrieved histories (10 in the prompt,
     the CRM's own for the CRM). ``launch/configs/plora_<dataset>.yaml`` hold each dataset's settings.
     """
+
+    CONFIG_SECTION: ClassVar[str] = "plora"
+    """The section of a YAML file this config is read from and saved under (``plora:``)."""
 
     data_dir: str = "runs/quickstart/prepare"
     """Processed dataset (``reclora-ds prepare``)."""
@@ -44,6 +49,19 @@ class PLoRATrainConfig(RecLLMConfig):
     """Retrieval output folder (tools/retrieve_histories.py); empty = ``<data_dir>/retrieved/similarity``."""
     train_split: str = "fewshot"
     """The split the LLM is tuned on (the few-shot subset of train)."""
+    few_shot_size: int = 0
+    """Train on a seeded subset of this many samples of ``train_split``; 0 = the whole split. The subsets are
+    nested (for one ``few_shot_seed`` the 2,048 ids lie inside the 4,096 ids) and do not depend on the number
+    of ranks (:func:`reclora_ds.training.plora_data.nested_sample_ids`), so one prepared few-shot split serves
+    every size of the paper's Fig. 6."""
+    few_shot_seed: int = 0
+    """Seed of the ``few_shot_size`` subset (kept apart from ``seed``: runs of several training seeds then
+    train on the same samples)."""
+    length_group_size: int = 0
+    """Micro-batches whose samples are sorted by prompt length together, so a micro-batch holds prompts of
+    similar length and pads less; the order of the groups' micro-batches is then shuffled (seeded). It only
+    regroups this rank's samples inside windows of ``length_group_size x micro_batch_size`` consecutive
+    samples of the epoch: every epoch sees the same samples. 0 or 1 = off."""
     epochs: int = 1
     """Passes over the training split."""
     max_steps: int = 0
@@ -81,8 +99,16 @@ class PLoRATrainConfig(RecLLMConfig):
     deepspeed_config: str = "ds_configs/zero2_bf16.json"
     """DeepSpeed JSON without batch sizes ("auto" values are resolved from this config and the world size);
     a relative path is looked up in the working directory, then in the repository."""
+    dtype: str = "auto"
+    """Weights of the frozen LLM: ``auto``, ``float32``, ``bfloat16`` or ``float16``. With a DeepSpeed config
+    that enables ``bf16`` / ``fp16`` the engine casts the whole model to it, and ``auto`` follows it; with a
+    float32 config (``zero2_fp32.json``) the adapter, its gradients and AdamW stay float32 and ``auto`` loads
+    the frozen LLM in bfloat16 where the device computes it natively (a CUDA GPU, or a CPU with
+    ``avx512_bf16`` / AMX: :func:`reclora_ds.llm_loader.native_bf16`), else float32. An explicit value the
+    device cannot compute natively (bfloat16 / float16 on such a CPU) is an error."""
     load_in_8bit: bool = False
-    """Load the frozen LLM in 8 bits with bitsandbytes (CUDA only), as the paper does on V100s."""
+    """Load the frozen LLM's linear layers in 8 bits with bitsandbytes (as the paper does on V100s); on a
+    CUDA GPU, or on a CPU through bitsandbytes' CPU backend."""
     attn_implementation: str = "sdpa"
     """``sdpa`` or ``eager``."""
     max_length: int = 1024
@@ -116,6 +142,9 @@ class PLoRATrainConfig(RecLLMConfig):
             "max_steps",
             "eval_max_samples",
             "eval_subset_seed",
+            "few_shot_size",
+            "few_shot_seed",
+            "length_group_size",
             "eval_every",
             "periodic_eval_samples",
             "warmup_steps",
@@ -143,6 +172,8 @@ class PLoRATrainConfig(RecLLMConfig):
             s not in ("valid", "test", "train", "fewshot") for s in self.eval_splits
         ):
             raise ValueError(f"eval_splits must name splits (valid, test, ...), got {list(self.eval_splits)}")
+        if self.dtype not in DTYPE_SETTINGS:
+            raise ValueError(f"dtype must be one of {DTYPE_SETTINGS}, got {self.dtype!r}")
         if self.attn_implementation not in ("sdpa", "eager"):
             raise ValueError(f"attn_implementation must be sdpa or eager, got {self.attn_implementation!r}")
         self.eval_splits = tuple(self.eval_splits)

@@ -12,6 +12,13 @@ categorical field, ``hist_*`` [B, L]: the CRM's long history, recent or retrieve
     answer_position  int64 [B]      the position whose logits give p(yes) (right before the answer)
     user_index       int64 [B]      dense user index (GAUC groups)
 
+Length grouping (``length_group_size`` G > 1): the rows of the epoch are cut, in the order the CRMBatchLoader
+gives them, into windows of G x B rows; inside a window the rows are sorted by prompt length (tokens) and cut
+into G micro-batches, whose order is then shuffled with the seed, the epoch and the window's index. A window
+holds exactly the rows it held without grouping, so an epoch visits the same samples on every rank (and
+with ``G x B x accumulation`` aligned to an optimizer step, each step sees the same samples). Resuming after
+``n`` micro-batches recomputes the window of micro-batch ``n`` and skips what was already yielded.
+
 Both views are built in :meth:`PLoRABatchLoader.assemble` from the same sample rows, and the text view is
 looked up by ``sample_id``: the short retrieved history in the retrieval folder (its ``rows_k<K>``), the profile
 by user, the target and history titles by item. Everything about ranks, epochs and resuming is the
@@ -22,6 +29,7 @@ CRMBatchLoader's: per-rank disjoint shard files, a seeded shuffle per epoch, eve
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +37,7 @@ import numpy as np
 import torch
 
 from reclora_ds.data.histories import NO_ROW, RetrievedHistories, load_retrieved
-from reclora_ds.data.loader import CRMBatchLoader
+from reclora_ds.data.loader import CRMBatchLoader, split_sample_ids
 from reclora_ds.data.processed import ProcessedDataset
 from reclora_ds.data.prompts import PromptEncoder, TextView
 from reclora_ds.data.text import ml1m_profile
@@ -41,6 +49,24 @@ log = logging.getLogger(__name__)
 SHORT_HISTORY_MODES = ("recent", "retrieved")
 DEFAULT_SHORT_HISTORY = 10  # K_short of the paper (prompt history)
 NO_CRM_HISTORY = 1  # CRM history length when there is no CRM (modes lora / zero_shot): assembled but unused
+LENGTH_GROUP_STREAM = 0x1E6  # third seed word of the micro-batch order inside a length group
+
+
+def nested_sample_ids(dataset: ProcessedDataset, split: str, n: int, seed: int) -> np.ndarray:
+    """The first ``n`` ids of a seeded permutation of ``split``'s ids, ascending: a NESTED uniform subset.
+
+    For one ``seed`` the subset of size ``n`` lies inside every larger one (a prefix of one permutation), and
+    it depends on the split's ids, ``n`` and ``seed`` only (not on ranks or batch sizes). Each subset is
+    itself uniform over the split. (``reclora_ds.data.loader.uniform_sample_ids``, which draws the
+    evaluation subsets, is uniform too but not nested: numpy's ``choice`` draws differently per size.)
+    ``n`` >= the split's size gives the whole split.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    ids = split_sample_ids(dataset, split)  # ascending
+    if n >= len(ids):
+        return ids
+    return np.sort(ids[np.random.default_rng(seed).permutation(len(ids))[:n]])
 
 
 def retrieval_folder(cfg: PLoRATrainConfig) -> Path:
@@ -104,6 +130,8 @@ class PLoRABatchLoader(CRMBatchLoader):
         short_history_length: K (10 in the paper).
         short_retrieved: the retrieval folder's histories (:func:`reclora_ds.data.histories.load_retrieved`,
             holding K); required for ``"retrieved"``.
+        length_group_size: G, micro-batches sorted by prompt length together (see the module docstring);
+            0 or 1 = the CRMBatchLoader's order.
         **crm_loader_kwargs: the CRMBatchLoader's (``history_length``, ``history_mode``, ``retrieved``,
             ``rank``, ``world_size``, ``shuffle``, ``seed``, ``drop_last``, ``even_batches``...).
 
@@ -125,8 +153,11 @@ class PLoRABatchLoader(CRMBatchLoader):
         short_history: str = "recent",
         short_history_length: int = DEFAULT_SHORT_HISTORY,
         short_retrieved: RetrievedHistories | None = None,
+        length_group_size: int = 0,
         **crm_loader_kwargs: Any,
     ) -> None:
+        if length_group_size < 0:
+            raise ValueError(f"length_group_size must be >= 0, got {length_group_size}")
         if short_history not in SHORT_HISTORY_MODES:
             raise ValueError(f"short_history must be one of {SHORT_HISTORY_MODES}, got {short_history!r}")
         if short_history_length < 1:
@@ -146,6 +177,7 @@ class PLoRABatchLoader(CRMBatchLoader):
         self.with_answer = with_answer
         self.short_history = short_history
         self.short_history_length = short_history_length
+        self.length_group_size = length_group_size
         self._short = short_retrieved if short_history == "retrieved" else None
         if "item_index" not in self._columns:
             self._columns.append("item_index")  # the target's title
@@ -214,3 +246,59 @@ class PLoRABatchLoader(CRMBatchLoader):
         batch.update(self.encoder.encode(views, labels))
         batch["user_index"] = torch.from_numpy(cols["user_index"].astype(np.int64))
         return batch
+
+    # ------------------------------------------------------------------------------------------------------
+    # length grouping
+    # ------------------------------------------------------------------------------------------------------
+
+    def prompt_lengths(self, cols: dict[str, np.ndarray]) -> np.ndarray:
+        """Tokens of each sample's prompt (without special tokens; the sort key of length grouping) [B]."""
+        texts = self.encoder.prompts(self.build_text_views(cols))
+        ids = self.encoder.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return np.fromiter((len(row) for row in ids), dtype=np.int64, count=len(ids))
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self.length_group_size <= 1:
+            yield from super().__iter__()
+            return
+        start = self._resume_from if self._resume_from is not None else 0
+        self._resume_from = None
+        self._batches_yielded = start
+        epoch, b, g = self.epoch, self.batch_size, self.length_group_size
+        first_window = start // g
+        index = first_window * g  # the epoch's micro-batch index of the window's first batch
+        window = first_window
+        pending: list[dict[str, np.ndarray]] = []
+        n_pending = 0
+
+        def flush(cols: dict[str, np.ndarray], window: int, index: int) -> Iterator[dict[str, torch.Tensor]]:
+            order = np.argsort(self.prompt_lengths(cols), kind="stable")
+            n = len(order)
+            full = n // b
+            batches = [order[i * b : (i + 1) * b] for i in range(full)]
+            perm = np.random.default_rng([self.seed, epoch, window, LENGTH_GROUP_STREAM]).permutation(full)
+            batches = [batches[i] for i in perm]
+            if n % b:  # an incomplete last batch (end of the epoch without drop_last) stays last
+                batches.append(order[full * b :])
+            for j, rows in enumerate(batches):
+                if index + j < start:
+                    continue  # yielded before the resume
+                self._batches_yielded += 1
+                yield self.assemble({c: v[rows] for c, v in cols.items()})
+
+        for chunk in self._row_chunks(epoch, first_window * g * b):
+            n, lo = len(chunk["sample_id"]), 0
+            while lo < n:
+                take = min(g * b - n_pending, n - lo)
+                pending.append({c: v[lo : lo + take] for c, v in chunk.items()})
+                n_pending += take
+                lo += take
+                if n_pending == g * b:
+                    cols = {c: np.concatenate([p[c] for p in pending]) for c in pending[0]}
+                    yield from flush(cols, window, index)
+                    pending, n_pending = [], 0
+                    window += 1
+                    index += g
+        if n_pending:
+            cols = {c: np.concatenate([p[c] for p in pending]) for c in pending[0]}
+            yield from flush(cols, window, index)

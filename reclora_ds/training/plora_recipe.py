@@ -14,7 +14,11 @@ or :func:`run_plora_training` (what ``launch/train_plora.py`` calls). One code p
 Model: :class:`~reclora_ds.models.rec_llm.RecLLM` (frozen LLM + frozen CRM + PLoRA, or peft LoRA, or nothing
 for ``zero_shot``). Only the trainable parameters go to ``deepspeed.initialize``; the optimizer is the
 DeepSpeed JSON's AdamW (weight decay 0 by default) and the schedule a linear warm-up + linear decay to 0
-(:func:`reclora_ds.training.crm_recipe.lr_factor`) stepped at every optimizer step.
+(:func:`reclora_ds.training.crm_recipe.lr_factor`) stepped at every optimizer step. Precision
+(:func:`stage2_dtype`): a DeepSpeed JSON with ``bf16`` / ``fp16`` casts the whole model; under
+``zero2_fp32.json`` the adapter and AdamW stay float32 and the frozen LLM takes ``dtype`` (``auto``: bfloat16
+on a GPU or a CPU with avx512_bf16 / AMX, else float32). ``load_in_8bit`` keeps the LLM's linear weights int8
+(bitsandbytes, CUDA or its CPU backend) under a float32 engine.
 
 Batches: :class:`~reclora_ds.training.plora_data.PLoRABatchLoader` on the few-shot split, per rank by file,
 shuffled per epoch with the seed; every rank runs the same number of micro-batches. ``batch_size`` is the
@@ -41,7 +45,9 @@ Run folder (rank 0 writes everything but DeepSpeed's per-rank optimizer shards):
                           rec_llm.json (mode, RecLLM settings, the CRM checkpoint's description)
     tb/                   TensorBoard: train/loss, train/lr, gate/entropy, gate/expert_usage/<k>,
                           eval/auc, eval/logloss, eval/gauc, test/*, the config as text
-    metrics.json          train losses, validation history, final metrics per split, timings
+    metrics.json          train losses, validation history, final metrics per split, timings (``perf``:
+                          seconds per sample of the timed training steps and of each evaluation, each
+                          optimizer step's seconds, prompt tokens per sample and padding fraction)
     predictions_<split>.parquet   the evaluated samples of each split: sample_id, user_index, label, p
 
 Resume: with ``resume=true`` a run whose ``checkpoints/latest`` exists continues from it: trainable
@@ -76,6 +82,7 @@ from reclora_ds.data.loader import uniform_sample_ids
 from reclora_ds.data.processed import ProcessedDataset
 from reclora_ds.data.prompts import PromptEncoder
 from reclora_ds.files import atomic_dir, atomic_file, write_text_atomic
+from reclora_ds.llm_loader import bitsandbytes_problem, native_bf16, resolve_dtype
 from reclora_ds.metrics import (
     Predictions,
     evaluate_predictions,
@@ -88,7 +95,7 @@ from reclora_ds.training.checkpoint import CheckpointError, rng_state, set_rng_s
 from reclora_ds.training.crm_recipe import lr_factor
 from reclora_ds.training.logger import MetricLogger, build_logger
 from reclora_ds.training.plora_config import PLoRATrainConfig
-from reclora_ds.training.plora_data import PLoRABatchLoader, history_settings
+from reclora_ds.training.plora_data import PLoRABatchLoader, history_settings, nested_sample_ids
 from reclora_ds.training.rec_llm_io import build_rec_llm, describe, write_description
 
 log = logging.getLogger(__name__)
@@ -114,6 +121,11 @@ PLORA_RESUME_MUST_MATCH = (
     "long_history",
     "long_history_length",
     "train_split",
+    "few_shot_size",
+    "few_shot_seed",
+    "length_group_size",
+    "dtype",
+    "load_in_8bit",
     "batch_size",
     "micro_batch_size",
     "max_length",
@@ -133,6 +145,55 @@ def ds_precision(ds_config: Mapping[str, Any]) -> str:
     if ds_config.get("fp16", {}).get("enabled", False):
         return "float16"
     return "float32"
+
+
+def stage2_dtype(cfg: PLoRATrainConfig, ds_config: Mapping[str, Any], device: torch.device) -> str:
+    """The dtype name of the frozen LLM's weights for ``cfg.dtype`` under the DeepSpeed config, on ``device``.
+
+    A config that enables ``bf16`` / ``fp16`` makes DeepSpeed cast the whole model (adapter included) to it:
+    ``auto`` follows it, another explicit value is an error. Under a float32 config the adapter, its
+    gradients and the optimizer stay float32 and only the frozen LLM takes ``cfg.dtype``: ``auto`` is
+    bfloat16 where ``device`` computes it natively (:func:`reclora_ds.llm_loader.native_bf16`), else float32.
+
+    Raises:
+        ValueError: ``error: <key>: <reason>`` for a dtype the device cannot compute natively, a dtype that
+            contradicts the DeepSpeed config, or ``load_in_8bit`` without a usable bitsandbytes; raised
+            before any model is loaded.
+    """
+    engine = ds_precision(ds_config)
+    if cfg.load_in_8bit:
+        problem = bitsandbytes_problem(device)
+        if problem is not None:
+            raise ValueError(f"error: load_in_8bit: {problem}; or set load_in_8bit=false")
+        if engine != "float32":
+            raise ValueError(
+                f"error: load_in_8bit: {cfg.deepspeed_config} enables {engine}, and DeepSpeed's cast of the "
+                "model would also cast the 8-bit layers' float scales; use ds_configs/zero2_fp32.json (the "
+                "adapter trains in float32, the int8 weights stay int8) with dtype=auto"
+            )
+    if engine != "float32":
+        if cfg.dtype not in ("auto", engine):
+            raise ValueError(
+                f"error: dtype: {cfg.dtype} but {cfg.deepspeed_config} enables {engine}, and DeepSpeed casts the "
+                "whole model to it; set dtype=auto, or use ds_configs/zero2_fp32.json to keep the adapter in "
+                f"float32 and the frozen LLM in {cfg.dtype}"
+            )
+        if not native_bf16(device.type) and device.type == "cpu":
+            raise ValueError(
+                f"error: {cfg.deepspeed_config}: {'bf16' if engine == 'bfloat16' else 'fp16'}.enabled: this CPU "
+                "computes no 16-bit float natively (no avx512_bf16 / AMX); use ds_configs/zero2_fp32.json"
+            )
+        return engine
+    if cfg.dtype in ("bfloat16", "float16") and not native_bf16(device.type):
+        raise ValueError(
+            f"error: dtype: {cfg.dtype} is not computed natively on this {device.type} (a CPU needs "
+            "avx512_bf16 or AMX); use dtype=auto or float32"
+        )
+    if cfg.dtype == "float16" and device.type == "cpu":
+        raise ValueError(
+            "error: dtype: float16 matmuls are emulated on a CPU; use dtype=auto (bf16) or float32"
+        )
+    return str(resolve_dtype(cfg.dtype, device, auto_cpu_bf16=True)).removeprefix("torch.")
 
 
 def resolve_ds_config(raw: Mapping[str, Any], cfg: PLoRATrainConfig, world_size: int) -> dict[str, Any]:
@@ -304,7 +365,7 @@ class PLoRARecipe:
         self.raw_ds_config = json.loads(find_ds_config(cfg.deepspeed_config).read_text())
         self.ds_config = resolve_ds_config(self.raw_ds_config, cfg, self.info.world_size)
         self.gas = self.ds_config["gradient_accumulation_steps"]
-        dtype = ds_precision(self.ds_config)
+        dtype = stage2_dtype(cfg, self.ds_config, self._device())
 
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)  # noqa: NPY002 (the legacy global RNG, for any library that reads it)
@@ -367,6 +428,9 @@ class PLoRARecipe:
             "even_batches": True,
             **history_settings(cfg, self.crm_info),
         }
+        train_ids = None
+        if cfg.few_shot_size:  # a nested seeded subset: the same ids for any world size
+            train_ids = nested_sample_ids(self.dataset, cfg.train_split, cfg.few_shot_size, cfg.few_shot_seed)
         self.train_loader = PLoRABatchLoader(
             self.dataset,
             cfg.train_split,
@@ -375,6 +439,8 @@ class PLoRARecipe:
             with_answer=True,
             shuffle=True,
             drop_last=True,
+            sample_ids=train_ids,
+            length_group_size=cfg.length_group_size,
             **common,
         )
 
@@ -391,6 +457,7 @@ class PLoRARecipe:
                 shuffle=False,
                 drop_last=False,
                 sample_ids=ids,
+                length_group_size=cfg.length_group_size,  # the order of evaluation does not matter
                 **common,
             )
 
@@ -421,6 +488,10 @@ class PLoRARecipe:
                 optimizer, lambda step: lr_factor(step, "linear", cfg.warmup_steps, total)
             )
 
+        if not torch.cuda.is_available():
+            enable_cpu_extras(
+                prebuild_deepspeed_comm=True
+            )  # build/load the shm op under the stale-lock guard
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=self.model,
             model_parameters=[p for p in self.model.parameters() if p.requires_grad],
@@ -448,7 +519,10 @@ class PLoRARecipe:
             raise CheckpointError(f"{self.ckpt_dir / tag}: DeepSpeed could not load this checkpoint")
         saved = client[CLIENT_STATE_KEY]
         current = config_to_dict(self.cfg)
-        differ = [k for k in PLORA_RESUME_MUST_MATCH if saved["config"].get(k) != current.get(k)]
+        # a key an older checkpoint lacks had its default then (settings are added with the old behaviour)
+        defaults = config_to_dict(PLoRATrainConfig())
+        saved_config = {**defaults, **saved["config"]}
+        differ = [k for k in PLORA_RESUME_MUST_MATCH if saved_config.get(k) != current.get(k)]
         if differ or saved["world_size"] != self.info.world_size:
             raise ValueError(
                 f"{self.ckpt_dir / tag} was written by a run with other {differ or ['world_size']}: resume it "
@@ -485,6 +559,8 @@ class PLoRARecipe:
         )
         window = _Window()  # the loss since the last log record
         train_seconds, train_samples = 0.0, 0
+        tokens = _Tokens()
+        step_seconds: list[float] = []  # each optimizer step's time (data, forward, backward, step)
         while not state.done:
             loader.set_epoch(state.epoch)  # keeps a resumed position inside this epoch
             micro = loader.state_dict()["batches_yielded"]
@@ -499,11 +575,13 @@ class PLoRARecipe:
                 micro += 1
                 window.add(loss.detach())
                 train_samples += len(batch["label"])
+                tokens.add(batch["attention_mask"])
                 if self.engine.global_steps == state.step:
                     continue  # inside a gradient accumulation
                 state.step = self.engine.global_steps
                 bar.update(1)
-                train_seconds += time.perf_counter() - tick
+                step_seconds.append(time.perf_counter() - tick)
+                train_seconds += step_seconds[-1]
                 if self._after_step(batch, window):
                     window = _Window()
                     bar.set_postfix(loss=f"{state.losses[-1][1]:.4f}")
@@ -514,6 +592,8 @@ class PLoRARecipe:
                 state.epoch += 1
         bar.close()
         self._perf["train_s_per_sample"] = train_seconds / max(1, train_samples)
+        self._perf["train_step_seconds"] = step_seconds
+        self._perf |= tokens.perf("train", train_samples)
 
     def _after_step(self, batch: dict[str, torch.Tensor], window: _Window) -> bool:
         """Log, validate and checkpoint after optimizer step ``state.step``; True when it logged."""
@@ -564,6 +644,7 @@ class PLoRARecipe:
         was_training = self.model.training
         self.model.eval()
         ids, labels, probs, users = [], [], [], []
+        tokens = _Tokens()
         start = time.perf_counter()
         bar = tqdm(
             total=len(loader),
@@ -576,9 +657,12 @@ class PLoRARecipe:
             ids.append(batch["sample_id"])
             labels.append(batch["label"])
             users.append(batch["user_index"])
+            tokens.add(batch["attention_mask"])
             bar.update(1)
         bar.close()
         seconds = time.perf_counter() - start
+        if not periodic:
+            self._perf |= tokens.perf(f"eval_{split}", sum(len(i) for i in ids))
         self.model.train(was_training)
         pred = gather_predictions(
             _cat(labels, torch.float32),
@@ -721,6 +805,24 @@ class PLoRARecipe:
 
 def _cat(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)
+
+
+class _Tokens:
+    """Real and padded prompt tokens of this rank's batches (for tokens per sample and the padding share)."""
+
+    def __init__(self) -> None:
+        self.real = 0
+        self.padded = 0
+
+    def add(self, attention_mask: torch.Tensor) -> None:
+        self.real += int(attention_mask.sum())
+        self.padded += attention_mask.numel()
+
+    def perf(self, prefix: str, samples: int) -> dict[str, float]:
+        return {
+            f"{prefix}_tokens_per_sample": self.real / max(1, samples),
+            f"{prefix}_padding_fraction": 1 - self.real / max(1, self.padded),
+        }
 
 
 class _Window:

@@ -58,7 +58,7 @@ from reclora_ds.llm_loader import rank_device
 from reclora_ds.models.rec_llm import RecLLM
 from reclora_ds.training.plora_config import PLoRATrainConfig
 from reclora_ds.training.plora_data import PLoRABatchLoader, history_settings
-from reclora_ds.training.plora_recipe import ADAPTER_DIR, ds_precision, find_ds_config, to_device
+from reclora_ds.training.plora_recipe import ADAPTER_DIR, find_ds_config, stage2_dtype, to_device
 from reclora_ds.training.rec_llm_io import RecLLMFileError, build_rec_llm, load_rec_llm
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,8 @@ def load_scoring_model(
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     if cfg.mode == "zero_shot":
-        dtype = ds_precision(json.loads(find_ds_config(cfg.deepspeed_config).read_text()))
+        ds_config = json.loads(find_ds_config(cfg.deepspeed_config).read_text())
+        dtype = stage2_dtype(cfg, ds_config, rank_device())  # what training would have used
         model, tokenizer, crm_info = build_rec_llm(cfg, dtype)
         model.eval()
         return ScoringModel(model, tokenizer, crm_info, cfg, f"zero_shot:{cfg.backbone}")

@@ -45,11 +45,6 @@ def test_explicit_section_round_trips_for_the_plora_reader(tmp_path):
     assert load_config(PLoRATrainConfig, path, section="plora") == cfg
 
 
-@pytest.mark.xfail(
-    reason="needs `CONFIG_SECTION: ClassVar[str] = 'plora'` on PLoRATrainConfig (training/plora_config.py, "
-    "not owned here): the stage-2 recipe then saves config.yaml under plora: through save_config",
-    strict=False,
-)
 def test_stage2_saved_config_has_the_plora_section():
     from reclora_ds.training.plora_config import PLoRATrainConfig
 

@@ -51,6 +51,7 @@ def settings(assets: dict[str, str], *extra: str) -> list[str]:
         f"crm_path={assets['crm_path']}",
         f"backbone={assets['backbone']}",
         "deepspeed_config=ds_configs/zero2_fp32.json",
+        "dtype=float32",  # the float32 reference models below; auto would be bf16 on a CPU with avx512_bf16
         "short_history=recent",
         f"short_history_length={SHORT_HISTORY}",
         "num_threads=1",
