@@ -2,6 +2,14 @@
 
     python benchmarks/bench_crm.py [--data DIR] [--config launch/configs/sim_quickstart.yaml] [--steps 200]
                                    [--profile] [key=value ...]
+    python benchmarks/bench_crm.py --models all [--data DIR] [--steps 200] [key=value ...]
+
+``--models all`` (or some registry names) times every CRM of the registry side by side instead: each
+on 2 ranks x 1 thread (shm all-reduce), the config's settings with ``model=<name>``, SIM on the config's
+history (the retrieved top-60) and every other model on the most recent ``history_length`` behaviours
+(the paper's baselines read the plain history; only SIM shares the retrieval), round-robin over the
+models ``--repeats`` times, one line per model (the median run). A model this checkout cannot build is
+reported as failed and the others still run.
 
 Without ``--data`` the bundled real MovieLens sample is prepared into a temporary folder first. The
 settings are the config's (the defaults of the bundled data unless ``--config`` / overrides say otherwise),
@@ -114,7 +122,8 @@ def worker(args: argparse.Namespace) -> None:
             "params": sum(p.numel() for p in model.parameters()),
             "model": cfg.model,
             "crm": {
-                k: getattr(cfg.crm, k) for k in ("embedding_dim", "attention_hidden", "attention_layers")
+                k: getattr(cfg.crm, k)
+                for k in ("embedding_dim", "attention_hidden", "attention_layers", "short_term_length")
             },
             "tower": list(cfg.crm.tower),
             "history_length": cfg.history_length,
@@ -212,6 +221,12 @@ def main() -> None:
         action="store_true",
         help="also 2 ranks without the C++ kernels (cpu_kernels=false)",
     )
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=[],
+        help="'all' or registry names: every model on 2 ranks side by side (instead of the layouts)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--default-malloc", dest="keep_freed_memory", action="store_false", help=argparse.SUPPRESS
@@ -227,6 +242,9 @@ def main() -> None:
         data = processed_data(args.data, tmp)
         args.overrides = [*args.overrides, *retrieval_overrides(args.config, args.overrides, data, tmp)]
         print(f"config {args.config} {' '.join(args.overrides)}; data {data}; {os.cpu_count()} CPU cores")
+        if args.models:
+            compare_models(args, data)
+            return
         layouts = [
             (1, 1, (), ""),
             (1, 2, (), ""),
@@ -269,6 +287,47 @@ def main() -> None:
             best = max(r["samples_per_s"] for r in medians)
             verdict = "meets" if best >= TARGET_SAMPLES_PER_S else "misses"
             print(f"target {TARGET_SAMPLES_PER_S:,} samples/s on 2 cores: best {best:,.0f} -> {verdict} it")
+
+
+def model_overrides(name: str) -> tuple[str, ...]:
+    """``model=<name>``; every model but SIM reads the most recent behaviours (module docstring)."""
+    return (f"model={name}",) if name == "sim" else (f"model={name}", "history_mode=recent")
+
+
+def compare_models(args: argparse.Namespace, data: Path) -> None:
+    """Every requested registry CRM on 2 ranks x 1 thread (shm), round-robin, one line per model."""
+    from reclora_ds.models.registry import CRM_MODELS
+
+    names = list(CRM_MODELS) if args.models == ["all"] else args.models
+    unknown = sorted(set(names) - set(CRM_MODELS))
+    if unknown:
+        raise SystemExit(f"error: --models: unknown {unknown}; the registry has {sorted(CRM_MODELS)}")
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for _ in range(args.repeats):
+        for name in names:
+            result = run_layout(args, data, 2, 1, False, ("cpu_allreduce=shm", *model_overrides(name)))
+            if result is not None:
+                runs[name].append(result)
+    print(
+        f"2 ranks x 1 thread (shm), {args.steps} timed steps after {args.warmup}; median of {args.repeats} runs"
+    )
+    print(
+        "| model | history | params | samples/s | ms/step | batch/rank | data share | p50 / p90 ms | runs (samples/s) |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---|---|")
+    for name in names:
+        if not runs[name]:
+            print(f"| {name} | | | failed | | | | | |")
+            continue
+        r = sorted(runs[name], key=lambda r: r["samples_per_s"])[len(runs[name]) // 2]
+        history = "retrieved" if name == "sim" else "recent"
+        spread = ", ".join(f"{x['samples_per_s']:,.0f}" for x in runs[name])
+        print(
+            f"| {name} | {history} {r['history_length']} | {r['params']:,} | {r['samples_per_s']:,.0f} | "
+            f"{r['ms_per_step']:.1f} | {r['per_rank_batch']} | {100 * r['data_share']:.1f}% | "
+            f"{r['step_ms_p50']:.1f} / {r['step_ms_p90']:.1f} | {spread} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

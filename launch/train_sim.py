@@ -1,4 +1,4 @@
-"""Stage 1: train the CRM (SIM, DIN or logistic regression) on the full training split.
+"""Stage 1: train the CRM (SIM, DIN, logistic regression or a Table 2 baseline) on the full training split.
 
 A thin wrapper kept for the documented ``launch/train_sim.py`` commands: the code is
 :mod:`reclora_ds.commands.train_sim` (``python -m reclora_ds.commands.train_sim``), whose docstring has

@@ -15,10 +15,20 @@ A batch (dict of CPU tensors)::
     hist_<f>    int64   [B, L]   encoded item field f of each history item (hist_genre, ...), 0 = pad
     hist_rating int64   [B, L]   rating bucket round(2 * rating): 1..10 for 0.5..5 stars, 0 = pad
     hist_mask   bool    [B, L]   True on real history items
+    hist_age    int64   [B, L]   how many behaviours ago each history item is: 1 = the sample's previous
+                                 interaction, hist_len = its first one; 0 = pad (:data:`HIST_AGE`)
     hist_len    int64   [B]      number of real history items (hist_mask.sum(1)), at most L
+    recent_item, recent_<f>, recent_rating, recent_mask, recent_age   [B, R]
+                                 the R most recent behaviours (``recent_length``, default 20) laid out
+                                 like ``hist_*``, in every history mode: SIM's short-term window beside
+                                 its retrieved long-term top-K
 
 Histories are laid out oldest first and right-aligned: the most recent item is at position L - 1 and the
-padding is on the left. ``history_mode="recent"`` takes the last L interactions strictly before the
+padding is on the left. ``hist_age`` gives each behaviour its distance from the sample in the user's
+timeline (the position gap, which every dataset has; GoodReads csv timestamps are only an order): with
+``recent`` it is ``L - j`` at position j of a full window, with ``retrieved`` it is what the retrieval's
+time order alone cannot tell (SIM's exact search unit embeds this interval, Pi et al. 2020 §4.2).
+``history_mode="recent"`` takes the last L interactions strictly before the
 sample (``Timelines.recent``); ``"retrieved"`` takes the sample's ``rows_k<L>`` of a retrieval folder
 (:class:`reclora_ds.data.histories.RetrievedHistories`: the L most similar behaviours of its whole prior
 history, in time order), laid out the same way.
@@ -60,6 +70,9 @@ from reclora_ds.data.processed import ProcessedDataset, feature_columns
 log = logging.getLogger(__name__)
 
 HISTORY_MODES = ("recent", "retrieved")
+HIST_AGE = "hist_age"  # batch key of each behaviour's age in behaviours (also read by models/crm.py)
+RECENT_PREFIX = "recent_"  # batch keys of the short-term window: recent_item, recent_<f>, ... (models/crm.py)
+DEFAULT_RECENT_LENGTH = 20  # R: the short-term window every batch carries (SIM's short-term interest)
 DEFAULT_BUFFER_ROWS = 1 << 21  # rows shuffled together in memory (whole files)
 SAMPLE_COLUMNS = ("sample_id", "label", "user_index", "hist_len")
 
@@ -82,6 +95,8 @@ class CRMBatchLoader:
         epoch: the epoch the first iteration yields (see :meth:`set_epoch`).
         drop_last: drop the last incomplete batch.
         even_batches: every rank yields the same number of batches (needed under DDP).
+        recent_length: R, the most recent behaviours every batch also carries as ``recent_*`` (the
+            short-term window of SIM, whatever ``history_mode`` is); 0 = none.
         buffer_rows: whole files are read together until a buffer holds at least this many rows;
             rows are shuffled within a buffer (memory: about 40 bytes per row).
 
@@ -112,6 +127,7 @@ class CRMBatchLoader:
         drop_last: bool = False,
         even_batches: bool = True,
         buffer_rows: int = DEFAULT_BUFFER_ROWS,
+        recent_length: int = DEFAULT_RECENT_LENGTH,
     ):
         if batch_size < 1 or history_length < 1:
             raise ValueError(
@@ -123,6 +139,9 @@ class CRMBatchLoader:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if seed < 0 or epoch < 0:
             raise ValueError(f"seed and epoch must be >= 0, got {seed}, {epoch}")
+        if recent_length < 0:
+            raise ValueError(f"recent_length must be >= 0, got {recent_length}")
+        self.recent_length = recent_length
         self.dataset = dataset
         self.split = split
         self.batch_size = batch_size
@@ -403,20 +422,39 @@ class CRMBatchLoader:
         valid = rows != NO_ROW
         return np.where(valid, rows, self._pad_row), valid, valid.sum(axis=1, dtype=np.int64)
 
+    def behaviour_tensors(
+        self, rows: np.ndarray, mask: np.ndarray, own_row: np.ndarray, prefix: str = "hist_"
+    ) -> dict[str, torch.Tensor]:
+        """The item fields, rating bucket, mask and age of timeline ``rows`` [B, n] (pad row where
+        ``mask`` [B, n] is False) as batch tensors named ``<prefix><item|field|rating|mask|age>``.
+        ``own_row`` [B]: each sample's own timeline row, so a behaviour at row r is ``own_row - r`` ago."""
+        item_index = np.take(self._tl_item, rows)  # [B, n], n_items (-> PAD_ID) where empty
+        out = {}
+        for name, table in self._item_tables.items():  # name: hist_item, hist_<field>
+            out[prefix + name[len("hist_") :]] = torch.from_numpy(np.take(table, item_index))
+        out[prefix + "rating"] = torch.from_numpy(np.take(self._tl_rating, rows).astype(np.int64))
+        out[prefix + "mask"] = torch.from_numpy(mask)
+        out[prefix + "age"] = torch.from_numpy(np.where(mask, own_row[:, None] - rows, 0))  # >= 1 where real
+        return out
+
     def assemble(self, cols: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """One batch from sample columns (numpy [B] each; int64 ids, float32 label)."""
         rows, mask, count = self.history_rows(cols)  # [B, L], [B, L], [B]
-        item_index = np.take(self._tl_item, rows)  # [B, L], n_items (-> PAD_ID) where empty
         # [B] columns are copied so that a kept batch does not pin the whole shuffle buffer in memory
         batch = {"sample_id": torch.from_numpy(cols["sample_id"].copy())}
         batch["label"] = torch.from_numpy(cols["label"].copy())
         for field in self.fields:
             batch[field] = torch.from_numpy(cols[field].copy())
-        for name, table in self._item_tables.items():
-            batch[name] = torch.from_numpy(np.take(table, item_index))
-        batch["hist_rating"] = torch.from_numpy(np.take(self._tl_rating, rows).astype(np.int64))
-        batch["hist_mask"] = torch.from_numpy(mask)
+        # the sample's own row is offset(u) + hist_len: behaviour row r lies own_row - r behaviours back
+        own_row = self._offsets[cols["user_index"]].astype(np.int64) + cols["hist_len"]  # [B]
+        batch |= self.behaviour_tensors(rows, mask, own_row)  # hist_*: [B, L]
         batch["hist_len"] = torch.from_numpy(np.ascontiguousarray(count, dtype=np.int64))
+        if self.recent_length:
+            recent, valid = self.dataset.timelines.recent(
+                cols["user_index"], cols["hist_len"], self.recent_length
+            )
+            recent = np.where(valid, recent, self._pad_row)
+            batch |= self.behaviour_tensors(recent, valid, own_row, RECENT_PREFIX)  # recent_*: [B, R]
         return batch
 
 

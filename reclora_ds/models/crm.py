@@ -38,6 +38,16 @@ SEARCHES = ("soft", "hard", "precomputed")
 ITEM_MERGES = ("concat", "sum")
 FIELD_SOURCES = ("user", "item")
 
+# Batch key of each behaviour's age in behaviours (1 = the previous interaction, 0 = pad); written by
+# reclora_ds.data.loader (HIST_AGE there: the batch contract module, reclora_ds.batch, should hold it once).
+HIST_AGE = "hist_age"
+# Prefix of the short-term window's batch keys (recent_item, recent_<f>, recent_rating, recent_mask,
+# recent_age: the loader's RECENT_PREFIX; reclora_ds.batch should hold it once).
+RECENT_PREFIX = "recent_"
+# Age buckets of ``behaviour_age``: 0 = pad, b = 1 + floor(log2(age)) for age >= 1 (ages 1, 2-3, 4-7, ...),
+# every age from 2^(AGE_BUCKETS - 2) on shares the last bucket.
+AGE_BUCKETS = 16
+
 # Std of the normal init of every embedding table (small, so the first attention weights and inner
 # products start near zero instead of at the O(E) scale nn.Embedding's N(0, 1) gives).
 EMBEDDING_INIT_STD = 0.01
@@ -48,6 +58,11 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "ml-1m": {"embedding_dim": 64, "attention_layers": 1},
     "goodreads": {"embedding_dim": 32, "attention_layers": 1},
 }
+
+
+# SIM's settings in checkpoints written before ``short_term_length`` and ``behaviour_age`` existed (the
+# long-term-only CRM of the authors' code); :mod:`reclora_ds.training.checkpoint` fills them in.
+LEGACY_SIM: dict[str, Any] = {"short_term_length": 0, "behaviour_age": False}
 
 
 def _positive_int(value: Any) -> bool:
@@ -90,6 +105,28 @@ class CRMConfig:
     item's embedding; ``hard`` = the K most recent behaviours of the window in the target's category."""
     top_k: int = 60
     """SIM only. K, the number of behaviours the general search unit keeps (ignored by ``precomputed``)."""
+    tower_crosses: bool = False
+    """DIN and SIM. Feed the tower the pairwise inner products of its input vectors as well (a dot
+    interaction, as DLRM and FM): with the sample's field embeddings ``e_1 .. e_F`` and the interest split
+    into E-wide parts, the tower reads ``[e_1; ..; e_F; interest; <v_a, v_b> for a < b]``
+    (:class:`PairwiseDots`). An MLP approximates such products poorly; this gives the user / context
+    fields a direct second-order path to the logit."""
+    short_term_length: int = 10
+    """SIM only. S, the most recent behaviours SIM also attends over with a second exact search unit of
+    its own (its own behaviour encoder and attention MLP, the shared embedding tables), whose interest
+    joins the long-term one in the tower: SIM's split of a user's behaviours into a short-term sequence
+    and the long-term ones the search units read (Pi et al. 2020 model the recent behaviours apart from
+    the lifelong ones that GSU / ESU search). 0 = long-term only. At most the loader's
+    ``recent_length`` (the batch's ``recent_*`` window, 20 by default). The default, 10, was chosen by
+    validation AUC on the three bundled datasets (docs/CRM_RESULTS.md section 6); 0 is the long-term-only
+    CRM of the authors' code."""
+    behaviour_age: bool = True
+    """SIM only. Give every behaviour its age: an embedding of ``1 + floor(log2(a))`` (a = how many
+    behaviours before the sample it is, the batch's ``hist_age``; :data:`AGE_BUCKETS` buckets) joins the
+    item and rating embeddings in the behaviour encoder. This is the time-interval feature of SIM's
+    exact search unit (Pi et al. 2020, §4.2): a retrieved top-K in time order no longer tells the model
+    how recent each behaviour is. On by default (docs/CRM_RESULTS.md section 6: within noise of off on the
+    bundled data, never clearly worse); off is the authors' behaviour encoder."""
     cross_layers: int = 3
     """DCNv2 only. Cross layers of the cross network (paper App. B.1: {3, 6, 9, 12})."""
     interaction_layers: int = 3
@@ -108,13 +145,28 @@ class CRMConfig:
 
     def __post_init__(self) -> None:
         for name in (
-            "embedding_dim", "attention_layers", "attention_hidden", "top_k", "cross_layers",
-            "interaction_layers", "attention_size", "attention_heads", "sequence_layers",
-            "caser_vertical_filters", "caser_horizontal_filters",
+            "embedding_dim",
+            "attention_layers",
+            "attention_hidden",
+            "top_k",
+            "cross_layers",
+            "interaction_layers",
+            "attention_size",
+            "attention_heads",
+            "sequence_layers",
+            "caser_vertical_filters",
+            "caser_horizontal_filters",
         ):
             value = getattr(self, name)
             if not _positive_int(value):
                 raise ValueError(f"CRMConfig.{name} must be a positive int, got {value!r}")
+        if type(self.short_term_length) is not int or self.short_term_length < 0:  # bool is no int here
+            raise ValueError(
+                f"CRMConfig.short_term_length must be an int >= 0, got {self.short_term_length!r}"
+            )
+        for name in ("behaviour_age", "tower_crosses"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"CRMConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if isinstance(self.tower, int | str) or not self.tower:
             raise ValueError(f"CRMConfig.tower must be a non-empty sequence of widths, got {self.tower!r}")
         self.tower = tuple(self.tower)
@@ -251,7 +303,8 @@ class CRMOutput(NamedTuple):
     """What every CRM's forward returns.
 
     ``logit`` [B] is the pre-sigmoid score (train with ``BCEWithLogitsLoss``); ``hidden`` [B, d_c] is the
-    input of the model's ``head`` (``logit == head(hidden).squeeze(-1)``): the CRM state for the gates.
+    input of the model's ``head`` (``logit == head(hidden).squeeze(-1)``, except DeepFM, whose logit adds
+    its first-order and FM terms): the CRM state for the gates.
     """
 
     logit: torch.Tensor
@@ -269,21 +322,54 @@ def require(batch: Mapping[str, torch.Tensor], keys: tuple[str, ...] | list[str]
 class Behaviours:
     """A history as the attention sees it: item-side ids per behaviour field, rating bucket and mask.
 
-    ``ids[f]`` [B, L] (item field ``f``), ``rating`` [B, L], ``mask`` [B, L] bool (True = real behaviour).
+    ``ids[f]`` [B, L] (item field ``f``), ``rating`` [B, L], ``mask`` [B, L] bool (True = real behaviour),
+    ``age`` [B, L] age buckets (:func:`age_bucket`) when the model reads ages, else None.
     Ids under a False mask are set to PAD, so whatever a batch holds there can never reach a model.
     """
 
     ids: dict[str, torch.Tensor]
     rating: torch.Tensor
     mask: torch.Tensor
+    age: torch.Tensor | None = None
 
     @classmethod
-    def from_batch(cls, batch: Mapping[str, torch.Tensor], fields: tuple[str, ...]) -> Behaviours:
-        """The batch's history (``hist_item``, ``hist_<f>``, ``hist_rating``, ``hist_mask``)."""
-        require(batch, [*(history_key(f) for f in fields), "hist_rating", "hist_mask"])
-        mask = batch["hist_mask"].bool()
-        ids = {f: batch[history_key(f)].masked_fill(~mask, PAD_ID) for f in fields}
-        return cls(ids=ids, rating=batch["hist_rating"].masked_fill(~mask, PAD_ID), mask=mask)
+    def from_batch(
+        cls,
+        batch: Mapping[str, torch.Tensor],
+        fields: tuple[str, ...],
+        age: bool = False,
+        prefix: str = "hist_",
+    ) -> Behaviours:
+        """The batch's history (``hist_item``, ``hist_<f>``, ``hist_rating``, ``hist_mask``; ``hist_age``
+        bucketed when ``age``), or with ``prefix=RECENT_PREFIX`` its short-term window (``recent_*``)."""
+
+        def key(name: str) -> str:  # hist_item -> <prefix>item
+            return prefix + name[len("hist_") :]
+
+        names = [key(history_key(f)) for f in fields]
+        require(batch, [*names, key("hist_rating"), key("hist_mask"), *([key(HIST_AGE)] if age else [])])
+        mask = batch[key("hist_mask")].bool()
+        return cls(
+            ids={f: batch[name].masked_fill(~mask, PAD_ID) for f, name in zip(fields, names, strict=True)},
+            rating=batch[key("hist_rating")].masked_fill(~mask, PAD_ID),
+            mask=mask,
+            age=age_bucket(batch[key(HIST_AGE)]).masked_fill(~mask, PAD_ID) if age else None,
+        )
+
+    def last(self, n: int) -> Behaviours:
+        """The last (most recent) ``n`` positions: [B, L] -> [B, n] (a ValueError if L < n)."""
+        if self.mask.shape[1] < n:
+            raise ValueError(f"the batch holds {self.mask.shape[1]} behaviours, {n} are needed")
+
+        def take(x: torch.Tensor) -> torch.Tensor:
+            return x[:, x.shape[1] - n :]
+
+        return Behaviours(
+            ids={f: take(v) for f, v in self.ids.items()},
+            rating=take(self.rating),
+            mask=take(self.mask),
+            age=None if self.age is None else take(self.age),
+        )
 
     def gather(self, index: torch.Tensor, valid: torch.Tensor) -> Behaviours:
         """The behaviours at positions ``index`` [B, K] of each row; ``valid`` [B, K] is the new mask."""
@@ -292,7 +378,19 @@ class Behaviours:
         def take(ids: torch.Tensor) -> torch.Tensor:
             return ids.gather(1, index).masked_fill(~valid, PAD_ID)  # [B, K]
 
-        return Behaviours(ids={f: take(v) for f, v in self.ids.items()}, rating=take(self.rating), mask=valid)
+        return Behaviours(
+            ids={f: take(v) for f, v in self.ids.items()},
+            rating=take(self.rating),
+            mask=valid,
+            age=None if self.age is None else take(self.age),
+        )
+
+
+def age_bucket(age: torch.Tensor) -> torch.Tensor:
+    """Bucket of each age ``a`` (behaviours before the sample, int64 [...]): 0 for ``a <= 0`` (pad), else
+    ``min(1 + floor(log2 a), AGE_BUCKETS - 1)``: 1, 2-3, 4-7, ... behaviours ago share a bucket."""
+    log2 = torch.log2(age.clamp(min=1).to(torch.float64)).floor().to(torch.int64)  # exact at powers of 2
+    return torch.where(age > 0, (1 + log2).clamp(max=AGE_BUCKETS - 1), torch.zeros_like(age))
 
 
 class FieldEmbeddings(nn.Module):
@@ -304,6 +402,7 @@ class FieldEmbeddings(nn.Module):
     Args:
         spec: the fields and their vocabulary sizes.
         embedding_dim: E.
+        age_buckets: rows of the behaviour-age table ``age`` (0: no such table).
 
     Shapes:
         ``fields(batch)``: dict of [B] -> dict of [B, E]; ``forward(batch)``: -> [B, F, E].
@@ -315,16 +414,17 @@ class FieldEmbeddings(nn.Module):
         torch.Size([2, 2, 4])
     """
 
-    def __init__(self, spec: FeatureSpec, embedding_dim: int) -> None:
+    def __init__(self, spec: FeatureSpec, embedding_dim: int, age_buckets: int = 0) -> None:
         super().__init__()
         self.names = spec.names
         self.embedding_dim = embedding_dim
         self.tables = nn.ModuleDict({f.name: nn.Embedding(f.vocab_size, embedding_dim) for f in spec.fields})
         self.rating = nn.Embedding(spec.rating_vocab_size, embedding_dim)
+        self.age = nn.Embedding(age_buckets, embedding_dim) if age_buckets else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for table in (*self.tables.values(), self.rating):
+        for table in (*self.tables.values(), self.rating, *([self.age] if self.age is not None else [])):
             nn.init.normal_(table.weight, std=EMBEDDING_INIT_STD)
 
     def fields(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -360,7 +460,8 @@ def projected_rows(table: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor)
 
 
 class BehaviourEncoder(nn.Module):
-    """One behaviour = ``ReLU(Linear([item; rating]))``: the rating is a feature of each behaviour.
+    """One behaviour = ``ReLU(Linear([item; rating]))`` (``[item; rating; age]`` with ``features=2``):
+    the rating, and the age when the model reads it, are features of each behaviour.
 
     As in the authors' code (``hist_mapping``), the item's vector (D: its fields' embeddings, concatenated
     or summed) and the rating bucket's embedding (E) are concatenated and mapped back to D, so a behaviour
@@ -382,12 +483,14 @@ class BehaviourEncoder(nn.Module):
 
     Args:
         item_dim: D, width of an item's vector.
-        rating_dim: E, width of the rating embedding.
+        rating_dim: E, width of the rating embedding (and of the age embedding).
         merge: ``"concat"`` (the item tables' blocks follow each other in ``proj.weight``) or ``"sum"``
             (one D-wide block shared by every item table).
+        features: E-wide per-behaviour feature tables after the item tables: 1 (rating) or 2 (rating, age).
 
     Shapes:
-        tables: the n tables' weights [V_f, E_f] (item fields, then the rating's), with sum E_f = D + E;
+        tables: the n tables' weights [V_f, E_f] (item fields, then the rating's, then the age's), with
+        sum E_f = D + features * E;
         ids: n tensors [B, L] -> [B, L, D].
 
     Example:
@@ -397,20 +500,22 @@ class BehaviourEncoder(nn.Module):
         torch.Size([2, 5, 8])
     """
 
-    def __init__(self, item_dim: int, rating_dim: int, merge: str = "concat") -> None:
+    def __init__(self, item_dim: int, rating_dim: int, merge: str = "concat", features: int = 1) -> None:
         super().__init__()
-        self.proj = nn.Linear(item_dim + rating_dim, item_dim)
+        self.proj = nn.Linear(item_dim + features * rating_dim, item_dim)
         self.act = nn.ReLU()
         self.merge = merge
+        self.features = features
 
     def forward(self, tables: list[torch.Tensor], ids: list[torch.Tensor]) -> torch.Tensor:
         if self.merge == "concat":
             blocks = self.proj.weight.split([table.shape[1] for table in tables], dim=1)  # n x [D, E_f]
         else:
-            item_block, rating_block = self.proj.weight.split(
-                [self.proj.out_features, tables[-1].shape[1]], dim=1
+            feature_tables = tables[len(tables) - self.features :]
+            item_block, *feature_blocks = self.proj.weight.split(
+                [self.proj.out_features, *(t.shape[1] for t in feature_tables)], dim=1
             )
-            blocks = (*[item_block] * (len(tables) - 1), rating_block)
+            blocks = (*[item_block] * (len(tables) - self.features), *feature_blocks)
         summed = self.proj.bias
         for table, block, index in zip(tables, blocks, ids, strict=True):
             summed = summed + projected_rows(table, block, index)  # [B, L, D]
@@ -504,6 +609,39 @@ class TargetAttention(nn.Module):
             )
         weights = self.weights(target, behaviours, mask)  # [B, L]
         return torch.einsum("bl,bld->bd", weights, behaviours)  # [B, D]
+
+
+class PairwiseDots(nn.Module):
+    """Inner products of every pair of n vectors: the second-order term of FM / DLRM's dot interaction.
+
+    .. math::
+
+        \\mathrm{out} = \\big(\\langle v_a, v_b \\rangle\\big)_{a < b}, \\qquad a, b \\in \\{1, .., n\\}
+
+    in row-major order of the strict upper triangle: (1, 2), (1, 3), ..., (n - 1, n).
+
+    Args:
+        (none: the module has no parameters.)
+
+    Shapes:
+        vectors: [B, n, E] -> [B, n (n - 1) / 2].
+
+    Example:
+        >>> PairwiseDots()(torch.ones(2, 3, 4))
+        tensor([[4., 4., 4.],
+                [4., 4., 4.]])
+    """
+
+    def forward(self, vectors: torch.Tensor) -> torch.Tensor:
+        n = vectors.shape[1]
+        gram = torch.bmm(vectors, vectors.transpose(1, 2))  # [B, n, n]
+        a, b = torch.triu_indices(n, n, offset=1, device=vectors.device)  # the pairs a < b
+        return gram[:, a, b]  # [B, n (n - 1) / 2]
+
+
+def pair_count(n: int) -> int:
+    """Number of pairs a < b among n vectors: the width of :class:`PairwiseDots`' output."""
+    return n * (n - 1) // 2
 
 
 class MLPTower(nn.Module):

@@ -40,7 +40,8 @@ def build_crm(name: str, config: CRMConfig, feature_spec: FeatureSpec) -> nn.Mod
     """The CRM ``name`` (one of :data:`CRM_MODELS`) for ``config`` and the dataset's ``feature_spec``.
 
     Every model's forward takes the loader's batch and returns ``CRMOutput(logit [B], hidden [B, d_c])``;
-    ``model.hidden_dim`` is d_c and ``model.head`` maps ``hidden`` to the logit, so any of them can drive
+    ``model.hidden_dim`` is d_c and ``model.head`` maps ``hidden`` to the logit (DeepFM adds its first-order
+    and FM terms), so any of them can drive
     the PLoRA gates (stage 2 reads d_c from the checkpoint).
 
     Example:

@@ -1,9 +1,13 @@
-"""SIM (search-based user interest model): a general search unit over the lifelong history, then DIN.
+"""SIM (search-based user interest model): a general search unit over the lifelong history, then DIN,
+beside a short-term unit over the most recent behaviours.
 
 Shape legend:
     B    batch (samples)
     L    behaviours given to the model: the retrieved top-K (precomputed) or a recent window (soft, hard)
     K    behaviours the general search unit keeps (``top_k``, 60 in the paper)
+    S    behaviours of the short-term window (``short_term_length``; the batch's ``recent_*`` holds R >= S)
+    F    categorical fields of a sample
+    E    embedding width of one field
     D    width of an item / behaviour (``E * len(behaviour_fields)``, or ``E`` with ``item_merge="sum"``)
     d_c  width of the CRM state
 
@@ -24,6 +28,26 @@ Two stages (Pi et al., CIKM 2020), as the paper's CRM (§3.2, §3.4):
    first); the forward skips that sort, since the exact search unit sums over positions.
 2. **Exact search unit** (ESU): DIN's target attention over the K kept behaviours, then the tower
    (:class:`reclora_ds.models.din.DIN`; SIM is a DIN subclass with the same parameters).
+3. **Short-term interest** (``short_term_length`` S > 0): SIM splits a user's behaviours into the short-term
+   sequence, modelled apart (Pi et al. model the recent behaviours with their own target-attention model),
+   and the long-term ones that the search units read. A second exact search unit (its own behaviour encoder ``short_term_encoder``
+   and attention MLP ``short_term_attention``; the embedding tables are shared) attends over the S most
+   recent behaviours (the batch's ``recent_*`` window, whatever ``history_mode`` is).
+
+With target ``t`` [D], long-term behaviours ``h_j`` (the K kept ones, mask ``m_j``) and short-term ones
+``s_i`` (mask ``n_i``), each encoded as ``ReLU(W [item; rating (; age)] + b)`` by its unit's encoder::
+
+    u_long  = sum_j m_j MLP_long([t, h_j, t - h_j, t * h_j]) h_j        [B, D]
+    u_short = sum_i n_i MLP_short([t, s_i, t - s_i, t * s_i]) s_i       [B, D]   (S > 0 only)
+    hidden  = tower([e_1; ..; e_F; u_long; u_short (; crosses)])         [B, d_c]
+    logit   = head(hidden)                                               [B]
+
+``behaviour_age`` adds an embedding of ``1 + floor(log2 a)`` (a = behaviours between the behaviour and the
+sample) to both encoders: SIM's time-interval feature. ``tower_crosses`` appends the inner products of every
+pair of the F field embeddings and the E-wide parts of the interests (:class:`~reclora_ds.models.crm.PairwiseDots`).
+Why the short-term unit: on the bundled data the retrieved top-60 alone (the long-term unit) scored below
+DIN on the most recent 60; the retrieval keeps the most *similar* behaviours, which for most users are
+not the recent ones, and on these splits recency carries much of the signal (docs/CRM_RESULTS.md, section 6).
 
 Default search: ``precomputed``, the paper's wiring (App. B.2: "the retrieval methods in SIM, ReLLa and
 RecLoRA maintain the same"): the Long-Short Modality Retriever picks each sample's top-K from its *whole*
@@ -52,10 +76,13 @@ import torch
 from reclora_ds.batch import FIRST_KNOWN_ID, history_key
 from reclora_ds.models import ops
 from reclora_ds.models.crm import (
+    RECENT_PREFIX,
+    BehaviourEncoder,
     Behaviours,
     CRMConfig,
     CRMOutput,
     FeatureSpec,
+    TargetAttention,
     gather_rows,
     require,
 )
@@ -78,11 +105,14 @@ class SIM(DIN):
         ...     "user_id": {"source": "user", "vocab_size": 10},
         ...     "item_id": {"source": "item", "vocab_size": 20},
         ...     "genre": {"source": "item", "vocab_size": 6}}})
-        >>> model = SIM(CRMConfig(embedding_dim=8, search="soft", top_k=3), spec).eval()
+        >>> model = SIM(CRMConfig(embedding_dim=8, search="soft", top_k=3, short_term_length=4), spec).eval()
         >>> batch = {"user_id": torch.tensor([2, 3]), "item_id": torch.tensor([4, 5]),
         ...     "genre": torch.tensor([2, 3]), "hist_item": torch.randint(2, 20, (2, 9)),
         ...     "hist_genre": torch.randint(2, 6, (2, 9)), "hist_rating": torch.randint(1, 11, (2, 9)),
-        ...     "hist_mask": torch.ones(2, 9, dtype=torch.bool)}
+        ...     "hist_mask": torch.ones(2, 9, dtype=torch.bool),
+        ...     "hist_age": torch.arange(9, 0, -1).repeat(2, 1)}  # behaviours back: the last is 1
+        >>> # the short-term window (the loader's recent_*): here the 5 most recent of the same history
+        >>> batch |= {"recent_" + k[5:]: v[:, -5:] for k, v in list(batch.items()) if k.startswith("hist_")}
         >>> index, valid = model.search(batch)
         >>> index.shape
         torch.Size([2, 3])
@@ -96,10 +126,38 @@ class SIM(DIN):
         self.top_k = config.top_k
         if self.search_mode == "hard" and spec.category_field is None:
             raise ValueError("CRMConfig.search='hard' needs a category field; the FeatureSpec has none")
+        self.short_term_length = config.short_term_length
+        if self.short_term_length:
+            # the short-term unit: DIN's exact search unit with its own parameters, on the same embeddings
+            self.short_term_encoder = BehaviourEncoder(
+                self.item_dim, config.embedding_dim, self.item_merge, features=2 if self.behaviour_age else 1
+            )
+            self.short_term_attention = TargetAttention(
+                self.item_dim, config.attention_hidden, config.attention_layers, config.dropout
+            )
+
+    @staticmethod
+    def reads_age(config: CRMConfig) -> bool:
+        """``behaviour_age``: both units embed each behaviour's age (SIM's time-interval feature)."""
+        return config.behaviour_age
+
+    @staticmethod
+    def interest_count(config: CRMConfig) -> int:
+        """The long-term interest, and the short-term one when ``short_term_length > 0``."""
+        return 2 if config.short_term_length else 1
+
+    def extra_interests(self, batch: Mapping[str, torch.Tensor], target: torch.Tensor) -> list[torch.Tensor]:
+        """The short-term interest [B, D] over the ``short_term_length`` most recent behaviours
+        (``recent_*``), or nothing."""
+        if not self.short_term_length:
+            return []
+        recent = self.read_behaviours(batch, prefix=RECENT_PREFIX).last(self.short_term_length)  # [B, S]
+        history = self.encode(recent, self.short_term_encoder)  # [B, S, D]
+        return [self.short_term_attention(target, history, recent.mask)]
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> CRMOutput:
         """Logit [B] and CRM state [B, d_c]: search the history, then attend over the kept behaviours."""
-        behaviours = Behaviours.from_batch(batch, self.behaviour_fields)
+        behaviours = self.read_behaviours(batch)
         if self.search_mode != "precomputed":
             # Any order will do: the exact search unit sums over positions.
             index, valid = self.search(batch, behaviours, chronological=False)

@@ -38,7 +38,7 @@ from torch import nn
 
 from reclora_ds.data.histories import load_retrieved
 from reclora_ds.files import atomic_dir, resolve_old
-from reclora_ds.models.crm import CRMConfig, FeatureSpec, FieldSpec
+from reclora_ds.models.crm import LEGACY_SIM, CRMConfig, FeatureSpec, FieldSpec
 from reclora_ds.models.registry import build_crm
 
 CRM_FORMAT = "reclora_ds.crm"
@@ -57,7 +57,7 @@ class CRMCheckpointInfo:
     """Everything ``crm.json`` records: enough to rebuild the CRM and to feed it the same batches.
 
     Attributes:
-        model: registry name (``sim``, ``din``, ``logreg``).
+        model: registry name (:data:`reclora_ds.models.registry.CRM_MODELS`).
         config: the CRMConfig the model was built with.
         feature_spec: the fields and vocabulary sizes of the processed dataset it was trained on.
         hidden_dim: d_c, the width of the CRM state.
@@ -146,8 +146,9 @@ class CRMCheckpointInfo:
                 "this CRM was trained on a retrieved-history file of an older reclora_ds (history.retrieved_path); "
                 "retrain it on a retrieval folder"
             )
-        # Checkpoints written before CRMConfig.item_merge existed concatenated the item fields.
-        crm_config = {"item_merge": "concat", **data["crm_config"]}
+        # Checkpoints written before CRMConfig.item_merge existed concatenated the item fields; those
+        # written before short_term_length / behaviour_age existed are the long-term-only SIM.
+        crm_config = {"item_merge": "concat", **LEGACY_SIM, **data["crm_config"]}
         return cls(
             model=data["model"],
             config=CRMConfig(**crm_config),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from reclora_ds.data.loader import HISTORY_MODES
+from reclora_ds.data.loader import DEFAULT_RECENT_LENGTH, HISTORY_MODES
 from reclora_ds.models.crm import CRMConfig
 from reclora_ds.models.registry import CRM_MODELS
 
@@ -26,11 +26,13 @@ class CRMTrainConfig:
     output_dir: str = "runs/quickstart/sim"
     """Run folder: config.yaml, checkpoints/{last,best}, tb/, metrics.json, train_log.jsonl."""
     model: str = "sim"
-    """``sim`` (the paper's CRM), ``din`` or ``logreg`` (baseline). The paper's "w/o long retriever" CRM
-    is the default SIM with ``history_mode=recent``: a SIM without a search unit over the most recent 60
-    is DIN on them."""
+    """A registry CRM (``reclora_ds.models.registry.CRM_MODELS``): ``sim`` (the paper's CRM), ``din``,
+    ``logreg`` or a Table 2 baseline. The paper's "w/o long retriever" CRM is the default SIM with
+    ``history_mode=recent``: its long-term unit then reads the most recent 60 instead of the retrieved
+    top-60 (its short-term unit reads the most recent ``crm.short_term_length`` either way)."""
     crm: CRMConfig = dataclasses.field(default_factory=CRMConfig)
-    """Model settings of the CRM (``reclora_ds.models.crm.CRMConfig``): sizes, dropout, SIM's search."""
+    """Model settings of the CRM (``reclora_ds.models.crm.CRMConfig``): sizes, dropout, SIM's search.
+    SIM's defaults include its short-term unit over the last 10 behaviours and behaviour ages."""
     history_mode: str = "retrieved"
     """The behaviours each sample gives the CRM. ``retrieved`` (the paper, App. B.2): the ``history_length``
     behaviours of the sample's *whole* prior history most similar to the target, re-sorted into time
@@ -100,6 +102,12 @@ class CRMTrainConfig:
                 f"crm.search={self.crm.search} is SIM's own search over a window of the history, but "
                 "history_mode=retrieved already gives the retrieved top-K: use crm.search=precomputed, or "
                 "history_mode=recent with history_length = the window the search scans (e.g. 256)"
+            )
+        if self.model == "sim" and self.crm.short_term_length > DEFAULT_RECENT_LENGTH:
+            raise ValueError(
+                f"crm.short_term_length={self.crm.short_term_length}: at most {DEFAULT_RECENT_LENGTH}, the "
+                "short-term window every CRM batch carries (reclora_ds.data.loader.DEFAULT_RECENT_LENGTH; "
+                "stage 2 and the CRM-state readers build their batches with it)"
             )
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")

@@ -68,7 +68,7 @@ from reclora_ds import distributed as dist_utils
 from reclora_ds.config import config_to_dict, save_config
 from reclora_ds.cpu import enable_cpu_extras
 from reclora_ds.data.histories import RetrievedHistories, load_retrieved
-from reclora_ds.data.loader import CRMBatchLoader
+from reclora_ds.data.loader import DEFAULT_RECENT_LENGTH, CRMBatchLoader
 from reclora_ds.data.processed import ProcessedDataset, metadata_sha256
 from reclora_ds.files import write_json_atomic
 from reclora_ds.metrics import evaluate_predictions
@@ -243,7 +243,15 @@ def build_loader(
         seed=cfg.seed,
         drop_last=train,
         even_batches=True,
+        recent_length=DEFAULT_RECENT_LENGTH if reads_short_term(cfg) else 0,
     )
+
+
+def reads_short_term(cfg: CRMTrainConfig) -> bool:
+    """Whether the CRM reads the batch's short-term window (``recent_*``): SIM with ``short_term_length``.
+    Other models' training batches leave it out (it costs a gather); readers of a checkpoint always
+    build it (the loader's default), so any CRM scores from their batches."""
+    return cfg.model == "sim" and cfg.crm.short_term_length > 0
 
 
 def unwrap(model: nn.Module) -> nn.Module:

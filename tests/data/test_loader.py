@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from reclora_ds.data.histories import NO_ROW, RetrievedHistories, RetrievedHistoriesError
-from reclora_ds.data.loader import CRMBatchLoader, uniform_sample_ids
+from reclora_ds.data.loader import DEFAULT_RECENT_LENGTH, CRMBatchLoader, uniform_sample_ids
 from reclora_ds.data.processed import ProcessedDataset
 
 
@@ -54,8 +54,14 @@ def test_batch_schema(ds):
     b = batches[0]
     assert set(b) == {
         "sample_id", "label", "user_id", "item_id", "genre",
-        "hist_item", "hist_genre", "hist_rating", "hist_mask", "hist_len",
+        "hist_item", "hist_genre", "hist_rating", "hist_mask", "hist_age", "hist_len",
+        "recent_item", "recent_genre", "recent_rating", "recent_mask", "recent_age",
     }  # fmt: skip
+    assert b["recent_item"].shape == b["recent_age"].shape == (1000, DEFAULT_RECENT_LENGTH)
+    assert b["hist_age"].dtype == b["recent_age"].dtype == torch.int64
+    assert "recent_item" not in next(
+        iter(CRMBatchLoader(ds, "valid", 10, history_length=60, recent_length=0))
+    )
     for key in (
         "sample_id",
         "user_id",
@@ -85,16 +91,27 @@ def test_recent_history_equals_plain_python(ds, reference, split, length):
     timeline, item_id, genre_id = reference
     samples = ds.read_split(split, ["sample_id", "user_index"]).to_pylist()
     user_of = {s["sample_id"]: s["user_index"] for s in samples}
-    loader = CRMBatchLoader(ds, split, batch_size=4096, history_length=length)
+    recent = 5
+    loader = CRMBatchLoader(ds, split, batch_size=4096, history_length=length, recent_length=recent)
     seen_truncated = seen_padded = False
     for batch in loader:
         for k, sid in enumerate(batch["sample_id"].tolist()):
-            past = [t for t in timeline[user_of[sid]] if t[0] < sid][-length:]  # never at/after the sample
+            every = [t for t in timeline[user_of[sid]] if t[0] < sid]  # never at/after the sample
+            past = every[-length:]
             pad = [0] * (length - len(past))
             assert batch["hist_item"][k].tolist() == pad + [item_id[t[1]] for t in past]
             assert batch["hist_genre"][k].tolist() == pad + [genre_id[t[1]] for t in past]
             assert batch["hist_rating"][k].tolist() == pad + [round(2 * t[2]) for t in past]
             assert batch["hist_len"][k].item() == len(past)
+            # age: how many behaviours back; the last one before the sample is 1
+            assert batch["hist_age"][k].tolist() == pad + list(range(len(past), 0, -1))
+            short = every[-recent:]  # the short-term window, the same rule with R behaviours
+            short_pad = [0] * (recent - len(short))
+            assert batch["recent_item"][k].tolist() == short_pad + [item_id[t[1]] for t in short]
+            assert batch["recent_genre"][k].tolist() == short_pad + [genre_id[t[1]] for t in short]
+            assert batch["recent_rating"][k].tolist() == short_pad + [round(2 * t[2]) for t in short]
+            assert batch["recent_age"][k].tolist() == short_pad + list(range(len(short), 0, -1))
+            assert batch["recent_mask"][k].tolist() == [False] * len(short_pad) + [True] * len(short)
             seen_truncated |= len(past) == length and len(timeline[user_of[sid]]) > length
             seen_padded |= len(past) < length
     assert seen_truncated and seen_padded
@@ -273,6 +290,7 @@ def test_retrieved_histories_are_laid_out_in_time_order(ds):
         ds, "valid", 1000, history_length=5, history_mode="retrieved", retrieved=in_memory(ids, rows)
     )
     batch = next(iter(loader))
+    row_of = {int(s): r for r, s in enumerate(ds.timelines.sample_id.tolist())}  # a sample's own row
     for k, sid in enumerate(batch["sample_id"].tolist()):
         chosen = [r for r in by_id[sid] if r != NO_ROW]  # plain Python: right-aligned, oldest first
         expected = [0] * (5 - len(chosen)) + [int(items[ds.timelines.item_index[r]]) for r in chosen]
@@ -280,6 +298,9 @@ def test_retrieved_histories_are_laid_out_in_time_order(ds):
         assert batch["hist_rating"][k].tolist()[-len(chosen) :] == [
             round(2 * float(ds.timelines.rating[r])) for r in chosen
         ]
+        # age in behaviours: the sample's own timeline row minus the behaviour's row, found by search
+        own = row_of[sid]
+        assert batch["hist_age"][k].tolist() == [0] * (5 - len(chosen)) + [own - r for r in chosen]
     assert torch.equal(batch["hist_len"], batch["hist_mask"].sum(1))
 
 

@@ -46,7 +46,8 @@ ML25M_META = {
         "genre": {"source": "item", "column": "genre_id", "vocab_size": 7},
     },
 }
-SMALL = {"embedding_dim": 8, "attention_hidden": 16}
+# Long-term-only SIM without ages (the DIN of the authors' code behind a search unit) unless a test says otherwise (make_batch's short-term window holds 4 behaviours)
+SMALL = {"embedding_dim": 8, "attention_hidden": 16, "short_term_length": 0, "behaviour_age": False}
 
 
 def make_batch(meta: dict, batch: int = 6, length: int = 10, seed: int = 0, lengths=None) -> dict:
@@ -69,7 +70,7 @@ def make_batch(meta: dict, batch: int = 6, length: int = 10, seed: int = 0, leng
     out["hist_rating"] = torch.randint(1, 11, (batch, length), generator=g) * mask
     out["hist_mask"] = mask
     out["hist_len"] = lengths.long()
-    return out
+    return add_recent_window(out, meta, length=4, seed=seed + 100)
 
 
 def randomise_embeddings(model: nn.Module, seed: int = 1, std: float = 0.5) -> nn.Module:
@@ -131,6 +132,7 @@ MODEL_VARIANTS = [
     ("sim", {"search": "soft", "top_k": 4}),
     ("sim", {"search": "hard", "top_k": 2}),
     ("sim", {"search": "precomputed"}),
+    ("sim", {"short_term_length": 3, "behaviour_age": True, "tower_crosses": True}),
     ("logreg", {}),
 ]
 
@@ -170,9 +172,11 @@ def test_padded_positions_never_matter(name, overrides, kernels):
     assert pad.any()
     noisy = dict(batch)
     g = torch.Generator().manual_seed(7)
-    for key in ("hist_item", "hist_genre", "hist_rating"):
-        garbage = torch.randint(1, 7, batch[key].shape, generator=g)  # valid ids of every table
-        noisy[key] = torch.where(pad, garbage, batch[key])
+    for prefix in ("hist_", "recent_"):  # the long-term history and the short-term window
+        pad = ~batch[prefix + "mask"]
+        for key in ("item", "genre", "rating", "age"):
+            garbage = torch.randint(1, 7, batch[prefix + key].shape, generator=g)  # valid ids of every table
+            noisy[prefix + key] = torch.where(pad, garbage, batch[prefix + key])
     assert_same_output(model(batch), model(noisy))
 
 
@@ -370,7 +374,12 @@ def test_sim_and_din_share_parameter_names():
 
 
 @pytest.mark.parametrize(
-    ("name", "overrides"), [("sim", {"search": "soft", "top_k": 6}), ("din", {}), ("logreg", {})]
+    ("name", "overrides"),
+    [
+        ("sim", {"search": "soft", "top_k": 6, "short_term_length": 3, "behaviour_age": True}),
+        ("din", {}),
+        ("logreg", {}),
+    ],
 )
 def test_adamw_steps_reduce_bce_and_gradients_reach_every_part(name, overrides):
     torch.manual_seed(0)
@@ -393,6 +402,8 @@ def test_adamw_steps_reduce_bce_and_gradients_reach_every_part(name, overrides):
                 if name != "logreg"
                 else ["weights.item_id", "history_weights.item_id", "history_weights.genre", "head.bias"]
             )
+            if name == "sim":  # the short-term unit and the age embedding (stage 1 trains both)
+                parts += ["short_term_encoder.proj", "short_term_attention.mlp.0", "embeddings.age"]
             for part in parts:
                 reached = [
                     n
@@ -425,6 +436,8 @@ def test_adamw_steps_reduce_bce_and_gradients_reach_every_part(name, overrides):
         ({"item_merge": "mean"}, "item_merge"),
         ({"behaviour_fields": "item_id"}, "behaviour_fields"),
         ({"behaviour_fields": ("item_id", "item_id")}, "behaviour_fields"),
+        ({"behaviour_age": "yes"}, "behaviour_age"),
+        ({"tower_crosses": 1}, "tower_crosses"),
     ],
 )
 def test_config_errors_name_the_field(kwargs, field):
@@ -442,6 +455,10 @@ def test_config_defaults_and_per_dataset_settings():
         60,
     )
     assert (config.item_merge, config.dropout) == ("sum", 0.0)  # chosen by validation (docs/CRM_RESULTS.md)
+    # SIM's short-term unit over the last 10 and behaviour ages (section 6 there), no tower crosses; old
+    # checkpoints are the long-term-only SIM (checkpoint.py fills LEGACY_SIM in)
+    assert (config.short_term_length, config.behaviour_age, config.tower_crosses) == (10, True, False)
+    assert crm.LEGACY_SIM == {"short_term_length": 0, "behaviour_age": False}
     assert CRMConfig(tower=[128, 256]).tower == (128, 256)
     assert CRMConfig.for_dataset("ml-25m").attention_layers == 3
     assert CRMConfig.for_dataset("goodreads").embedding_dim == 32
@@ -503,3 +520,121 @@ def test_docstring_examples_run(module):
     for test in finder.find(module, globs=copy.copy(vars(module))):
         runner.run(test)
     assert runner.failures == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SIM's short-term unit, behaviour ages, tower crosses: against formulas and hand-written loops
+# ---------------------------------------------------------------------------------------------------------
+
+
+def add_recent_window(batch: dict, meta: dict, length: int = 5, seed: int = 20, lengths=None) -> dict:
+    """``batch`` plus a loader-like short-term window (``recent_*``, right-aligned) and behaviour ages."""
+    g = torch.Generator().manual_seed(seed)
+    out = dict(batch)
+    n = len(batch["label"])
+    if lengths is None:
+        lengths = torch.randint(0, length + 1, (n,), generator=g)
+        lengths[0] = length
+    mask = torch.arange(length)[None, :] >= (length - torch.as_tensor(lengths))[:, None]  # [B, R]
+    for name, info in meta["fields"].items():
+        if info["source"] == "item":
+            key = "recent_item" if name == "item_id" else f"recent_{name}"
+            out[key] = torch.randint(2, info["vocab_size"], (n, length), generator=g) * mask
+    out["recent_rating"] = torch.randint(1, 11, (n, length), generator=g) * mask
+    out["recent_mask"] = mask
+    out["recent_age"] = torch.arange(length, 0, -1).repeat(n, 1) * mask  # the last is 1 behaviour back
+    # long-term behaviours lie further back: strictly increasing ages to the left, spread over buckets
+    steps = torch.randint(1, 400, batch["hist_mask"].shape, generator=g)
+    age = steps.flip(1).cumsum(1).flip(1) + length
+    out["hist_age"] = age * batch["hist_mask"]
+    return out
+
+
+def test_age_bucket_equals_bit_length():
+    ages = [0, -3, 1, 2, 3, 4, 7, 8, 1023, 1024, 2**14 - 1, 2**14, 2**20]
+    expected = [0 if a <= 0 else min(a.bit_length(), crm.AGE_BUCKETS - 1) for a in ages]  # 1 + floor(log2 a)
+    assert crm.age_bucket(torch.tensor(ages)).tolist() == expected
+
+
+def test_pairwise_dots_equals_double_loop():
+    vectors = torch.randn(3, 5, 4)
+    out = crm.PairwiseDots()(vectors)
+    expected = [
+        [float(vectors[b, i] @ vectors[b, j]) for i in range(5) for j in range(i + 1, 5)] for b in range(3)
+    ]
+    torch.testing.assert_close(out, torch.tensor(expected))
+    assert out.shape[1] == crm.pair_count(5) == 10
+
+
+@pytest.mark.parametrize(("age", "crosses"), [(False, False), (True, False), (False, True), (True, True)])
+def test_sim_short_term_equals_hand_written_loop(age, crosses, kernels):
+    """logit = head(tower([fields; u_long; u_short (; <v_a, v_b>)])), every part written out per sample."""
+    S, R = 3, 5
+    model = build("sim", short_term_length=S, behaviour_age=age, tower_crosses=crosses, item_merge="sum")
+    batch = make_batch(ML1M_META, batch=4, length=7, seed=21, lengths=[7, 3, 0, 5])
+    batch = add_recent_window(batch, ML1M_META, length=R, lengths=[5, 2, 0, 3])
+    out = model(batch)
+    tables = model.embeddings.tables
+
+    def interest(b, prefix, n, encoder, attention):
+        target = tables["item_id"].weight[batch["item_id"][b]] + tables["genre"].weight[batch["genre"][b]]
+        total = torch.zeros_like(target)
+        width = batch[prefix + "mask"].shape[1]
+        for j in range(width - n, width):  # the last n positions
+            if not batch[prefix + "mask"][b, j]:
+                continue
+            item = tables["item_id"].weight[batch[prefix + "item"][b, j]]
+            item = item + tables["genre"].weight[batch[prefix + "genre"][b, j]]
+            parts = [item, model.embeddings.rating.weight[batch[prefix + "rating"][b, j]]]
+            if age:
+                bucket = min(int(batch[prefix + "age"][b, j]).bit_length(), crm.AGE_BUCKETS - 1)
+                parts.append(model.embeddings.age.weight[bucket])
+            h = torch.clamp(encoder.proj.weight @ torch.cat(parts) + encoder.proj.bias, min=0)
+            w = _mlp_by_hand(torch.cat([target, h, target - h, target * h]), attention.mlp)
+            total = total + (attention.out.weight @ w + attention.out.bias) * h
+        return total
+
+    for b in range(4):
+        long = interest(b, "hist_", 7, model.behaviour_encoder, model.attention)
+        short = interest(b, "recent_", S, model.short_term_encoder, model.short_term_attention)
+        fields = [tables[name].weight[batch[name][b]] for name in ML1M_META["fields"]]
+        vectors = [*fields, long, short]
+        pairs = [vectors[i] @ vectors[j] for i in range(len(vectors)) for j in range(i + 1, len(vectors))]
+        x = torch.cat([*vectors, torch.stack(pairs)]) if crosses else torch.cat(vectors)
+        hidden = _mlp_by_hand(x, model.tower.layers)
+        torch.testing.assert_close(out.hidden[b], hidden, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            out.logit[b], (model.head.weight @ hidden + model.head.bias)[0], rtol=1e-5, atol=1e-5
+        )
+
+
+def test_short_term_reads_only_its_last_positions_and_needs_the_window():
+    model = build("sim", short_term_length=2)
+    batch = add_recent_window(make_batch(ML1M_META, batch=5, seed=22), ML1M_META, length=5)
+    noisy = dict(batch)
+    for key in ("recent_item", "recent_genre", "recent_rating"):  # positions 0..2 are not the last 2
+        noisy[key] = batch[key].clone()
+        noisy[key][:, :3] = torch.randint(2, 7, (5, 3))
+    assert_same_output(model(batch), model(noisy))
+    changed = dict(batch)
+    changed["recent_item"] = batch["recent_item"].clone()
+    changed["recent_item"][0, -1] = batch["recent_item"][0, -1] % 38 + 2
+    assert not torch.allclose(model(changed).logit[0], model(batch).logit[0])
+    with pytest.raises(ValueError, match="holds 5 behaviours, 6 are needed"):
+        build("sim", short_term_length=6)(batch)
+    del batch["recent_item"]
+    with pytest.raises(KeyError, match="recent_item"):
+        model(batch)
+
+
+def test_long_term_only_sim_ignores_the_window_and_equals_din():
+    model = build("sim", short_term_length=0)
+    batch = add_recent_window(make_batch(ML1M_META, batch=5, seed=23), ML1M_META)
+    assert_same_output(model(batch), din_twin(model)(batch))
+    assert not any(name.startswith("short_term") for name, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("value", [-1, True, False, 2.0])
+def test_short_term_length_errors_name_the_field(value):
+    with pytest.raises(ValueError, match="CRMConfig.short_term_length"):
+        CRMConfig(short_term_length=value)

@@ -17,12 +17,19 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from reclora_ds import files
 from reclora_ds.config import ConfigError, load_config
-from reclora_ds.data.loader import CRMBatchLoader, uniform_sample_ids
+from reclora_ds.data.loader import DEFAULT_RECENT_LENGTH, CRMBatchLoader, uniform_sample_ids
 from reclora_ds.data.processed import ProcessedDataset
+from reclora_ds.distributed import DistInfo
 from reclora_ds.models.crm import CRMConfig
 from reclora_ds.training import checkpoint as ckpt
 from reclora_ds.training.crm_config import CRMTrainConfig
-from reclora_ds.training.crm_recipe import crm_config, lr_factor, per_rank_batch, run_crm_training
+from reclora_ds.training.crm_recipe import (
+    build_loader,
+    crm_config,
+    lr_factor,
+    per_rank_batch,
+    run_crm_training,
+)
 from reclora_ds.training.crm_states import (
     DatasetMismatchError,
     compute_crm_outputs,
@@ -236,15 +243,34 @@ def test_config_errors_are_collected():
     with pytest.raises(ConfigError) as info:
         load_config(CRMTrainConfig, None, ["model=dien", "crm.search=semantic", "lr_schedule=step"])
     msg = str(info.value)
-    for expected in ("model must be one of", "CRMConfig.search must be one of"):
+    for expected in ("model must be one of", "crm.search: expected one of"):
         assert expected in msg, msg
     with pytest.raises(ConfigError, match="history_mode=retrieved needs retrieval_dir"):
         load_config(CRMTrainConfig, None, ["history_mode=retrieved", "retrieval_dir="])
     with pytest.raises(ConfigError, match="crm.search=soft is SIM's own search"):
         load_config(CRMTrainConfig, None, ["history_mode=retrieved", "crm.search=soft"])
+    with pytest.raises(ConfigError, match=r"crm.short_term_length=21: at most 20, the short-term window"):
+        load_config(CRMTrainConfig, None, ["crm.short_term_length=21"])
+    assert load_config(CRMTrainConfig, None, ["model=din", "crm.short_term_length=21"]).model == "din"
     with pytest.raises(ValueError, match="divisible by the world size 3"):
         per_rank_batch(1024, 3)
     assert per_rank_batch(1024, 2) == 512
+
+
+@pytest.mark.parametrize(
+    ("overrides", "window"),
+    [([], DEFAULT_RECENT_LENGTH), (["crm.short_term_length=0"], 0), (["model=din"], 0)],
+)
+def test_only_a_short_term_sim_trains_on_the_recent_window(data_dir, overrides, window):
+    cfg = load_config(
+        CRMTrainConfig, CONFIGS / "sim_quickstart.yaml", [f"data_dir={data_dir}", *TINY, *overrides]
+    )
+    assert load_config(CRMTrainConfig, CONFIGS / "sim_quickstart.yaml").crm.short_term_length > 0
+    stage1 = CRMTrainConfig().crm  # no file: CRMConfig's defaults
+    assert (stage1.short_term_length, stage1.behaviour_age) == (10, True)
+    loader = build_loader(cfg, ProcessedDataset(data_dir), "valid", DistInfo(0, 0, 1))
+    assert loader.recent_length == window
+    assert ("recent_item" in next(iter(loader))) == bool(window)
 
 
 def test_lr_schedules():

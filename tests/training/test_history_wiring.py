@@ -101,6 +101,16 @@ def check_long_rows(ds, vectors, split, batch, length, *, retrieved=True):
     return checked
 
 
+def check_short_term_rows(ds, split, batch):
+    """SIM's short-term window (``recent_*``) holds the most recent behaviours, with their ages."""
+    by_id = samples_by_id(ds, split)
+    window = batch["recent_item"].shape[1]
+    for j, sid in enumerate(batch["sample_id"].tolist()):
+        rows = most_recent_rows(ds, by_id[sid], window)
+        assert batch["recent_item"][j].tolist() == encoded_items(ds, rows, window), sid
+        assert batch["recent_age"][j].tolist() == [0] * (window - len(rows)) + list(range(len(rows), 0, -1))
+
+
 def test_stage_one_crm_gets_the_brute_force_top_60_of_the_whole_history(retrieval):
     ds, vectors = retrieval["ds"], retrieval["vectors"]
     cfg = CRMTrainConfig(
@@ -113,12 +123,14 @@ def test_stage_one_crm_gets_the_brute_force_top_60_of_the_whole_history(retrieva
         batch = next(iter(loader))
         idx = torch.arange(0, len(batch["sample_id"]), max(1, len(batch["sample_id"]) // 40))
         selections += check_long_rows(ds, vectors, split, {k: v[idx] for k, v in batch.items()}, K_LONG)
+        check_short_term_rows(ds, split, {k: v[idx] for k, v in batch.items()})  # the stage-1 SIM reads it
     assert selections > 20  # many samples have more than 60 prior behaviours: the retrieval chose
 
 
 @pytest.fixture(scope="module")
 def retrieved_crm(retrieval):
-    """A (random) SIM checkpoint trained, as its crm.json says, on the retrieval folder's top-60."""
+    """A (random) stage-1 SIM checkpoint trained, as its crm.json says, on the retrieval folder's top-60
+    (with the short-term unit and behaviour ages of stage 1's default)."""
     spec = FeatureSpec.from_metadata(retrieval["ds"].metadata)
     config = CRMConfig(embedding_dim=8, attention_hidden=16, tower=(16, 16))
     crm = build_crm("sim", config, spec)
@@ -166,7 +178,10 @@ def test_stage_two_feeds_the_frozen_crm_the_rows_it_was_trained_on(retrieval, re
         assert loader.history_mode == "retrieved" and loader.history_length == K_LONG
         batch = next(iter(loader))
         check_long_rows(ds, vectors, split, batch, K_LONG)
+        check_short_term_rows(ds, split, batch)
         check_prompt_rows(loader, ds, vectors, split, K_SHORT, retrieved=True)
+        crm, _ = load_crm(retrieved_crm)  # the frozen CRM scores stage 2's batch as stage 1's
+        assert torch.isfinite(crm(batch).hidden).all()
 
 
 def test_ablations_give_the_most_recent_behaviours(retrieval, retrieved_crm, plora_assets):
