@@ -21,6 +21,7 @@ ALLOWED: dict[str, set[str]] = {
     "batch": set(),
     "distributed": set(),
     "package_data": set(),
+    "download": {"__init__", "files"},
     "data": {"__init__", "config", "files", "batch"},
     "models": {"batch"},  # pure: no I/O, no data layer, no training, no platform code
     "metrics": {"distributed"},
@@ -31,6 +32,7 @@ ALLOWED: dict[str, set[str]] = {
     "retrieval": FOUNDATION | {"data", "backbone", "llm_loader"},
     "training": FOUNDATION | {"data", "models", "metrics", "cpu", "backbone", "llm_loader", "retrieval"},
     "pipeline": FOUNDATION | {"data", "models", "metrics", "comparison", "training", "retrieval", "backbone"},
+    "experiments": FOUNDATION | {"data", "metrics", "training", "pipeline"},
     "commands": FOUNDATION
     | {
         "data",
@@ -42,6 +44,8 @@ ALLOWED: dict[str, set[str]] = {
         "backbone",
         "llm_loader",
         "pipeline",
+        "download",
+        "experiments",
     },
     "cli": FOUNDATION | {"data", "pipeline", "commands"},
     "__main__": {"cli"},

@@ -1,7 +1,8 @@
 """Run the stages in order; skip the finished ones, redo the stale ones, resume the interrupted one.
 
-Every stage has a hash: sha256 of its name, its resolved settings, the hashes of the stages it reads and a
-fingerprint of outside inputs (raw files, backbone). The record ``<run>/_pipeline/<stage>.json`` holds the
+Every stage has a hash: sha256 of its name, its resolved settings (without the paths between stages), the
+hashes of the stages it reads and a fingerprint of outside inputs (raw files, backbone); it names what the
+stage produces, not where. The record ``<run>/_pipeline/<stage>.json`` holds the
 hash, the status (``running`` / ``done``), start, end and wall time; ``<run>/_pipeline/<stage>.log`` holds
 everything the stage printed. Before a stage runs:
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import fcntl
 import hashlib
 import json
 import logging
@@ -28,17 +30,20 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from reclora_ds.distributed import free_port
 from reclora_ds.files import write_json_atomic
-from reclora_ds.pipeline.config import PipelineSettings
+from reclora_ds.pipeline.config import PipelineConfig, PipelineSettings
 from reclora_ds.pipeline.stages import Command, Stage, build_stages, stage_env
 
 log = logging.getLogger(__name__)
 
-PIPELINE_VERSION = 1  # part of every hash: bump when a stage's outputs change meaning
+PIPELINE_VERSION = 2  # part of every hash: bump when a stage's outputs or the hash's content change
+# 2: the connecting paths left the hashed settings (stages.CONNECTING_PATHS): a hash names content, so an
+#    experiment can share a stage folder between variants; records of version 1 are redone once.
 RECORD_DIR = "_pipeline"
 SLURM_LAUNCH = 'source "${RECLORA_SLURM_DIR:-launch/slurm}/common.sh" && reclora_launch "$@"'
 
@@ -94,97 +99,97 @@ def launch_argv(command: Command, nproc: int, launcher: str, plora_launcher: str
     ]
 
 
-class PipelineRunner:
-    """Plans and runs the stages of one pipeline file (see the module docstring)."""
+def plan_hashes(stages: list[Stage], fingerprint: Callable[[Stage], str] | None = None) -> dict[str, str]:
+    """``{stage name: hash}`` of stages in order (each reads only earlier ones).
 
-    def __init__(self, settings: PipelineSettings, from_stage: str | None = None) -> None:
-        from reclora_ds.pipeline.report import write_report
+    ``fingerprint``: how a stage's outside inputs are fingerprinted (default: its own ``fingerprint``; an
+    experiment passes a cache, so the raw files are read once for all its variants).
+    """
+    hashes: dict[str, str] = {}
+    for stage in stages:
+        if fingerprint is not None:
+            fp = fingerprint(stage)
+        else:
+            fp = stage.fingerprint() if stage.fingerprint else ""
+        hashes[stage.name] = stage_hash(stage, hashes, fp)
+    return hashes
 
-        self.settings = settings
-        self.run_dir = settings.pipeline.run_dir
-        self.records = self.run_dir / RECORD_DIR
-        self.stages = build_stages(settings, run_report=lambda: write_report(self.run_dir, settings))
-        names = [s.name for s in self.stages]
-        if from_stage is not None and from_stage not in names:
-            raise ValueError(f"--from {from_stage!r}: not a stage of this pipeline ({', '.join(names)})")
-        self.from_index = names.index(from_stage) if from_stage else len(names)
+
+class StageExecutor:
+    """Runs planned stages and keeps their records: one per stage under ``records`` (``<key>.json`` and
+    ``<key>.log``; a key may hold ``/``). The pipeline uses one per run, an experiment one per records folder.
+
+    A stage runs under an exclusive lock (``<key>.lock``, released by the OS if the process dies), and its
+    record is read again once the lock is held: two commands sharing a stage folder (two experiments over
+    one store) never run it at the same time, and the second skips what the first finished.
+    """
+
+    def __init__(self, records: Path) -> None:
+        self.records = Path(records)
         self._child: subprocess.Popen | None = None
 
-    # ------------------------------------------------------------------------------------------------------
-    def record(self, name: str) -> dict[str, Any] | None:
-        path = self.records / f"{name}.json"
+    def path(self, key: str, suffix: str) -> Path:
+        return self.records / f"{key}{suffix}"
+
+    def record(self, key: str) -> dict[str, Any] | None:
+        path = self.path(key, ".json")
         return json.loads(path.read_text()) if path.is_file() else None
 
-    def _write_record(self, name: str, record: dict[str, Any]) -> None:
-        self.records.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.records / f"{name}.json", record)
+    def write_record(self, key: str, record: dict[str, Any]) -> None:
+        path = self.path(key, ".json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, record)
 
-    def plan(self) -> list[PlannedStage]:
-        """Each stage with its hash and what a run will do with it (fingerprints are computed here)."""
-        hashes: dict[str, str] = {}
-        planned = []
-        for index, stage in enumerate(self.stages):
-            fingerprint = stage.fingerprint() if stage.fingerprint else ""
-            h = hashes[stage.name] = stage_hash(stage, hashes, fingerprint)
-            rec = self.record(stage.name)
-            if index >= self.from_index:
-                action = "forced"
-            elif stage.name == "report":
-                action = "run"  # cheap, and it reads every stage's latest numbers
-            elif rec is None:
-                action = "run"
-            elif rec.get("hash") != h:
-                action = "redo"
-            else:
-                action = "skip" if rec.get("status") == "done" else "resume"
-            planned.append(PlannedStage(stage, h, action))
-        return planned
+    def action(self, key: str, h: str) -> str:
+        """``skip`` (done, same hash), ``resume`` (running, same hash), ``redo`` (another hash), ``run``."""
+        rec = self.record(key)
+        if rec is None:
+            return "run"
+        if rec.get("hash") != h:
+            return "redo"
+        return "skip" if rec.get("status") == "done" else "resume"
 
-    # ------------------------------------------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
-        """Run the plan; returns ``{stage: record}``. Raises :class:`PipelineError` on a failed stage."""
-        plan = self.plan()
-        p = self.settings.pipeline
-        print(f"pipeline {p.name}: {len(plan)} stages under {self.run_dir} (config {self.settings.source})")
-        for item in plan:
-            print(f"  {item.stage.name:<11} {item.action:<7} {item.hash[:12]}")
-        sys.stdout.flush()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        records = {}
-        total = time.perf_counter()
-        for number, item in enumerate(plan, 1):
-            name = item.stage.name
-            if item.action == "skip":
-                records[name] = self.record(name)
-                continue
-            out = self.run_dir / name
-            if item.action in ("redo", "forced") and out.exists():
+    def execute(
+        self, item: PlannedStage, pipeline: PipelineConfig, key: str, title: str, port_offset: int = 0
+    ) -> dict[str, Any]:
+        """Run one planned stage (not a ``skip``) and return its ``done`` record.
+
+        Raises:
+            PipelineError: a command of the stage failed (the message names its log).
+        """
+        name, out = item.stage.name, item.stage.folder
+        lock_path = self.path(key, ".lock")
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock_path, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            action = item.action
+            # another process may have run it while this one planned or waited (not for a forced stage, nor
+            # for an inline one: the report always runs)
+            if action != "forced" and item.stage.run_inline is None:
+                action = self.action(key, item.hash)
+                if action == "skip":
+                    return self.record(key) or {}
+            if action in ("redo", "forced") and out.exists():
                 shutil.rmtree(out)
             start = time.time()
-            self._write_record(
-                name, {"stage": name, "hash": item.hash, "status": "running", "started": _now()}
-            )
-            print(
-                f"\n=== [{number}/{len(plan)}] {name} ({item.action}) log: {self.records / (name + '.log')}"
-            )
+            self.write_record(key, {"stage": name, "hash": item.hash, "status": "running", "started": _now()})
+            print(f"\n=== {title} {name} ({action}) log: {self.path(key, '.log')}")
             sys.stdout.flush()
-            self._run_stage(item.stage, out)
-            records[name] = {
+            self._run_stage(item.stage, pipeline, key, port_offset)
+            record = {
                 "stage": name,
                 "hash": item.hash,
                 "status": "done",
                 "started": _iso(start),
                 "finished": _now(),
                 "wall_s": round(time.time() - start, 2),
+                "folder": str(out),
             }
-            self._write_record(name, records[name])
-        print(
-            f"\npipeline {p.name} finished in {time.perf_counter() - total:.0f} s; report: {self.run_dir / 'report.md'}"
-        )
-        return records
+            self.write_record(key, record)
+        return record
 
-    def _run_stage(self, stage: Stage, out: Path) -> None:
-        p = self.settings.pipeline
+    def _run_stage(self, stage: Stage, p: PipelineConfig, key: str, port_offset: int) -> None:
+        out = stage.folder
         if stage.write_files:
             out.mkdir(parents=True, exist_ok=True)
             for filename, text in stage.write_files.items():
@@ -196,14 +201,14 @@ class PipelineRunner:
         threads = p.threads_per_rank or (
             None if p.launcher == "slurm" else max(1, (os.cpu_count() or 1) // p.nproc)
         )
-        logfile = self.records / f"{stage.name}.log"
+        logfile = self.path(key, ".log")
         with open(logfile, "ab") as logf:
             for command in stage.commands:
                 argv = launch_argv(command, p.nproc, p.launcher, p.plora_launcher)
                 distributed = command.kind != "python" and (p.nproc > 1 or p.launcher == "slurm")
                 env = stage_env(threads if distributed else None)
                 if p.launcher == "slurm" and "MASTER_PORT" in env:  # a fresh rendezvous port per stage step
-                    env["MASTER_PORT"] = str(int(env["MASTER_PORT"]) + 1 + self._stage_number(stage))
+                    env["MASTER_PORT"] = str(int(env["MASTER_PORT"]) + 1 + port_offset)
                 logf.write(f"$ {' '.join(argv)}\n".encode())
                 rc = self._stream(argv, env, logf)
                 if rc != 0:
@@ -211,9 +216,6 @@ class PipelineRunner:
                         f"stage {stage.name} failed: `{' '.join(argv)}` exited with status {rc}; "
                         f"its output is in {logfile}. Fix the cause and rerun: finished stages are skipped."
                     )
-
-    def _stage_number(self, stage: Stage) -> int:
-        return [s.name for s in self.stages].index(stage.name)
 
     def _stream(self, argv: list[str], env: dict[str, str], logf: Any) -> int:
         """Run ``argv`` in this working directory; copy its output to this terminal and the log as it comes."""
@@ -242,7 +244,70 @@ class PipelineRunner:
                 self._child.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 self._child.kill()
-        raise KeyboardInterrupt(f"pipeline interrupted by signal {signum}; rerun to continue")
+        raise KeyboardInterrupt(f"interrupted by signal {signum}; rerun to continue")
+
+
+class PipelineRunner:
+    """Plans and runs the stages of one pipeline file (see the module docstring)."""
+
+    def __init__(self, settings: PipelineSettings, from_stage: str | None = None) -> None:
+        from reclora_ds.pipeline.report import write_report
+
+        self.settings = settings
+        self.run_dir = settings.pipeline.run_dir
+        self.records = self.run_dir / RECORD_DIR
+        self.executor = StageExecutor(self.records)
+        self.stages = build_stages(settings, run_report=lambda: write_report(self.run_dir, settings))
+        names = [s.name for s in self.stages]
+        if from_stage is not None and from_stage not in names:
+            raise ValueError(f"--from {from_stage!r}: not a stage of this pipeline ({', '.join(names)})")
+        self.from_index = names.index(from_stage) if from_stage else len(names)
+
+    # ------------------------------------------------------------------------------------------------------
+    def record(self, name: str) -> dict[str, Any] | None:
+        return self.executor.record(name)
+
+    def _write_record(self, name: str, record: dict[str, Any]) -> None:
+        self.executor.write_record(name, record)
+
+    def plan(self) -> list[PlannedStage]:
+        """Each stage with its hash and what a run will do with it (fingerprints are computed here)."""
+        hashes = plan_hashes(self.stages)
+        planned = []
+        for index, stage in enumerate(self.stages):
+            if index >= self.from_index:
+                action = "forced"
+            elif stage.name == "report":
+                action = "run"  # cheap, and it reads every stage's latest numbers
+            else:
+                action = self.executor.action(stage.name, hashes[stage.name])
+            planned.append(PlannedStage(stage, hashes[stage.name], action))
+        return planned
+
+    # ------------------------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Run the plan; returns ``{stage: record}``. Raises :class:`PipelineError` on a failed stage."""
+        plan = self.plan()
+        p = self.settings.pipeline
+        print(f"pipeline {p.name}: {len(plan)} stages under {self.run_dir} (config {self.settings.source})")
+        for item in plan:
+            print(f"  {item.stage.name:<11} {item.action:<7} {item.hash[:12]}")
+        sys.stdout.flush()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        records = {}
+        total = time.perf_counter()
+        for number, item in enumerate(plan, 1):
+            name = item.stage.name
+            if item.action == "skip":
+                records[name] = self.record(name)
+                continue
+            records[name] = self.executor.execute(
+                item, p, name, f"[{number}/{len(plan)}]", port_offset=number - 1
+            )
+        print(
+            f"\npipeline {p.name} finished in {time.perf_counter() - total:.0f} s; report: {self.run_dir / 'report.md'}"
+        )
+        return records
 
 
 def _iso(t: float) -> str:

@@ -5,9 +5,11 @@
 The CRM (``sim``) trains on the retrieval's output (the paper's wiring, App. B.2: SIM and RecLoRA share one
 retrieval over the whole lifelong history), and stage 2 feeds the frozen CRM the same rows.
 
-Each :class:`Stage` knows its output folder (``<runs_dir>/<name>/<stage>``), the stages it reads, the
+Each :class:`Stage` knows its output folder (``<runs_dir>/<name>/<stage>`` by default; an experiment puts the
+shared ones under a content-addressed store, :mod:`reclora_ds.experiments.plan`), the stages it reads, the
 resolved settings that shape its output (hashed by :mod:`reclora_ds.pipeline.runner`, together with its
-inputs' hashes) and the commands that produce it, each a module of the installed package
+inputs' hashes; the paths that connect stages are left out of them, :data:`CONNECTING_PATHS`, so a hash
+names content, not a location) and the commands that produce it, each a module of the installed package
 (:mod:`reclora_ds.commands`, so no checkout is needed): ``train_sim`` and ``extract_item_embeddings`` on
 ``nproc`` ranks (``torchrun -m``), ``train_plora`` under the DeepSpeed launcher (``--module``), the others as
 one process (``python -m``). The ``report`` stage runs in the pipeline's process.
@@ -25,10 +27,19 @@ import yaml
 
 from reclora_ds.config import config_to_dict
 from reclora_ds.files import files_fingerprint
-from reclora_ds.pipeline.config import PipelineSettings
+from reclora_ds.pipeline.config import PIPELINE_OWNED, PipelineSettings
 
 COMMANDS = "reclora_ds.commands"  # the package of the entry-point modules the stages run
 CONFIG_FILE = "stage_config.yaml"  # the resolved config a stage's command reads, in the stage folder
+UPSTREAM = ("prepare", "backbone", "embeddings", "index", "retrieval", "sim")
+"""The stages before stage 2, in order: what variants of an experiment can share."""
+
+# The pipeline-owned keys that are paths between stages (not plora.mode, not the backbone setting): left out
+# of a stage's hashed settings, because the hashes of the stages they point to are already part of its hash.
+CONNECTING_PATHS: dict[str, tuple[str, ...]] = {
+    section: tuple(k for k in keys if f"{section}.{k}" not in ("plora.mode", "embeddings.backbone"))
+    for section, keys in PIPELINE_OWNED.items()
+}
 
 
 @dataclasses.dataclass
@@ -47,13 +58,14 @@ class Stage:
     """One step of the pipeline.
 
     Attributes:
-        name: the stage's name (``--from`` takes it); its folder is ``run_dir / name``.
+        name: the stage's name (``--from`` takes it).
         inputs: the stages whose outputs it reads (their hashes enter its own).
-        settings: everything besides the inputs that shapes its output (hashed).
+        settings: everything besides the inputs that shapes its output (hashed); no connecting paths.
         commands: what produces the output, run in order.
         write_files: files the stage's commands read (its resolved config), written just before they run.
         fingerprint: a digest of outside inputs (raw data files, the backbone folder), computed at plan time.
         run_inline: instead of commands, a function of the run folder (the report).
+        folder: its output folder (``run_dir / name`` in a pipeline).
     """
 
     name: str
@@ -63,6 +75,7 @@ class Stage:
     write_files: dict[str, str] = dataclasses.field(default_factory=dict)
     fingerprint: Callable[[], str] | None = None
     run_inline: Callable[[], None] | None = None
+    folder: Path = Path()
 
 
 def raw_files_fingerprint(raw_dir: str) -> str:
@@ -87,13 +100,20 @@ def backbone_fingerprint(backbone: str) -> str:
     return files_fingerprint(folder, [p for p in folder.rglob("*") if p.is_file()])
 
 
+def override_arg(key: str, value: Any) -> str:
+    """One ``key=value`` argument whose value reads back (YAML flow) as ``value``."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 16).strip()
+    return f"{key}={text.removesuffix('...').strip()}"
+
+
 def _as_overrides(cfg: Any) -> list[str]:
     """A flat config dataclass as ``key=value`` arguments (YAML flow values)."""
-    out = []
-    for key, value in config_to_dict(cfg).items():
-        text = yaml.safe_dump(value, default_flow_style=True, width=1 << 16).strip()
-        out.append(f"{key}={text.removesuffix('...').strip()}")
-    return out
+    return [override_arg(key, value) for key, value in config_to_dict(cfg).items()]
+
+
+def _hashed(section: str, cfg: Any) -> dict[str, Any]:
+    """The settings of a stage config that shape its output: every field but the connecting paths."""
+    return {k: v for k, v in config_to_dict(cfg).items() if k not in CONNECTING_PATHS.get(section, ())}
 
 
 def _yaml(section: str | None, cfg: Any) -> str:
@@ -122,16 +142,35 @@ def retrieval_ks(settings: PipelineSettings) -> tuple[int, ...]:
     return tuple(sorted(ks, reverse=True))
 
 
-def build_stages(settings: PipelineSettings, run_report: Callable[[], None] | None = None) -> list[Stage]:
+def build_stages(
+    settings: PipelineSettings,
+    run_report: Callable[[], None] | None = None,
+    *,
+    dirs: dict[str, Path] | None = None,
+    ks: tuple[int, ...] | None = None,
+) -> list[Stage]:
     """The stages of ``settings``, with every connecting path filled in (configs are copied, not changed).
 
     Order: prepare, backbone, embeddings, index, retrieval (when a K is read, :func:`retrieval_ks`), the CRM
     (``sim``, on the retrieval's ``rows_k<L>`` by default), one stage per ``pipeline.modes``, report.
+
+    Args:
+        dirs: the output folder of any stage (by name); the others get ``<run_dir>/<name>``.
+        ks: the K values the retrieval stage writes, a superset of :func:`retrieval_ks` (an experiment
+            retrieves once for all its variants); default exactly those.
     """
     p = settings.pipeline
     run = p.run_dir
-    d = {name: run / name for name in ("prepare", "sim", "embeddings", "index", "retrieval")}
-    ks = retrieval_ks(settings)
+    needed = retrieval_ks(settings)
+    if ks is None or not needed:
+        ks = needed
+    elif not set(needed) <= set(ks):
+        raise ValueError(
+            f"retrieval ks {list(ks)} lack {sorted(set(needed) - set(ks))}, which the stages read"
+        )
+    ks = tuple(sorted(set(ks), reverse=True))
+    names = (*UPSTREAM, *p.modes, "report")
+    d = {name: Path((dirs or {}).get(name, run / name)) for name in names}
     retrieval = ("retrieval",) if ks else ()
 
     prepare = dataclasses.replace(settings.prepare, output_dir=str(d["prepare"]))
@@ -146,7 +185,7 @@ def build_stages(settings: PipelineSettings, run_report: Callable[[], None] | No
         Stage(
             "prepare",
             (),
-            {"prepare": config_to_dict(prepare)},
+            {"prepare": _hashed("prepare", prepare)},
             [Command("reclora_ds", ["prepare", "--config", str(d["prepare"] / CONFIG_FILE)])],
             {CONFIG_FILE: _yaml("prepare", prepare)},
             fingerprint=lambda: raw_files_fingerprint(prepare.raw_dir),
@@ -164,7 +203,7 @@ def build_stages(settings: PipelineSettings, run_report: Callable[[], None] | No
             Stage(
                 "embeddings",
                 ("prepare", "backbone"),
-                {"embeddings": config_to_dict(embeddings)},
+                {"embeddings": _hashed("embeddings", embeddings)},
                 [
                     Command(
                         f"{COMMANDS}.extract_item_embeddings",
@@ -208,7 +247,7 @@ def build_stages(settings: PipelineSettings, run_report: Callable[[], None] | No
         Stage(
             "sim",
             crm_inputs,
-            {"sim": config_to_dict(sim)},
+            {"sim": _hashed("sim", sim)},
             [Command(f"{COMMANDS}.train_sim", ["--config", str(d["sim"] / CONFIG_FILE)], "torchrun")],
             {CONFIG_FILE: _yaml(None, sim)},
         )
@@ -218,7 +257,7 @@ def build_stages(settings: PipelineSettings, run_report: Callable[[], None] | No
             settings.plora,
             mode=mode,
             data_dir=str(d["prepare"]),
-            output_dir=str(run / mode),
+            output_dir=str(d[mode]),
             crm_path=str(d["sim"]),
             retrieval_dir=str(d["retrieval"]) if ks else "",
         )
@@ -226,13 +265,13 @@ def build_stages(settings: PipelineSettings, run_report: Callable[[], None] | No
             Stage(
                 mode,
                 ("prepare", "backbone", "sim", *retrieval),
-                {"plora": config_to_dict(cfg)},
-                [Command(f"{COMMANDS}.train_plora", ["--config", str(run / mode / CONFIG_FILE)], "deepspeed")],
+                {"plora": _hashed("plora", cfg)},
+                [Command(f"{COMMANDS}.train_plora", ["--config", str(d[mode] / CONFIG_FILE)], "deepspeed")],
                 {CONFIG_FILE: _yaml("plora", cfg)},
             )
         )  # fmt: skip
     stages.append(Stage("report", ("sim", *p.modes), {"modes": list(p.modes)}, run_inline=run_report))
-    return stages
+    return [dataclasses.replace(stage, folder=d[stage.name]) for stage in stages]
 
 
 def stage_env(threads: int | None) -> dict[str, str]:
