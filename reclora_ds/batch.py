@@ -17,6 +17,9 @@ Keys of a CRM batch (dict of tensors)::
     hist_rating int64   [B, L]   rating bucket round(RATING_SCALE * rating): 1..10 for 0.5..5 stars, 0 = pad
     hist_mask   bool    [B, L]   True on real behaviours
     hist_len    int64   [B]      number of real behaviours
+    hist_age    int64   [B, L]   how many behaviours before the sample each one is (1 = the previous), 0 = pad
+    recent_*    ...     [B, R]   the R most recent behaviours as recent_item, recent_<f>, recent_rating,
+                                 recent_mask, recent_age (the short-term window, in both history modes)
 
 A stage-2 batch adds ``input_ids``, ``attention_mask`` [B, T], ``labels`` [B, T] (answer tokens, else
 :data:`IGNORE_INDEX`), ``answer_position`` [B] and ``user_index`` [B].
@@ -36,6 +39,8 @@ RATING_BUCKETS = 11  # 0 = pad, 1..10 = 0.5..5 stars (1..5 star scales use the e
 HIST_MASK = "hist_mask"
 HIST_LEN = "hist_len"
 HIST_RATING = "hist_rating"
+HIST_AGE = "hist_age"  # each behaviour's age in behaviours (1 = the previous interaction, 0 = pad)
+RECENT_PREFIX = "recent_"  # keys of the short-term window: recent_item, recent_<f>, recent_rating, ...
 
 IGNORE_INDEX = -100  # label of every token that is not an answer token (torch cross_entropy's default)
 

@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from reclora_ds.files import SidecarError, read_sidecar
+from reclora_ds.config import STAGE_CONFIG_FILE
+from reclora_ds.files import SidecarError, listing_problems, read_sidecar
 
 FORMAT = "reclora_ds.retrieval"
 FORMAT_VERSION = 2  # 2: the sidecar names its format
@@ -158,6 +159,18 @@ def load_retrieved(
     """
     folder = Path(folder)
     meta = read_retrieval_sidecar(folder)
+    listed = meta.get("files")
+    if not isinstance(listed, dict):
+        raise RetrievedHistoriesError(
+            f"{folder / SIDECAR_FILE}: has no file list ('files'): written by an older reclora_ds; run the "
+            "retrieval again"
+        )
+    problems = listing_problems(folder, listed, SIDECAR_FILE, also_allowed=(STAGE_CONFIG_FILE,))
+    if problems:
+        raise RetrievedHistoriesError(
+            f"{folder}: does not match its {SIDECAR_FILE} (an interrupted or mixed write?): "
+            + "; ".join(problems)
+        )
     if mode is not None and meta["mode"] != mode:
         raise RetrievedHistoriesError(
             f"{folder / SIDECAR_FILE}: holds mode {meta['mode']!r}, asked for {mode!r}"

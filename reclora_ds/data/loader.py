@@ -63,15 +63,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from reclora_ds.batch import PAD_ID, RATING_SCALE, history_key
+from reclora_ds.batch import PAD_ID, RATING_SCALE, RECENT_PREFIX, history_key
 from reclora_ds.data.histories import NO_ROW, RetrievedHistories
 from reclora_ds.data.processed import ProcessedDataset, feature_columns
 
 log = logging.getLogger(__name__)
 
 HISTORY_MODES = ("recent", "retrieved")
-HIST_AGE = "hist_age"  # batch key of each behaviour's age in behaviours (also read by models/crm.py)
-RECENT_PREFIX = "recent_"  # batch keys of the short-term window: recent_item, recent_<f>, ... (models/crm.py)
 DEFAULT_RECENT_LENGTH = 20  # R: the short-term window every batch carries (SIM's short-term interest)
 DEFAULT_BUFFER_ROWS = 1 << 21  # rows shuffled together in memory (whole files)
 SAMPLE_COLUMNS = ("sample_id", "label", "user_index", "hist_len")

@@ -31,19 +31,13 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import nn
 
-from reclora_ds.batch import PAD_ID, RATING_BUCKETS, history_key
+from reclora_ds.batch import HIST_AGE, PAD_ID, RATING_BUCKETS, history_key
 from reclora_ds.models import ops
 
 SEARCHES = ("soft", "hard", "precomputed")
 ITEM_MERGES = ("concat", "sum")
 FIELD_SOURCES = ("user", "item")
 
-# Batch key of each behaviour's age in behaviours (1 = the previous interaction, 0 = pad); written by
-# reclora_ds.data.loader (HIST_AGE there: the batch contract module, reclora_ds.batch, should hold it once).
-HIST_AGE = "hist_age"
-# Prefix of the short-term window's batch keys (recent_item, recent_<f>, recent_rating, recent_mask,
-# recent_age: the loader's RECENT_PREFIX; reclora_ds.batch should hold it once).
-RECENT_PREFIX = "recent_"
 # Age buckets of ``behaviour_age``: 0 = pad, b = 1 + floor(log2(age)) for age >= 1 (ages 1, 2-3, 4-7, ...),
 # every age from 2^(AGE_BUCKETS - 2) on shares the last bucket.
 AGE_BUCKETS = 16

@@ -73,10 +73,9 @@ from collections.abc import Mapping
 
 import torch
 
-from reclora_ds.batch import FIRST_KNOWN_ID, history_key
+from reclora_ds.batch import FIRST_KNOWN_ID, RECENT_PREFIX, history_key
 from reclora_ds.models import ops
 from reclora_ds.models.crm import (
-    RECENT_PREFIX,
     BehaviourEncoder,
     Behaviours,
     CRMConfig,

@@ -438,10 +438,6 @@ def test_retrieval_folder_check_refuses_differences(tmp_path, retrieval_setup):
     assert sorted(p.name for p in user.iterdir()) == ["notes.txt"]
 
 
-@pytest.mark.xfail(
-    reason="reclora_ds/data/histories.py (not in this change): load_retrieved does not check the 'files' list yet",
-    strict=False,
-)
 def test_load_retrieved_refuses_an_unlisted_rows_file(tmp_path, retrieval_setup):
     out = tmp_path / "ret"
     retrieve_histories(retrieval_setup["data"], retrieval_setup["index"], ks=(12, 4), out_dir=out)
