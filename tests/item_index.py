@@ -7,14 +7,18 @@ real embeddings-folder format, so the index and retrieval code paths are the pro
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 
 from reclora_ds.data.processed import ProcessedDataset
-from reclora_ds.retrieval.index import build_index, load_item_embeddings, make_sidecar, save_index
+from reclora_ds.retrieval.index import (
+    build_index,
+    load_item_embeddings,
+    make_sidecar,
+    save_index,
+    write_item_embeddings,
+)
 from reclora_ds.retrieval.index_space import fit_pca, to_index_space
 
 
@@ -33,11 +37,8 @@ def build_item_index(
     same_text = rng.random(len(genre)) < duplicates  # items whose description is their genre's: ties
     x[same_text] = centers[genre[same_text]]
     emb_dir = root / "emb"
-    emb_dir.mkdir(parents=True)
-    np.save(emb_dir / "embeddings.npy", x.astype(np.float32))
-    sha = hashlib.sha256((emb_dir / "embeddings.npy").read_bytes()).hexdigest()
-    (emb_dir / "embeddings.json").write_text(
-        json.dumps({"n_items": len(x), "dim": dim, "backbone": "test", "sha256": sha, "dataset": str(data)})
+    write_item_embeddings(
+        emb_dir, x.astype(np.float32), np.arange(len(x)), {"backbone": "test", "dataset": str(data)}
     )
     emb = load_item_embeddings(emb_dir, expected_n_items=len(x))
     pca = fit_pca(emb.vectors, components)
