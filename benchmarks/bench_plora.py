@@ -2,7 +2,7 @@
 (issue #16).
 
     python benchmarks/bench_plora.py --stage2 --runs runs/quickstart          # real stage 2, 2 ranks (below)
-    python benchmarks/bench_plora.py --stage2 --runs runs/quickstart --quick  # 2 variants, a few steps
+    python benchmarks/bench_plora.py --stage2 --runs runs/quickstart --quick  # the last speed-ups, 2 steps
     python benchmarks/bench_plora.py                        # SmolLM2-135M-Instruct, CPU, float32, B=4, T=256
     python benchmarks/bench_plora.py --tiny                 # smoke run on a random 2-layer Llama (< 1 min)
     python benchmarks/bench_plora.py --device cuda --dtype bfloat16 --batch 8
@@ -15,7 +15,10 @@ Variants, all on ``q_proj`` and ``v_proj`` with r=8, alpha=16, adapter dropout 0
   * ``plora-N{2,4,16}-products`` / ``-factors``   :func:`reclora_ds.models.inject.inject_plora` with one gate
     per adapted projection (gate dropout 0.1, the default), routed by
     :func:`reclora_ds.models.inject.route_gate_inputs` with a random CRM state [B, 256] standing in for the
-    frozen CRM's (the CRM itself is not run: it is not part of PLoRA's cost).
+    frozen CRM's (the CRM itself is not run: it is not part of PLoRA's cost);
+  * ``plora-N{n}-{mixing}-fp32math`` (only with ``--only``): the same with ``compute_dtype="params"``, the bank's
+    GEMMs in float32 on the activations cast to it (the default computes in the activations' dtype, bf16 under
+    ``--dtype bfloat16``).
 
 The step is stage 2's (``RecLLM._forward_lm``): a left-padded batch of prompts (lengths drawn in
 [0.8 T, T]) ending with the two tokens of ``"Yes."``; the LM gets ``attention_mask``, ``position_ids``
@@ -158,7 +161,9 @@ def build_lora(base: nn.Module) -> nn.Module:
     return get_peft_model(shared_copy(base), config)
 
 
-def build_plora(base: nn.Module, num_experts: int, mixing: str) -> nn.Module:
+def build_plora(
+    base: nn.Module, num_experts: int, mixing: str, compute_dtype: str = "activations"
+) -> nn.Module:
     model = shared_copy(base)
     config = PLoRAConfig(
         num_experts=num_experts,
@@ -168,6 +173,7 @@ def build_plora(base: nn.Module, num_experts: int, mixing: str) -> nn.Module:
         mixing=mixing,
         target_modules=TARGET_MODULES,
         crm_dim=CRM_DIM,
+        compute_dtype=compute_dtype,
     )
     inject_plora(model, config)
     return model
@@ -263,17 +269,25 @@ class Variant:
             self.model.train()
 
 
+# suffix of a PLoRA variant whose bank computes in its float32 parameters' dtype (compute_dtype="params")
+# instead of the activations' (the default): the two differ only under a bf16 / fp16 backbone
+FP32_MATH = "-fp32math"
+
+
 def variant_names() -> list[str]:
-    return [BASELINE] + [f"plora-N{n}-{mixing}" for n in EXPERT_COUNTS for mixing in MIXINGS]
+    plora = [f"plora-N{n}-{mixing}" for n in EXPERT_COUNTS for mixing in MIXINGS]
+    return [BASELINE, *plora, *(name + FP32_MATH for name in plora)]
 
 
 def build_variants(base: nn.Module, names: list[str]) -> list[Variant]:
     variants = [Variant(BASELINE, build_lora(base), routed_plora=False)]
-    for num_experts in EXPERT_COUNTS:
-        for mixing in MIXINGS:
-            name = f"plora-N{num_experts}-{mixing}"
-            if name in names:
-                variants.append(Variant(name, build_plora(base, num_experts, mixing), routed_plora=True))
+    for suffix, compute_dtype in (("", "activations"), (FP32_MATH, "params")):
+        for num_experts in EXPERT_COUNTS:
+            for mixing in MIXINGS:
+                name = f"plora-N{num_experts}-{mixing}{suffix}"
+                if name in names:
+                    model = build_plora(base, num_experts, mixing, compute_dtype)
+                    variants.append(Variant(name, model, routed_plora=True))
     return variants
 
 
@@ -664,14 +678,23 @@ STAGE2_CONFIG = "launch/configs/plora_quickstart.yaml"
 STAGE2_RANKS = 2
 PROBE_SHAPE = (1024, 576, 1536)  # M, K, N: a SmolLM2 MLP projection of 1024 tokens
 # (name, overrides): one speed-up switched on at a time, then all of them, then LoRA with all of them
+# (the fp32 adapter math and sdpa attention of the first five are the settings before the last two speed-ups)
+_OLD = ("adapter.compute_dtype=params", "attn_implementation=sdpa")
+_ALL = ("dtype=auto", "length_group_size=8", "eval_batch_size=32")
 STAGE2_VARIANTS: list[tuple[str, tuple[str, ...]]] = [
-    ("fp32", ("dtype=float32", "length_group_size=0", "eval_batch_size=8")),
-    ("bf16", ("dtype=auto", "length_group_size=0", "eval_batch_size=8")),
-    ("bf16+group", ("dtype=auto", "length_group_size=8", "eval_batch_size=8")),
-    ("bf16+group+eval32", ("dtype=auto", "length_group_size=8", "eval_batch_size=32")),
-    ("lora bf16+group+eval32", ("mode=lora", "dtype=auto", "length_group_size=8", "eval_batch_size=32")),
+    ("fp32", ("dtype=float32", "length_group_size=0", "eval_batch_size=8", *_OLD)),
+    ("bf16", ("dtype=auto", "length_group_size=0", "eval_batch_size=8", *_OLD)),
+    ("bf16+group", ("dtype=auto", "length_group_size=8", "eval_batch_size=8", *_OLD)),
+    ("bf16+group+eval32", (*_ALL, *_OLD)),
+    ("lora bf16+group+eval32", ("mode=lora", *_ALL, *_OLD)),
+    ("bf16+group+eval32+adapter16", (*_ALL, "adapter.compute_dtype=activations", "attn_implementation=sdpa")),
+    (
+        "bf16+group+eval32+adapter16+eager",
+        (*_ALL, "adapter.compute_dtype=activations", "attn_implementation=eager"),
+    ),
+    ("lora bf16+group+eval32+eager", ("mode=lora", *_ALL, "attn_implementation=eager")),
 ]
-STAGE2_QUICK = ("fp32", "bf16+group+eval32")
+STAGE2_QUICK = ("bf16+group+eval32", "bf16+group+eval32+adapter16", "bf16+group+eval32+adapter16+eager")
 
 
 def matmul_gflops(dtype: torch.dtype, threads: int, repeats: int = 20) -> float:
@@ -827,10 +850,16 @@ def stage2_main(args: argparse.Namespace) -> None:
         "\nrank = one rank's seconds per sample of its own samples (metrics.json perf); job = rank / "
         f"{STAGE2_RANKS} ranks; floor = FLOPs per sample / the 1-thread probe of the variant's weight dtype"
     )
-    plora, lora = results.get("bf16+group+eval32"), results.get("lora bf16+group+eval32")
-    if plora and lora:
-        ratio = plora["perf"]["train_s_per_sample"] / lora["perf"]["train_s_per_sample"]
-        print(f"PLoRA / LoRA training s/sample (bf16+group+eval32): {ratio:.3f} (target <= 1.10)")
+    for plora_name, lora_name in (
+        ("bf16+group+eval32", "lora bf16+group+eval32"),
+        ("bf16+group+eval32+adapter16+eager", "lora bf16+group+eval32+eager"),
+    ):
+        plora, lora = results.get(plora_name), results.get(lora_name)
+        if plora and lora:
+            ratio = plora["perf"]["train_s_per_sample"] / lora["perf"]["train_s_per_sample"]
+            print(
+                f"PLoRA / LoRA training s/sample ({plora_name} / {lora_name}): {ratio:.3f} (target <= 1.10)"
+            )
     print(f"\nwall time {time.perf_counter() - started:.0f} s")
 
 
@@ -878,7 +907,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--runs", default="runs/quickstart", help="--stage2: run folder with prepare/ retrieval/ sim/"
     )
-    parser.add_argument("--quick", action="store_true", help="--stage2: 2 variants, 2 steps, 32 test ids")
+    parser.add_argument(
+        "--quick", action="store_true", help="--stage2: STAGE2_QUICK variants only, 2 steps, 32 test ids"
+    )
     parser.add_argument("--steps", type=int, default=8, help="--stage2: optimizer steps (8 samples each)")
     parser.add_argument("--eval-samples", type=int, default=128, help="--stage2: uniform test ids scored")
     args = parser.parse_args()
@@ -922,7 +953,8 @@ def main() -> None:
     torch.manual_seed(args.seed)
     base = load_base(args, device)
     batch = make_batch(args.batch, args.seq, base.config.vocab_size, device, args.seed)
-    names = variant_names() if args.only is None else [BASELINE, *args.only]
+    default = [name for name in variant_names() if not name.endswith(FP32_MATH)]
+    names = default if args.only is None else [BASELINE, *args.only]
     variants = build_variants(base, names)
     lengths = batch.attention_mask.sum(dim=1).tolist()
     print(

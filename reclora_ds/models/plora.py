@@ -31,6 +31,7 @@ from torch import nn
 PLORA_PREFIX = "plora_"
 
 MIXINGS = ("products", "factors")
+COMPUTE_DTYPES = ("activations", "params")
 
 
 @dataclass
@@ -59,6 +60,13 @@ class PLoRAConfig:
     """False: one gate per adapted projection (the authors' code). True: one gate for all of them."""
     crm_dim: int = 256
     """d_c, width of the CRM hidden state fed to the gates."""
+    compute_dtype: Literal["activations", "params"] = "activations"
+    """Dtype of the bank's two GEMMs. ``activations``: the dtype of the frozen projection's input (bfloat16
+    under a bf16 backbone): the bank is cast to it inside the forward, the parameters, their gradients and
+    the optimizer stay in their own dtype (float32 master weights), and the activations are never converted.
+    ``params``: the input is cast to the parameters' dtype and the result back (float32 math, one conversion
+    of ``x`` and of ``Delta(x)`` per adapted projection and step). Identical when both dtypes agree; the gate
+    always computes in its parameters' dtype."""
 
     def __post_init__(self) -> None:
         for name in ("num_experts", "rank", "gate_hidden", "crm_dim"):
@@ -73,6 +81,10 @@ class PLoRAConfig:
                 raise ValueError(f"PLoRAConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
         if self.mixing not in MIXINGS:
             raise ValueError(f"PLoRAConfig.mixing must be one of {MIXINGS}, got {self.mixing!r}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(
+                f"PLoRAConfig.compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}"
+            )
         if isinstance(self.target_modules, str):
             raise ValueError(
                 f"PLoRAConfig.target_modules must be a sequence of module names, got the str {self.target_modules!r}"
@@ -181,6 +193,11 @@ class PLoRALinear(nn.Module):
       ``Bbar = sum_k alpha_k B_k`` [d_out, r] mixed per sample.
 
     Both coincide for a one-hot ``alpha``. LoRA dropout is applied to ``x`` on the adapter path only.
+
+    Precision (``config.compute_dtype``): with ``activations`` the GEMMs run in ``x``'s dtype on copies of
+    ``A``, ``B`` and ``alpha`` cast to it (``d(A.to(bf16)) / dA`` is the identity cast back, so the float32
+    parameters receive float32 gradients of the bf16 computation, what mixed precision with master
+    weights does); with ``params`` they run in the parameters' dtype on ``x`` cast to it.
     Each ``A_k`` is Kaiming-uniform (a = sqrt(5)) on its own (r, d_in) view, as peft initialises
     ``lora_A``, and every ``B_k`` is zero, so the layer equals ``base_layer`` at step 0.
 
@@ -211,6 +228,7 @@ class PLoRALinear(nn.Module):
         self.rank = config.rank
         self.scale = config.scale
         self.mixing = config.mixing
+        self.compute_dtype = config.compute_dtype
         self.plora_A = nn.Parameter(torch.empty(config.num_experts, config.rank, self.in_features))
         self.plora_B = nn.Parameter(torch.empty(config.num_experts, self.out_features, config.rank))
         self.plora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
@@ -245,34 +263,47 @@ class PLoRALinear(nn.Module):
                 f"alpha must be [batch={batch}, num_experts={self.num_experts}], got {tuple(alpha.shape)}"
             )
         result = self.base_layer(x)
-        dtype = self.plora_A.dtype
+        dtype = self._adapter_dtype(x)
+        # x is already `dtype` under compute_dtype="activations" (or both dtypes agree): `.to` is a no-op then
         x_adapter = self.plora_dropout(x).to(dtype).reshape(batch, -1, self.in_features)  # [B, T, d_in]
+        bank_a, bank_b = self.plora_A.to(dtype), self.plora_B.to(dtype)  # no-op unless bf16 compute
         alpha = alpha.to(dtype=dtype, device=x_adapter.device)
         if self.mixing == "products":
-            delta = self._mix_products(x_adapter, alpha)
+            delta = self._mix_products(x_adapter, alpha, bank_a, bank_b)
         else:
-            delta = self._mix_factors(x_adapter, alpha)
+            delta = self._mix_factors(x_adapter, alpha, bank_a, bank_b)
         delta = delta.reshape(result.shape)  # [B, T, d_out] -> the base output's shape
         return result + (delta * self.scale).to(result.dtype)
 
-    def _mix_products(self, x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    def _adapter_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the bank's GEMMs run in (``compute_dtype``; see the class docstring)."""
+        if self.compute_dtype == "activations" and x.dtype.is_floating_point:
+            return x.dtype
+        return self.plora_A.dtype
+
+    def _mix_products(
+        self, x: torch.Tensor, alpha: torch.Tensor, bank_a: torch.Tensor, bank_b: torch.Tensor
+    ) -> torch.Tensor:
         """``sum_k alpha_k x A_k^T B_k^T`` as two GEMMs over the concatenated bank; [B, T, d_out]."""
-        n, r, d_in = self.plora_A.shape
-        a_all = self.plora_A.reshape(n * r, d_in)  # [N*r, d_in], row k*r + j is row j of A_k
-        b_all = self.plora_B.permute(1, 0, 2).reshape(self.out_features, n * r)  # [d_out, N*r], same order
+        n, r, d_in = bank_a.shape
+        a_all = bank_a.reshape(n * r, d_in)  # [N*r, d_in], row k*r + j is row j of A_k
+        b_all = bank_b.permute(1, 0, 2).reshape(self.out_features, n * r)  # [d_out, N*r], same order
         hidden = F.linear(x, a_all)  # [B, T, N*r]
         hidden = hidden * alpha.repeat_interleave(r, dim=-1)[:, None, :]  # expert k's r columns times alpha_k
         return F.linear(hidden, b_all)  # [B, T, d_out]
 
-    def _mix_factors(self, x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    def _mix_factors(
+        self, x: torch.Tensor, alpha: torch.Tensor, bank_a: torch.Tensor, bank_b: torch.Tensor
+    ) -> torch.Tensor:
         """``x Abar^T Bbar^T`` with the factors mixed per sample; [B, T, d_out]."""
-        a_bar = torch.einsum("bn,nri->bri", alpha, self.plora_A)  # [B, r, d_in]
-        b_bar = torch.einsum("bn,nor->bor", alpha, self.plora_B)  # [B, d_out, r]
+        a_bar = torch.einsum("bn,nri->bri", alpha, bank_a)  # [B, r, d_in]
+        b_bar = torch.einsum("bn,nor->bor", alpha, bank_b)  # [B, d_out, r]
         hidden = torch.bmm(x, a_bar.transpose(1, 2))  # [B, T, r]
         return torch.bmm(hidden, b_bar.transpose(1, 2))  # [B, T, d_out]
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"num_experts={self.num_experts}, rank={self.rank}, scale={self.scale}, mixing={self.mixing!r}"
+            f"num_experts={self.num_experts}, rank={self.rank}, scale={self.scale}, mixing={self.mixing!r}, "
+            f"compute_dtype={self.compute_dtype!r}"
         )

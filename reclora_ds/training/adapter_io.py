@@ -17,7 +17,8 @@ Two formats:
                                    model.layers.0.self_attn.q_proj.plora_B          [N, d_out, r]
                                    model.layers.0.self_attn.q_proj.plora_gate.proj_in.weight ...
                                    (with a shared gate: plora_gate.norm.weight, ... at the root)
-       plora_config.json           format and format_version, the PLoRAConfig fields, the replaced module
+       plora_config.json           format and format_version, the PLoRAConfig fields (but the runtime
+                                   precision ``compute_dtype``), the replaced module
                                    names, base_model_name_or_path and base_model_sha256 (when given), extra
 
    Wrapper prefixes (DeepSpeed / DDP ``module.``, peft ``base_model.model.``, torch.compile ``_orig_mod.``,
@@ -218,8 +219,16 @@ def _plora_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 # --- config checks --------------------------------------------------------------------------------------
 
 
+# PLoRAConfig fields that choose how the adapter computes, not what it is: neither saved nor compared, so an
+# adapter trained with one precision loads under another (and adapters saved before the field existed load).
+RUNTIME_FIELDS = ("compute_dtype",)
+
+
 def _config_fields(config: PLoRAConfig) -> dict[str, Any]:
+    """The saved and compared PLoRAConfig fields (all but :data:`RUNTIME_FIELDS`)."""
     fields = dataclasses.asdict(config)
+    for name in RUNTIME_FIELDS:
+        del fields[name]
     fields["target_modules"] = list(config.target_modules)
     return fields
 
@@ -356,7 +365,7 @@ def read_plora_adapter_config(adapter_dir: str | os.PathLike[str]) -> PLoRAAdapt
             f"reads {PLORA_ADAPTER_FORMAT!r} version {PLORA_ADAPTER_FORMAT_VERSION}"
         )
     fields = data.get("plora_config", {})
-    known = {f.name for f in dataclasses.fields(PLoRAConfig)}
+    known = {f.name for f in dataclasses.fields(PLoRAConfig)} - set(RUNTIME_FIELDS)
     unknown, missing = set(fields) - known, known - set(fields)
     if unknown or missing:
         raise AdapterConfigMismatchError(

@@ -102,7 +102,8 @@ class PLoRATrainConfig(RecLLMConfig):
     dtype: str = "auto"
     """Weights of the frozen LLM: ``auto``, ``float32``, ``bfloat16`` or ``float16``. With a DeepSpeed config
     that enables ``bf16`` / ``fp16`` the engine casts the whole model to it, and ``auto`` follows it; with a
-    float32 config (``zero2_fp32.json``) the adapter, its gradients and AdamW stay float32 and ``auto`` loads
+    float32 config (``zero2_fp32.json``) the adapter's parameters, its gradients and AdamW stay float32 (its math
+    follows ``adapter.compute_dtype``) and ``auto`` loads
     the frozen LLM in bfloat16 where the device computes it natively (a CUDA GPU, or a CPU with
     ``avx512_bf16`` / AMX: :func:`reclora_ds.llm_loader.native_bf16`), else float32. An explicit value the
     device cannot compute natively (bfloat16 / float16 on such a CPU) is an error."""

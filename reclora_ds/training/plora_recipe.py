@@ -16,8 +16,9 @@ for ``zero_shot``). Only the trainable parameters go to ``deepspeed.initialize``
 DeepSpeed JSON's AdamW (weight decay 0 by default) and the schedule a linear warm-up + linear decay to 0
 (:func:`reclora_ds.training.crm_recipe.lr_factor`) stepped at every optimizer step. Precision
 (:func:`stage2_dtype`): a DeepSpeed JSON with ``bf16`` / ``fp16`` casts the whole model; under
-``zero2_fp32.json`` the adapter and AdamW stay float32 and the frozen LLM takes ``dtype`` (``auto``: bfloat16
-on a GPU or a CPU with avx512_bf16 / AMX, else float32). ``load_in_8bit`` keeps the LLM's linear weights int8
+``zero2_fp32.json`` the adapter's parameters, gradients and AdamW stay float32 and the frozen LLM takes ``dtype``
+(``auto``: bfloat16 on a GPU or a CPU with avx512_bf16 / AMX, else float32); PLoRA's bank then computes in the
+LLM's dtype on cast copies of its float32 parameters (``adapter.compute_dtype``). ``load_in_8bit`` keeps the LLM's linear weights int8
 (bitsandbytes, CUDA or its CPU backend) under a float32 engine.
 
 Batches: :class:`~reclora_ds.training.plora_data.PLoRABatchLoader` on the few-shot split, per rank by file,

@@ -28,7 +28,10 @@ CASES = {
     ),
     "file without the section": ("pipeline:\n  name: x\n", ["has no 'prepare' section"]),
     "flat keys, no section": ("dataset: ml-1m\nmin_history: 3\n", ["put them under `prepare:`"]),
-    "key outside its section": ("prepare:\n  kcore: 2\nmin_history: 3\n", ["'min_history' is at the top level"]),
+    "key outside its section": (
+        "prepare:\n  kcore: 2\nmin_history: 3\n",
+        ["'min_history' is at the top level"],
+    ),
     "section is a string": (
         "prepare: ml-1m\n",
         ["prepare: expected a section (mapping of its keys), got str"],

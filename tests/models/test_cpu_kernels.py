@@ -205,7 +205,9 @@ def test_model_step_with_kernels_equals_pytorch_forms(kernels, model_name):
     from tests.models.test_crm import ML25M_META, make_batch, randomise_embeddings
 
     torch.manual_seed(0)
-    config = CRMConfig(embedding_dim=8, attention_hidden=16, tower=(32, 32), top_k=5, item_merge="sum")
+    config = CRMConfig(
+        embedding_dim=8, attention_hidden=16, tower=(32, 32), top_k=5, item_merge="sum", short_term_length=4
+    )  # make_batch gives a recent window of 4
     model = randomise_embeddings(build_crm(model_name, config, FeatureSpec.from_metadata(ML25M_META))).train()
     batch = make_batch(ML25M_META, batch=16, length=12, seed=5)
     # distinct items per history, so no two behaviours tie in the search whatever the summation order

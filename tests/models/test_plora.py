@@ -126,6 +126,52 @@ class _RecordOutputShapes(TorchFunctionMode):
         return out
 
 
+BF16_RTOL = 0.02  # of the largest |value|: a few bf16 roundings (2^-9 each) of the operands and results
+
+
+def _max_relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.detach().double() - want.detach()).abs().max() / want.detach().abs().max())
+
+
+@pytest.mark.parametrize("mixing", ["products", "factors"])
+@pytest.mark.parametrize("compute_dtype", ["activations", "params"])
+def test_bf16_input_with_float32_bank_matches_float64_reference(mixing, compute_dtype):
+    """A bf16 base layer and bf16 activations under a float32 bank (stage 2's CPU setting): the output and
+    the float32 parameter gradients against the per-sample delta W math in float64, within ``BF16_RTOL``;
+    ``params`` adds exactly ``(Delta_fp32 * s).to(bf16)`` to the base output."""
+    d_in, d_out = 24, 20
+    layer = _plora_layer(mixing, num_experts=4, rank=3, d_in=d_in, d_out=d_out)
+    layer.compute_dtype = compute_dtype
+    layer.base_layer.to(torch.bfloat16)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 5, d_in, generator=g).to(torch.bfloat16)
+    alpha = torch.softmax(torch.randn(3, 4, generator=g), dim=-1)
+    out = layer(x, alpha=alpha)
+    assert out.dtype == torch.bfloat16
+    # reference in float64 on the same (bf16) base weights and inputs
+    A, B = layer.plora_A.double().detach().requires_grad_(), layer.plora_B.double().detach().requires_grad_()
+    a64 = alpha.double()
+    if mixing == "products":
+        delta_w = torch.einsum("bn,nri,nor->bio", a64, A, B)
+    else:
+        delta_w = torch.einsum("bn,nri->bri", a64, A).transpose(1, 2) @ torch.einsum("bn,nor->bro", a64, B)
+    base = nn.functional.linear(x.double(), layer.base_layer.weight.double(), layer.base_layer.bias.double())
+    want = base + torch.einsum("bti,bio->bto", x.double(), delta_w) * layer.scale
+    assert _max_relative_error(out, want) < BF16_RTOL
+    if compute_dtype == "params":
+        delta = layer._mix_products if mixing == "products" else layer._mix_factors
+        exact = layer.base_layer(x) + (
+            delta(x.float(), alpha, layer.plora_A, layer.plora_B).reshape(out.shape) * layer.scale
+        ).to(torch.bfloat16)
+        assert torch.equal(out, exact)
+    weights = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    (out.double() * weights).sum().backward()
+    (want * weights).sum().backward()
+    for param, reference in ((layer.plora_A, A), (layer.plora_B, B)):
+        assert param.grad.dtype == torch.float32  # float32 master weights get float32 gradients
+        assert _max_relative_error(param.grad, reference.grad) < BF16_RTOL
+
+
 @pytest.mark.parametrize("mixing", ["products", "factors"])
 def test_mixing_matches_per_sample_delta_w_without_building_it(mixing):
     d_in, d_out, scale = 7, 11, 16.0 / 2
@@ -217,6 +263,7 @@ def test_gate_rejects_non_positive_temperature():
         ("target_modules", "q_proj"),
         ("target_modules", ()),
         ("crm_dim", 0),
+        ("compute_dtype", "bfloat16"),
     ],
 )
 def test_config_validation_names_the_field(field, value):
@@ -229,6 +276,7 @@ def test_config_defaults_are_the_papers():
     assert config.target_modules == ("q_proj", "v_proj")
     assert (config.num_experts, config.rank, config.scale, config.gate_hidden) == (16, 8, 2.0, 60)
     assert config.mixing == "products" and not config.shared_gate and config.crm_dim == 256
+    assert config.compute_dtype == "activations"  # not the paper's: a precision choice, same math in float32
 
 
 # --- injection on a tiny Llama ---------------------------------------------------------------------------

@@ -47,7 +47,11 @@ def tokenizer() -> PreTrainedTokenizerFast:
 
 def tiny_crm(dropout: float = 0.0) -> torch.nn.Module:
     torch.manual_seed(1)
-    config = CRMConfig(embedding_dim=8, attention_hidden=16, tower=(32, 16), top_k=4, dropout=dropout)
+    # the authors' SIM (no short-term window, no behaviour ages): the batches below hold the long history only
+    config = CRMConfig(
+        embedding_dim=8, attention_hidden=16, tower=(32, 16), top_k=4, dropout=dropout,
+        short_term_length=0, behaviour_age=False,
+    )  # fmt: skip
     return build_crm("sim", config, FeatureSpec.from_metadata(META))
 
 

@@ -7,6 +7,7 @@ References: the PLoRA model's own logits (round trip), peft's own ``save_pretrai
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -232,6 +233,16 @@ def test_given_config_is_compared_field_by_field(saved_adapter):
     ):
         load_plora_adapter(fresh, adapter_dir, config=_config(gate_dropout=0.2))
     load_plora_adapter(fresh, adapter_dir, config=config)
+
+
+def test_compute_dtype_is_a_runtime_choice_neither_saved_nor_compared(saved_adapter):
+    model, config, adapter_dir = saved_adapter
+    assert "compute_dtype" not in json.loads((adapter_dir / PLORA_CONFIG_NAME).read_text())["plora_config"]
+    other = dataclasses.replace(config, compute_dtype="params")
+    fresh, _ = _plora_llama(seed=5, compute_dtype="params")
+    load_plora_adapter(fresh, adapter_dir, config=other)  # trained one way, loaded for the other: no mismatch
+    crm, ids = _crm_state(), _input_ids()
+    assert torch.equal(_plora_logits(fresh, crm, ids), _plora_logits(model, crm, ids))  # same math in float32
 
 
 def test_save_refuses_a_config_that_does_not_describe_the_model(tmp_path):
