@@ -82,7 +82,14 @@ from reclora_ds.cpu import enable_cpu_extras
 from reclora_ds.data.loader import uniform_sample_ids
 from reclora_ds.data.processed import ProcessedDataset
 from reclora_ds.data.prompts import PromptEncoder
-from reclora_ds.files import atomic_dir, atomic_file, write_text_atomic
+from reclora_ds.files import (
+    DiskFullError,
+    atomic_dir,
+    atomic_file,
+    free_bytes,
+    is_disk_full,
+    write_text_atomic,
+)
 from reclora_ds.llm_loader import bitsandbytes_problem, native_bf16, resolve_dtype
 from reclora_ds.metrics import (
     Predictions,
@@ -310,6 +317,13 @@ def write_predictions(path: Path, pred: Predictions) -> None:
     )
     with atomic_file(path) as tmp:
         pq.write_table(table, tmp)
+
+
+def _checkpoint_disk_full(folder: Path, reason: str) -> DiskFullError:
+    """The :class:`~reclora_ds.files.DiskFullError` of a checkpoint write: ``<folder>: <reason>``."""
+    error = DiskFullError(folder, None)
+    error.strerror = reason  # the generic text speaks of a replaced file; a checkpoint keeps `latest`
+    return error
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -697,7 +711,18 @@ class PLoRARecipe:
     # ------------------------------------------------------------------------------------------------------
 
     def save_checkpoint(self) -> None:
-        """Collective: a DeepSpeed checkpoint of the trainable state, then ``latest`` once every rank is done."""
+        """Collective: a DeepSpeed checkpoint of the trainable state, then ``latest`` once every rank is done.
+
+        ``checkpoints/<tag>/`` is written in place by DeepSpeed (every rank its optimizer shard), then rank 0
+        adds ``config.yaml`` and ``ds_config.json`` and only then replaces ``latest`` (atomically): a kill or
+        an error before that leaves ``latest`` on the previous complete checkpoint. A full disk anywhere in
+        that sequence (:func:`reclora_ds.files.is_disk_full`, ``torch.save``'s errno-less error included)
+        removes the partial ``<tag>`` folder (never the one ``latest`` names) and raises
+        :class:`~reclora_ds.files.DiskFullError` naming it; a run with ``resume=true`` continues from the
+        previous checkpoint once space is freed. Rank 0's own writes are shared with the other ranks
+        (broadcast), so every rank raises the same error; a rank that fails inside DeepSpeed's save ends
+        the others through the peer watch (:mod:`reclora_ds.distributed`).
+        """
         if self._saved_step == self.state.step:
             return
         rngs = [dist_utils.broadcast_object(rng_state(), src=r) for r in range(self.info.world_size)]
@@ -711,24 +736,66 @@ class PLoRARecipe:
             }
         }
         tag = f"step{self.state.step:08d}"
-        with only_trainable_state(self.model):
-            self.engine.save_checkpoint(
-                str(self.ckpt_dir),
-                tag=tag,
-                client_state=client,
-                save_latest=False,
-                exclude_frozen_parameters=True,
-            )  # ends with a barrier: every rank's optimizer shard is written
+        folder = self.ckpt_dir / tag
+        try:
+            with only_trainable_state(self.model):
+                self.engine.save_checkpoint(
+                    str(self.ckpt_dir),
+                    tag=tag,
+                    client_state=client,
+                    save_latest=False,
+                    exclude_frozen_parameters=True,
+                )  # ends with a barrier: every rank's optimizer shard is written
+        except Exception as exc:
+            if not is_disk_full(exc, self.ckpt_dir):
+                raise
+            raise _checkpoint_disk_full(folder, self._discard_partial(folder)) from exc
+        failed: str | None = None  # rank 0's reason when its writes ran out of space
+        cause: BaseException | None = None
         if self.is_main:
-            folder = self.ckpt_dir / tag
-            save_config(self.cfg, folder / "config.yaml")
-            write_text_atomic(folder / "ds_config.json", json.dumps(self.ds_config, indent=2) + "\n")
-            write_text_atomic(self.ckpt_dir / LATEST_FILE, tag)
-            self._prune_checkpoints(keep=tag)
+            try:
+                save_config(self.cfg, folder / "config.yaml")
+                write_text_atomic(folder / "ds_config.json", json.dumps(self.ds_config, indent=2) + "\n")
+                write_text_atomic(self.ckpt_dir / LATEST_FILE, tag)  # the commit: the checkpoint is complete
+            except Exception as exc:
+                if not is_disk_full(exc, self.ckpt_dir):
+                    raise
+                failed, cause = self._discard_partial(folder), exc
+            else:
+                self._prune_checkpoints(keep=tag)
+        failed = dist_utils.broadcast_object(failed, src=0)  # also the barrier after rank 0's writes
+        if failed is not None:
+            raise _checkpoint_disk_full(folder, failed) from cause
         self._saved_step = self.state.step
-        dist_utils.barrier()
+
+    def _discard_partial(self, folder: Path) -> str:
+        """After a full disk while writing checkpoint ``folder``: remove it (unless ``latest`` names it) and
+        return the reason for :class:`~reclora_ds.files.DiskFullError` (space left, what ``latest`` names)."""
+        free = free_bytes(self.ckpt_dir)  # as the write saw it, before the partial folder gives space back
+        latest_file = self.ckpt_dir / LATEST_FILE
+        previous = latest_file.read_text().strip() if latest_file.is_file() else None
+        if folder.name != previous:
+            shutil.rmtree(folder, ignore_errors=True)
+        free_text = "unknown" if free is None else f"{free / 2**20:.1f} MiB"
+        if previous is None:
+            kept = "the partial folder was removed; there is no earlier checkpoint"
+        elif previous == folder.name:
+            kept = (
+                f"{latest_file} names this folder, a checkpoint of an earlier run that this write was "
+                "replacing: it may be incomplete now"
+            )
+        else:
+            kept = (
+                f"the partial folder was removed and {latest_file} still names the previous checkpoint "
+                f"{previous}, which a run with resume=true continues from"
+            )
+        return (
+            f"no space left on the device while writing this checkpoint ({free_text} free there); {kept}: "
+            "free some space and run again"
+        )
 
     def _prune_checkpoints(self, keep: str) -> None:
+        """Remove the oldest ``step*`` folders beyond ``keep_checkpoints`` (never ``keep``, the new latest)."""
         tags = sorted(p for p in self.ckpt_dir.glob("step*") if p.is_dir())
         for old in tags[: -self.cfg.keep_checkpoints]:
             if old.name != keep:
@@ -740,6 +807,8 @@ class PLoRARecipe:
         ``plora``: :func:`reclora_ds.training.adapter_io.save_plora_adapter` (``adapter_model.safetensors`` +
         ``plora_config.json``, names as the backbone has them; strict loading with ``load_plora_adapter``).
         ``lora``: peft's ``save_pretrained`` (``adapter_model.safetensors`` + ``adapter_config.json``).
+        Written through :func:`reclora_ds.files.atomic_dir`: a full disk raises
+        :class:`~reclora_ds.files.DiskFullError` naming ``adapter/`` and leaves the previous folder as it was.
         """
         if not self.trainable:
             return None
@@ -749,15 +818,21 @@ class PLoRARecipe:
                 self.model, self.cfg, self.dtype, self.crm_info, self.encoder.answers, self.state.step,
                 self.dataset.metadata["dataset"],
             )  # fmt: skip
-            with atomic_dir(folder) as tmp:
-                if self.cfg.mode == "plora":
-                    from reclora_ds.training.adapter_io import save_plora_adapter
+            try:
+                with atomic_dir(folder) as tmp:
+                    if self.cfg.mode == "plora":
+                        from reclora_ds.training.adapter_io import save_plora_adapter
 
-                    extra = {"base_model_name_or_path": self.cfg.backbone, "step": self.state.step}
-                    save_plora_adapter(self.model.llm, self.model.config.adapter, tmp, extra)
-                else:
-                    self.model.llm.save_pretrained(str(tmp))
-                write_description(tmp, description)
+                        extra = {"base_model_name_or_path": self.cfg.backbone, "step": self.state.step}
+                        save_plora_adapter(self.model.llm, self.model.config.adapter, tmp, extra)
+                    else:
+                        self.model.llm.save_pretrained(str(tmp))
+                    write_description(tmp, description)
+            except DiskFullError as exc:
+                if exc.filename == str(folder):
+                    raise
+                # an atomic write inside the temporary folder names its hidden file: name the folder instead
+                raise DiskFullError(folder, free_bytes(folder.parent)) from exc
         dist_utils.barrier()
         return folder
 
