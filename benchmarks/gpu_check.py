@@ -106,7 +106,10 @@ def llama(shape: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
 def rec_llm(llm: nn.Module, device: torch.device) -> RecLLM:
     """RecLLM mode plora over ``llm``: PLoRA N=4, r=8 on q/v (float32 banks), gated by a random SIM."""
     spec = FeatureSpec.from_metadata(META)
-    crm = build_crm("sim", CRMConfig(embedding_dim=16, attention_hidden=32, tower=(64, 64), top_k=10), spec)
+    long_only = {"short_term_length": 0, "behaviour_age": False}  # the toy batch has no recent window or ages
+    crm = build_crm(
+        "sim", CRMConfig(embedding_dim=16, attention_hidden=32, tower=(64, 64), top_k=10, **long_only), spec
+    )
     config = RecLLMConfig(adapter=PLoRAConfig(num_experts=4, rank=8, crm_dim=crm.hidden_dim))
     model = RecLLM(llm, AnswerTokens((ANSWER[0],), (ANSWER[1],)), crm, config)
     model.crm.to(device)

@@ -42,7 +42,15 @@ META = {
         "genre": {"source": "item", "vocab_size": 8},
     },
 }
-CONFIG = CRMConfig(embedding_dim=8, attention_hidden=16, tower=(32, 16), top_k=6, dropout=0.0)
+CONFIG = CRMConfig(
+    embedding_dim=8,
+    attention_hidden=16,
+    tower=(32, 16),
+    top_k=6,
+    dropout=0.0,
+    short_term_length=0,
+    behaviour_age=False,
+)  # the synthetic batches carry no recent window or ages
 STEPS, PER_RANK, WORLD, LENGTH = 4, 16, 2, 12
 LR = 1e-2
 
