@@ -162,7 +162,8 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
     except Exception as exc:
         full = is_disk_full(exc, path.parent)  # asked before the temporary gives its space back
         tmp.unlink(missing_ok=True)
-        if full and not isinstance(exc, DiskFullError):
+        if full and not (isinstance(exc, DiskFullError) and exc.filename == str(path)):
+            # name the destination, not a hidden temporary file written inside it
             raise DiskFullError(path, free_bytes(path.parent)) from exc
         raise
     finally:
@@ -223,7 +224,8 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException as exc:
         full = isinstance(exc, Exception) and is_disk_full(exc, path.parent)
         shutil.rmtree(tmp, ignore_errors=True)
-        if full and not isinstance(exc, DiskFullError):
+        if full and not (isinstance(exc, DiskFullError) and exc.filename == str(path)):
+            # name the destination, not a hidden temporary file written inside it
             raise DiskFullError(path, free_bytes(path.parent)) from exc
         raise
     if path.exists():

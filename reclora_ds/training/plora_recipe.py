@@ -818,21 +818,15 @@ class PLoRARecipe:
                 self.model, self.cfg, self.dtype, self.crm_info, self.encoder.answers, self.state.step,
                 self.dataset.metadata["dataset"],
             )  # fmt: skip
-            try:
-                with atomic_dir(folder) as tmp:
-                    if self.cfg.mode == "plora":
-                        from reclora_ds.training.adapter_io import save_plora_adapter
+            with atomic_dir(folder) as tmp:
+                if self.cfg.mode == "plora":
+                    from reclora_ds.training.adapter_io import save_plora_adapter
 
-                        extra = {"base_model_name_or_path": self.cfg.backbone, "step": self.state.step}
-                        save_plora_adapter(self.model.llm, self.model.config.adapter, tmp, extra)
-                    else:
-                        self.model.llm.save_pretrained(str(tmp))
-                    write_description(tmp, description)
-            except DiskFullError as exc:
-                if exc.filename == str(folder):
-                    raise
-                # an atomic write inside the temporary folder names its hidden file: name the folder instead
-                raise DiskFullError(folder, free_bytes(folder.parent)) from exc
+                    extra = {"base_model_name_or_path": self.cfg.backbone, "step": self.state.step}
+                    save_plora_adapter(self.model.llm, self.model.config.adapter, tmp, extra)
+                else:
+                    self.model.llm.save_pretrained(str(tmp))
+                write_description(tmp, description)
         dist_utils.barrier()
         return folder
 
