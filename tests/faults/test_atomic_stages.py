@@ -538,10 +538,20 @@ def test_synthetic_full_disk_keeps_the_previous_folder(small_tmpfs):
 
 
 SYNTHETIC_KILL_SCRIPT = """
-import sys
-from reclora_ds.data.synthetic import SyntheticConfig, write_synthetic_ml25m
-print("writing", flush=True)
-write_synthetic_ml25m(sys.argv[1], SyntheticConfig(rows=400_000, users=4000, items=3000, seed=9, chunk_rows=20_000))
+import sys, time
+from reclora_ds.data import synthetic
+sample_chunk = synthetic._sample_chunk
+calls = []
+def pausing_sample_chunk(*args, **kwargs):  # stops for good before the third chunk: ratings.csv is half written
+    calls.append(1)
+    if len(calls) == 3:
+        print("inside", flush=True)
+        time.sleep(600)
+    return sample_chunk(*args, **kwargs)
+synthetic._sample_chunk = pausing_sample_chunk
+synthetic.write_synthetic_ml25m(
+    sys.argv[1], synthetic.SyntheticConfig(rows=400_000, users=4000, items=3000, seed=9, chunk_rows=20_000)
+)
 """
 
 
@@ -555,8 +565,8 @@ def test_synthetic_kill_9_while_writing_leaves_the_previous_folder(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, str(script), str(out)], stdout=subprocess.PIPE, text=True, env=env
     )
-    assert proc.stdout.readline().strip() == "writing"
-    time.sleep(0.5)  # inside ratings.csv (the whole write takes several seconds)
+    assert proc.stdout.readline().strip() == "inside"  # the writer waits inside ratings.csv (not a timing guess)
+    assert not no_temporaries(out)  # its temporary folder is there, half written
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert snapshot(out) == before
