@@ -10,6 +10,7 @@ from reclora_ds.models.rec_llm import RecLLMConfig
 SHORT_HISTORIES = ("recent", "retrieved")
 LONG_HISTORIES = ("auto", "recent", "retrieved")
 DTYPE_SETTINGS = ("auto", "float32", "bfloat16", "float16")
+ATTENTION_KERNELS = ("sdpa", "eager")
 
 
 @dataclasses.dataclass
@@ -111,7 +112,12 @@ class PLoRATrainConfig(RecLLMConfig):
     """Load the frozen LLM's linear layers in 8 bits with bitsandbytes (as the paper does on V100s); on a
     CUDA GPU, or on a CPU through bitsandbytes' CPU backend."""
     attn_implementation: str = "sdpa"
-    """``sdpa`` or ``eager``."""
+    """Attention kernel of the backbone when it scores (evaluation, ``reclora-ds score``): ``sdpa`` or
+    ``eager``; the one recorded with the exported adapter."""
+    train_attn_implementation: str = "auto"
+    """Attention kernel of the training steps: ``sdpa``, ``eager``, or ``auto``: ``eager`` on a CPU (a bf16
+    training step measured about 17% cheaper with it, while scoring is dearer: docs/PLORA_BENCH.md), else
+    ``attn_implementation``. Both kernels compute the same attention; the run switches between them."""
     max_length: int = 1024
     """Most tokens of prompt + answer; a longer prompt loses its start (counted in the log)."""
     checkpoint_every: int = 100
@@ -175,8 +181,12 @@ class PLoRATrainConfig(RecLLMConfig):
             raise ValueError(f"eval_splits must name splits (valid, test, ...), got {list(self.eval_splits)}")
         if self.dtype not in DTYPE_SETTINGS:
             raise ValueError(f"dtype must be one of {DTYPE_SETTINGS}, got {self.dtype!r}")
-        if self.attn_implementation not in ("sdpa", "eager"):
+        if self.attn_implementation not in ATTENTION_KERNELS:
             raise ValueError(f"attn_implementation must be sdpa or eager, got {self.attn_implementation!r}")
+        if self.train_attn_implementation not in ("auto", *ATTENTION_KERNELS):
+            raise ValueError(
+                f"train_attn_implementation must be auto, sdpa or eager, got {self.train_attn_implementation!r}"
+            )
         self.eval_splits = tuple(self.eval_splits)
 
 

@@ -326,6 +326,30 @@ def _checkpoint_disk_full(folder: Path, reason: str) -> DiskFullError:
     return error
 
 
+def train_attention(cfg: PLoRATrainConfig, device: torch.device) -> str:
+    """The attention kernel of the training steps: ``train_attn_implementation``, where ``auto`` is ``eager``
+    on a CPU and ``attn_implementation`` on a GPU."""
+    if cfg.train_attn_implementation != "auto":
+        return cfg.train_attn_implementation
+    return "eager" if device.type == "cpu" else cfg.attn_implementation
+
+
+def set_attention(model: nn.Module, implementation: str) -> None:
+    """Make the backbone inside ``model`` run ``implementation`` (``sdpa`` / ``eager``) from its next forward.
+
+    transformers' Llama picks its attention function and its mask format from
+    ``config._attn_implementation`` at every forward; ``set_attn_implementation`` changes it on the
+    outermost pretrained model (its sub-models share the config).
+    """
+    from transformers import PreTrainedModel
+
+    backbone = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    if backbone is None:
+        raise TypeError(f"{type(model).__name__} holds no transformers model whose attention can be set")
+    if backbone.config._attn_implementation != implementation:
+        backbone.set_attn_implementation(implementation)
+
+
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     if device.type == "cpu":
         return batch
@@ -388,6 +412,7 @@ class PLoRARecipe:
         torch.manual_seed(cfg.seed)
         self.model, self.tokenizer, self.crm_info = build_rec_llm(cfg, dtype)
         self.dtype = dtype
+        self.train_attention = train_attention(cfg, self._device())
         torch.manual_seed(cfg.seed + self.info.rank)  # dropout masks differ between ranks
 
         self.dataset = ProcessedDataset(cfg.data_dir)
@@ -414,7 +439,7 @@ class PLoRARecipe:
         n_trainable = sum(p.numel() for p in self.trainable.values())
         log.info(
             "mode %s on %s: %s trainable parameters, %d rank(s), global batch %d = %d micro x %d ranks x %d "
-            "accumulation, %d steps/epoch (%d in all), %s",
+            "accumulation, %d steps/epoch (%d in all), %s, attention %s (training) / %s (scoring)",
             cfg.mode,
             self.device,
             f"{n_trainable:,}",
@@ -426,6 +451,8 @@ class PLoRARecipe:
             self.steps_per_epoch,
             self.total_steps,
             dtype,
+            self.train_attention,
+            cfg.attn_implementation,
         )
         dist_utils.barrier()
 
@@ -564,6 +591,7 @@ class PLoRARecipe:
             return
         per_epoch = self.steps_per_epoch * self.gas  # micro-batches an epoch uses
         self.engine.train()
+        set_attention(self.model, self.train_attention)
         bar = tqdm(
             total=self.total_steps,
             initial=state.step,
@@ -658,6 +686,7 @@ class PLoRARecipe:
         loader = self.periodic_loader if periodic else self.eval_loaders[split]
         was_training = self.model.training
         self.model.eval()
+        set_attention(self.model, self.cfg.attn_implementation)
         ids, labels, probs, users = [], [], [], []
         tokens = _Tokens()
         start = time.perf_counter()
@@ -679,6 +708,8 @@ class PLoRARecipe:
         if not periodic:
             self._perf |= tokens.perf(f"eval_{split}", sum(len(i) for i in ids))
         self.model.train(was_training)
+        if was_training:
+            set_attention(self.model, self.train_attention)
         pred = gather_predictions(
             _cat(labels, torch.float32),
             _cat(probs, torch.float64),
