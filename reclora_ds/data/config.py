@@ -18,6 +18,9 @@ def bundled_dataset(name: str = "ml-latest-small") -> Path:
     return Path(__file__).resolve().parents[1] / "bundled" / name
 
 
+CSV_ORDERS = ("user_progress", "file")
+
+
 @dataclasses.dataclass
 class GoodreadsOptions:
     """Options of the GoodReads reader."""
@@ -28,9 +31,18 @@ class GoodreadsOptions:
     """Book metadata files (json.gz lines) relative to ``raw_dir``; optional for the csv variant."""
     timestamp_field: str = "date_added"
     """Which interaction date orders the rows: ``date_added`` (default) or ``date_updated``."""
+    csv_order: str = "user_progress"
+    """What stands in for the time in the csv variant, which has none. ``user_progress`` (default): a row's
+    time is k / n_u, its position k among its user's n_u rows (in file order) over n_u, so the global 8:1:1
+    split keeps about the first 80% of every user's rows for training and the last 10% for testing, as a
+    temporal split of users active throughout does. ``file``: the line number; the UCSD file is grouped by
+    user, so the split then follows blocks of users and validation / test hold mostly users unseen in
+    training (a cold-start evaluation, not the paper's)."""
 
     def __post_init__(self) -> None:
         problems = []
+        if self.csv_order not in CSV_ORDERS:
+            problems.append(f"csv_order must be one of {list(CSV_ORDERS)}, got {self.csv_order!r}")
         if self.timestamp_field not in ("date_added", "date_updated"):
             problems.append(
                 f"timestamp_field must be 'date_added' or 'date_updated', got {self.timestamp_field!r}"

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -24,6 +25,7 @@ from reclora_ds.data.errors import DropLog, RawDataError
 from reclora_ds.data.prepare import prepare_dataset
 from reclora_ds.data.preprocess import prepare
 from reclora_ds.data.raw.goodreads import read_goodreads
+from reclora_ds.data.raw.goodreads.interactions_csv import user_progress_times
 from reclora_ds.data.raw.goodreads.parsing import DATE_FORMAT, parse_goodreads_dates
 from reclora_ds.data.specs import GOODREADS
 
@@ -162,15 +164,75 @@ def test_real_csv_slice_end_to_end(tmp_path):
     unrated = sum(r["rating"] == "0" for r in rows)
     assert meta["drops"]["unrated_shelf"]["count"] == unrated == 12_622
     assert set(meta["drops"]) == {"unrated_shelf", "history_only"}  # the real slice has no other problem
-    # File order stands in for time: timestamp == csv line (header = line 1, so data row k is line k + 2).
+    # csv_order=user_progress (the default): the k-th of a user's n rated rows (file order) has the time
+    # k * 10^9 // n, written here as a loop over the csv; each user's timeline is their rows in file order.
+    rated: dict[int, list[dict]] = {}
+    for r in rows:
+        if r["rating"] != "0":
+            rated.setdefault(int(r["user_id"]), []).append(r)
+    timelines = pq.read_table(tmp_path / "out" / "timelines.parquet").to_pylist()
+    users = pq.read_table(tmp_path / "out" / "users.parquet").column("user").to_pylist()
+    assert len(timelines) == 20_000 - unrated
+    per_user: dict[int, list[dict]] = {}
+    for t in timelines:
+        per_user.setdefault(users[t["user_index"]], []).append(t)
+    assert per_user.keys() == rated.keys()
+    for user, timeline in per_user.items():
+        timeline.sort(key=lambda t: t["timestamp"])
+        n = len(rated[user])
+        assert [t["timestamp"] for t in timeline] == [k * 10**9 // n for k in range(n)]
+        assert [t["rating"] for t in timeline] == [int(r["rating"]) for r in rated[user]]
+        assert [t["label"] for t in timeline] == [int(r["rating"]) >= 4 for r in rated[user]]
+    # Every user with enough rows has samples in all three splits (the split lies within timelines).
+    samples = {
+        split: pq.read_table(sorted((tmp_path / "out" / "samples").glob(f"{split}-*.parquet")))
+        .column("user_index")
+        .to_pylist()
+        for split in ("train", "valid", "test")
+    }
+    long_users = {i for i, u in enumerate(users) if len(rated[u]) >= 40}
+    for split in ("train", "valid", "test"):
+        assert long_users <= set(samples[split]), split
+    items = pq.read_table(tmp_path / "out" / "items.parquet")
+    assert set(items.column("shelf").to_pylist()) == {""}  # no book metadata next to the csv
+
+
+def test_real_csv_slice_in_file_order(tmp_path):
+    """csv_order=file: the time is the csv line (header = line 1, so data row k is line k + 2)."""
+    prepare_dataset(
+        PrepareConfig(
+            dataset="goodreads",
+            raw_dir=str(FIXTURE_DIR),
+            output_dir=str(tmp_path / "out"),
+            few_shot_size=1000,
+            goodreads=GoodreadsOptions(csv_order="file"),
+        )
+    )
+    with open(FIXTURE_DIR / "goodreads_interactions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
     timelines = pq.read_table(tmp_path / "out" / "timelines.parquet").to_pydict()
-    assert len(timelines["timestamp"]) == 20_000 - unrated
+    assert len(timelines["timestamp"]) == sum(r["rating"] != "0" for r in rows)
     for line, label, rating in zip(timelines["timestamp"], timelines["label"], timelines["rating"]):
         raw = rows[line - 2]
         assert int(raw["rating"]) == rating
         assert label == (int(raw["rating"]) >= 4)
-    items = pq.read_table(tmp_path / "out" / "items.parquet")
-    assert set(items.column("shelf").to_pylist()) == {""}  # no book metadata next to the csv
+
+
+def test_user_progress_times_against_a_loop():
+    rng = np.random.default_rng(0)
+    user = rng.integers(0, 7, 300)
+    line = rng.permutation(1000)[:300] + 2
+    expected = {}
+    for u in set(user.tolist()):
+        lines = sorted(line[user == u].tolist())
+        expected |= {(u, ln): k * 10**9 // len(lines) for k, ln in enumerate(lines)}
+    got = user_progress_times(user, line)
+    assert got.tolist() == [expected[(u, ln)] for u, ln in zip(user.tolist(), line.tolist())]
+
+
+def test_unknown_csv_order_is_refused_naming_the_key():
+    with pytest.raises(ValueError, match="csv_order"):
+        GoodreadsOptions(csv_order="time")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -700,7 +762,10 @@ def test_several_interaction_files_and_csv_maps(tmp_path):
     assert drops.examples == {"unknown_item": [f"{CSV}:5"], "unknown_user": [f"{CSV}:6"]}
     assert meta_drops.examples["duplicate_id"] == ["book_id_map.csv:5", f"{BOOKS}:6"]
     assert data.interactions.item.tolist() == [101, 102, 103]  # csv book 0 -> 101: the first mapping wins
-    assert data.interactions.timestamp.tolist() == [2, 3, 4]  # file order stands in for time
+    # user_progress: user 0's rows (lines 2, 4) are its 0/2 and 1/2, user 1's row (line 3) its 0/1
+    assert data.interactions.timestamp.tolist() == [0, 0, 5 * 10**8]
+    in_file_order = read_goodreads(csv_dir, DropLog(), DropLog(), 100, GoodreadsOptions(csv_order="file"))
+    assert in_file_order.interactions.timestamp.tolist() == [2, 3, 4]  # the line number stands in for time
     assert data.interactions.user.tolist() == [0, 1, 0]  # codes in order of first appearance, as for json
     assert data.user_keys == [U2, U1]
     titles = dict(zip(data.items.column("item").to_pylist(), data.items.column("title").to_pylist()))

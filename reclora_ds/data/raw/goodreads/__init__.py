@@ -9,8 +9,9 @@ Layouts of the UCSD files (globs come from :class:`~reclora_ds.data.config.Goodr
   (author names) and ``goodreads_book_genres_initial.json.gz`` (the ``genres`` column).
 * **csv** (fallback, used only when no json interaction file matches): ``goodreads_interactions.csv``
   (``user_id,book_id,is_read,rating,is_reviewed`` with integer ids), with ``book_id_map.csv`` and
-  ``user_id_map.csv`` when present. It has **no timestamps**: the line number stands in for the time, so
-  the "temporal" order and split follow the file order, not real time (a warning is logged). How its ids
+  ``user_id_map.csv`` when present. It has **no timestamps**: each user's file order stands in for time
+  (``csv_order``: by default a row's time is its user's progress through their rows, so the split is
+  within every user's timeline; or the line number), not real dates (a warning is logged). How its ids
   map to the json ids: :mod:`~reclora_ds.data.raw.goodreads.interactions_csv`.
 
 Decisions (documented here and in the drop reasons of ``metadata.json``): how times, ratings and ids are
@@ -80,7 +81,7 @@ def read_goodreads(
         )
     csv_path = raw_dir / CSV_NAME
     if csv_path.is_file():
-        return read_csv_layout(raw_dir, csv_path, book_files, drops, meta_drops, batch_rows)
+        return read_csv_layout(raw_dir, csv_path, book_files, drops, meta_drops, batch_rows, options.csv_order)
     raise RawDataError(
         raw_dir,
         f"no GoodReads interaction files: expected {options.interactions_glob!r} (json lines) or {CSV_NAME}; "

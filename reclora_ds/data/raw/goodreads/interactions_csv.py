@@ -1,7 +1,11 @@
 """GoodReads csv layout: ``goodreads_interactions.csv`` (integer ids, no timestamps) and its id maps.
 
-The line number stands in for the time, so the "temporal" order and split follow the file order (in the
-UCSD file, blocks of users), not real time; a warning is logged. Its ids are not the json ids: when
+File order stands in for the time (a warning is logged), as ``csv_order`` says
+(:class:`~reclora_ds.data.config.GoodreadsOptions`): ``user_progress`` (default) gives the k-th of a user's
+n_u rows (0-based, in file order) the time ``floor(k * 10^9 / n_u)`` (:func:`user_progress_times`), so the
+global (time, user, item) order interleaves users by their progress and the 8:1:1 split lies within every
+user's timeline; ``file`` gives the line number, so the split follows the file (in the UCSD file, blocks of
+users: valid and test are then users absent from training). Its ids are not the json ids: when
 ``book_id_map.csv`` (``book_id_csv,book_id``) is present, csv book ids are mapped to json book ids so the
 books files give metadata (csv ids missing from the map are dropped as ``unknown_item``); without the map
 the items get empty metadata fields. ``user_id_map.csv`` (``user_id_csv,user_id``), when present, gives the
@@ -21,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
+from reclora_ds.data.config import CSV_ORDERS
 from reclora_ds.data.errors import DropLog
 from reclora_ds.data.raw.base import InteractionBuffer, RawData
 from reclora_ds.data.raw.delimited import read_delimited
@@ -40,6 +45,7 @@ from reclora_ds.data.specs import GOODREADS
 log = logging.getLogger(__name__)
 
 CSV_NAME = "goodreads_interactions.csv"
+PROGRESS_SCALE = 10**9  # user_progress times lie in [0, 10^9): valid epoch seconds, like real timestamps
 CSV_HEADER = ["user_id", "book_id", "is_read", "rating", "is_reviewed"]
 BOOK_ID_MAP = "book_id_map.csv"
 BOOK_ID_MAP_HEADER = ["book_id_csv", "book_id"]
@@ -91,6 +97,19 @@ def read_id_map(path: Path, header: list[str], meta_drops: DropLog, batch_rows: 
     return IdMap(keys, np.concatenate(json_ids)[keep])
 
 
+def user_progress_times(user: np.ndarray, line: np.ndarray) -> np.ndarray:
+    """``floor(k * PROGRESS_SCALE / n_u)`` (int64) for the row that is the k-th (0-based, by ``line``) of its
+    user's ``n_u`` rows: the user's progress through their own timeline, in [0, PROGRESS_SCALE)."""
+    order = np.lexsort((line, user))  # user-major, file order within a user
+    sorted_user = user[order]
+    starts = np.flatnonzero(np.r_[True, sorted_user[1:] != sorted_user[:-1]]) if len(user) else np.zeros(0, int)
+    counts = np.diff(np.r_[starts, len(user)])
+    rank = np.arange(len(user), dtype=np.int64) - np.repeat(starts, counts)
+    times = np.empty(len(user), dtype=np.int64)
+    times[order] = rank * PROGRESS_SCALE // np.repeat(counts, counts)
+    return times
+
+
 def read_csv_layout(
     raw_dir: Path,
     csv_path: Path,
@@ -98,12 +117,21 @@ def read_csv_layout(
     drops: DropLog,
     meta_drops: DropLog,
     batch_rows: int,
+    order: str = "user_progress",
 ) -> RawData:
-    """The csv interactions, mapped to json ids where the maps are present; books only with the book map."""
+    """The csv interactions, mapped to json ids where the maps are present; books only with the book map.
+
+    ``order`` (``GoodreadsOptions.csv_order``): what stands in for the missing timestamps (module docstring).
+    """
+    if order not in CSV_ORDERS:
+        raise ValueError(f"csv_order must be one of {list(CSV_ORDERS)}, got {order!r}")
     log.warning(
-        "%s has no timestamps: FILE ORDER stands in for time (timestamp = line number), so the temporal "
-        "order and the train/valid/test split follow the file, not real dates",
+        "%s has no timestamps: FILE ORDER stands in for time (csv_order=%s: %s), not real dates",
         csv_path,
+        order,
+        "each user's progress through their rows, so the split lies within every user's timeline"
+        if order == "user_progress"
+        else "the line number, so the split follows the file's blocks of users",
     )
     files = [csv_path]
     book_map = user_map = None
@@ -161,6 +189,8 @@ def read_csv_layout(
             )
     tally.check_usable(csv_path)
     interactions = buffer.build()
+    if order == "user_progress":
+        interactions.timestamp = user_progress_times(interactions.user, interactions.line)
 
     if book_map is not None:
         items, extra = read_books(
