@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import subprocess
@@ -212,3 +213,23 @@ def test_pipeline_whose_stage_fails_ends_failed(slurm_cluster, tiny_pipeline_con
     assert fields["JobState"] == "FAILED" and fields["ExitCode"] != "0:0", fields
     assert "stage sim failed" in output, output[-4000:]
     assert time.monotonic() - start < FAILURE_BOUND_S + 120, output[-4000:]
+
+
+def test_experiment_two_tasks_completes(slurm_cluster, ml1m_dir, plora_assets, tmp_path):
+    """A tiny experiment (2 variants x 2 seeds) as one job: each distributed stage is a 2-rank job step."""
+    from tests.experiments.tiny import tiny_spec
+
+    spec = tiny_spec(tmp_path, ml1m_dir, plora_assets["backbone"])
+    job, rc, output = sbatch(
+        slurm_cluster, ["--ntasks=2", str(SLURM_DIR / "experiment.sbatch"), str(spec)], tmp_path
+    )
+    assert rc == 0, output[-6000:]
+    fields = job_fields(slurm_cluster, job)
+    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", fields
+    root = tmp_path / "runs" / "tiny"
+    for variant, mode in (("lora_r2", "lora"), ("plora_n3", "plora")):
+        for seed in (1, 2):
+            metrics = json.loads((root / "runs" / variant / f"seed{seed}" / mode / "metrics.json").read_text())
+            assert metrics["world_size"] == 2, (variant, seed)  # pipeline.nproc from the allocation
+    rows = list(csv.DictReader((root / "results.csv").open()))
+    assert {r["variant"] for r in rows} == {"lora_r2", "plora_n3"}
