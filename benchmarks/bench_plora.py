@@ -678,23 +678,26 @@ STAGE2_CONFIG = "launch/configs/plora_quickstart.yaml"
 STAGE2_RANKS = 2
 PROBE_SHAPE = (1024, 576, 1536)  # M, K, N: a SmolLM2 MLP projection of 1024 tokens
 # (name, overrides): one speed-up switched on at a time, then all of them, then LoRA with all of them
-# (the fp32 adapter math and sdpa attention of the first five are the settings before the last two speed-ups)
-_OLD = ("adapter.compute_dtype=params", "attn_implementation=sdpa")
+# (the fp32 adapter math and sdpa attention of the first five are the settings before the last speed-ups)
+_OLD = ("adapter.compute_dtype=params", "attn_implementation=sdpa", "train_attn_implementation=sdpa")
 _ALL = ("dtype=auto", "length_group_size=8", "eval_batch_size=32")
+_SDPA = ("attn_implementation=sdpa", "train_attn_implementation=sdpa")
+_TRAIN_EAGER = ("attn_implementation=sdpa", "train_attn_implementation=eager")  # what auto picks on a CPU
 STAGE2_VARIANTS: list[tuple[str, tuple[str, ...]]] = [
     ("fp32", ("dtype=float32", "length_group_size=0", "eval_batch_size=8", *_OLD)),
     ("bf16", ("dtype=auto", "length_group_size=0", "eval_batch_size=8", *_OLD)),
     ("bf16+group", ("dtype=auto", "length_group_size=8", "eval_batch_size=8", *_OLD)),
     ("bf16+group+eval32", (*_ALL, *_OLD)),
     ("lora bf16+group+eval32", ("mode=lora", *_ALL, *_OLD)),
-    ("bf16+group+eval32+adapter16", (*_ALL, "adapter.compute_dtype=activations", "attn_implementation=sdpa")),
-    (
-        "bf16+group+eval32+adapter16+eager",
-        (*_ALL, "adapter.compute_dtype=activations", "attn_implementation=eager"),
-    ),
-    ("lora bf16+group+eval32+eager", ("mode=lora", *_ALL, "attn_implementation=eager")),
+    ("bf16+group+eval32+adapter16", (*_ALL, "adapter.compute_dtype=activations", *_SDPA)),
+    ("bf16+group+eval32+adapter16+train_eager", (*_ALL, "adapter.compute_dtype=activations", *_TRAIN_EAGER)),
+    ("lora bf16+group+eval32+train_eager", ("mode=lora", *_ALL, *_TRAIN_EAGER)),
 ]
-STAGE2_QUICK = ("bf16+group+eval32", "bf16+group+eval32+adapter16", "bf16+group+eval32+adapter16+eager")
+STAGE2_QUICK = (
+    "bf16+group+eval32+adapter16",
+    "bf16+group+eval32+adapter16+train_eager",
+    "lora bf16+group+eval32+train_eager",
+)
 
 
 def matmul_gflops(dtype: torch.dtype, threads: int, repeats: int = 20) -> float:
@@ -791,7 +794,7 @@ def stage2_main(args: argparse.Namespace) -> None:
     import tempfile
 
     started = time.perf_counter()
-    names = STAGE2_QUICK if args.quick else tuple(n for n, _ in STAGE2_VARIANTS)
+    names = args.variants or (STAGE2_QUICK if args.quick else tuple(n for n, _ in STAGE2_VARIANTS))
     print(
         f"# bench_plora --stage2: {cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"{STAGE2_RANKS} DeepSpeed ranks x 1 thread, quickstart assets {args.runs}, backbone {args.backbone}"
@@ -909,6 +912,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--quick", action="store_true", help="--stage2: STAGE2_QUICK variants only, 2 steps, 32 test ids"
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=[n for n, _ in STAGE2_VARIANTS],
+        help="--stage2: these variants only (with --steps / --eval-samples; the table keeps its order)",
     )
     parser.add_argument("--steps", type=int, default=8, help="--stage2: optimizer steps (8 samples each)")
     parser.add_argument("--eval-samples", type=int, default=128, help="--stage2: uniform test ids scored")
