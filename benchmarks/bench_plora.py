@@ -96,6 +96,7 @@ from reclora_ds.batch import IGNORE_INDEX
 from reclora_ds.models.inject import inject_plora, route_gate_inputs
 from reclora_ds.models.plora import PLoRAConfig, PLoRAGate, PLoRALinear
 from reclora_ds.models.rec_llm import answer_loss, position_ids_from_mask
+from reclora_ds.training.plora_recipe import TRAIN_PHASES
 
 TARGET_MODULES = ("q_proj", "v_proj")
 RANK = 8
@@ -853,9 +854,20 @@ def stage2_main(args: argparse.Namespace) -> None:
         "\nrank = one rank's seconds per sample of its own samples (metrics.json perf); job = rank / "
         f"{STAGE2_RANKS} ranks; floor = FLOPs per sample / the 1-thread probe of the variant's weight dtype"
     )
+    print("\nwhere a training sample's time goes (rank seconds per sample; the recipe's perf, TRAIN_PHASES):")
+    print("| variant | data | forward | backward | optimizer | sum / train s/sample |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, metrics in results.items():
+        perf = metrics["perf"]
+        parts = [perf.get(f"train_{phase}_s_per_sample", math.nan) for phase in TRAIN_PHASES]
+        print(
+            f"| {name} | "
+            + " | ".join(f"{t:.3f}" for t in parts)
+            + f" | {sum(parts) / perf['train_s_per_sample']:.3f} |"
+        )
     for plora_name, lora_name in (
         ("bf16+group+eval32", "lora bf16+group+eval32"),
-        ("bf16+group+eval32+adapter16+eager", "lora bf16+group+eval32+eager"),
+        ("bf16+group+eval32+adapter16+train_eager", "lora bf16+group+eval32+train_eager"),
     ):
         plora, lora = results.get(plora_name), results.get(lora_name)
         if plora and lora:

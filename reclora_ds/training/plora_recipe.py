@@ -326,6 +326,12 @@ def _checkpoint_disk_full(folder: Path, reason: str) -> DiskFullError:
     return error
 
 
+TRAIN_PHASES = ("data", "forward", "backward", "optimizer")
+"""How ``perf`` splits a timed step: the batch (loader, tokenisation, copy to the device), the forward (CRM
+and LM), the backward, DeepSpeed's step (ZeRO-2 reduction and AdamW, or only the gradient accumulation).
+Host wall times: on a GPU, whose kernels run asynchronously, a phase holds the time the host waited in it."""
+
+
 def train_attention(cfg: PLoRATrainConfig, device: torch.device) -> str:
     """The attention kernel of the training steps: ``train_attn_implementation``, where ``auto`` is ``eager``
     on a CPU and ``attn_implementation`` on a GPU."""
@@ -604,22 +610,33 @@ class PLoRARecipe:
         train_seconds, train_samples = 0.0, 0
         tokens = _Tokens()
         step_seconds: list[float] = []  # each optimizer step's time (data, forward, backward, step)
+        phases = dict.fromkeys(TRAIN_PHASES, 0.0)  # the timed steps' seconds by phase
         while not state.done:
             loader.set_epoch(state.epoch)  # keeps a resumed position inside this epoch
             micro = loader.state_dict()["batches_yielded"]
             batches = iter(loader) if micro < per_epoch else iter(())
-            tick = time.perf_counter()
+            tick = fetch = time.perf_counter()
             for batch in batches:
                 batch = to_device(batch, self.device)
+                computed = time.perf_counter()
                 with self.model.routing(batch):  # open through backward: checkpointed layers need the gates
                     loss = self.engine(batch).loss
+                    forward = time.perf_counter()
                     self.engine.backward(loss)
+                backward = time.perf_counter()
                 self.engine.step()
+                stepped = time.perf_counter()
+                for name, seconds in zip(
+                    TRAIN_PHASES,
+                    (computed - fetch, forward - computed, backward - forward, stepped - backward),
+                ):
+                    phases[name] += seconds
                 micro += 1
                 window.add(loss.detach())
                 train_samples += len(batch["label"])
                 tokens.add(batch["attention_mask"])
                 if self.engine.global_steps == state.step:
+                    fetch = time.perf_counter()
                     continue  # inside a gradient accumulation
                 state.step = self.engine.global_steps
                 bar.update(1)
@@ -628,7 +645,7 @@ class PLoRARecipe:
                 if self._after_step(batch, window):
                     window = _Window()
                     bar.set_postfix(loss=f"{state.losses[-1][1]:.4f}")
-                tick = time.perf_counter()  # logging, validation and checkpoints are not step time
+                tick = fetch = time.perf_counter()  # logging, validation and checkpoints are not step time
                 if state.done or micro >= per_epoch:
                     break
             if not state.done:
@@ -636,6 +653,7 @@ class PLoRARecipe:
         bar.close()
         self._perf["train_s_per_sample"] = train_seconds / max(1, train_samples)
         self._perf["train_step_seconds"] = step_seconds
+        self._perf |= {f"train_{name}_s_per_sample": t / max(1, train_samples) for name, t in phases.items()}
         self._perf |= tokens.perf("train", train_samples)
 
     def _after_step(self, batch: dict[str, torch.Tensor], window: _Window) -> bool:

@@ -565,7 +565,9 @@ def test_synthetic_kill_9_while_writing_leaves_the_previous_folder(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, str(script), str(out)], stdout=subprocess.PIPE, text=True, env=env
     )
-    assert proc.stdout.readline().strip() == "inside"  # the writer waits inside ratings.csv (not a timing guess)
+    assert (
+        proc.stdout.readline().strip() == "inside"
+    )  # the writer waits inside ratings.csv (not a timing guess)
     assert not no_temporaries(out)  # its temporary folder is there, half written
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()

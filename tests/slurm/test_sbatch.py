@@ -229,7 +229,9 @@ def test_experiment_two_tasks_completes(slurm_cluster, ml1m_dir, plora_assets, t
     root = tmp_path / "runs" / "tiny"
     for variant, mode in (("lora_r2", "lora"), ("plora_n3", "plora")):
         for seed in (1, 2):
-            metrics = json.loads((root / "runs" / variant / f"seed{seed}" / mode / "metrics.json").read_text())
+            metrics = json.loads(
+                (root / "runs" / variant / f"seed{seed}" / mode / "metrics.json").read_text()
+            )
             assert metrics["world_size"] == 2, (variant, seed)  # pipeline.nproc from the allocation
     rows = list(csv.DictReader((root / "results.csv").open()))
     assert {r["variant"] for r in rows} == {"lora_r2", "plora_n3"}

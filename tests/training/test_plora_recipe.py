@@ -36,7 +36,12 @@ from reclora_ds.models.inject import inject_plora
 from reclora_ds.training.adapter_io import load_plora_adapter, read_plora_adapter_config
 from reclora_ds.training.plora_config import PLoRATrainConfig
 from reclora_ds.training.plora_data import PLoRABatchLoader
-from reclora_ds.training.plora_recipe import find_ds_config, resolve_ds_config, run_plora_training
+from reclora_ds.training.plora_recipe import (
+    TRAIN_PHASES,
+    find_ds_config,
+    resolve_ds_config,
+    run_plora_training,
+)
 from tests.launch import clean_env, deepspeed
 
 ROOT = Path(__file__).parents[2]
@@ -252,6 +257,12 @@ def test_lora_mode_trains_peft_lora_only(plora_assets, tmp_path):
     assert metrics["trainable_parameters"] == sum(t.numel() for t in adapter.values())
     assert [s for s, _ in metrics["train_loss"]] == [1, 2, 3]
     assert all(math.isfinite(loss) for _, loss in metrics["train_loss"])
+    # the timed steps split into phases: each positive, together at most the steps' time (the rest is the
+    # loss / token bookkeeping between them)
+    perf = metrics["perf"]
+    phases = [perf[f"train_{phase}_s_per_sample"] for phase in TRAIN_PHASES]
+    assert all(t > 0 for t in phases), phases
+    assert 0.9 * perf["train_s_per_sample"] <= sum(phases) <= perf["train_s_per_sample"], (phases, perf)
 
 
 # ----------------------------------------------------------------------------------------------------------

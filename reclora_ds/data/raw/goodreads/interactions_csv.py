@@ -102,7 +102,9 @@ def user_progress_times(user: np.ndarray, line: np.ndarray) -> np.ndarray:
     user's ``n_u`` rows: the user's progress through their own timeline, in [0, PROGRESS_SCALE)."""
     order = np.lexsort((line, user))  # user-major, file order within a user
     sorted_user = user[order]
-    starts = np.flatnonzero(np.r_[True, sorted_user[1:] != sorted_user[:-1]]) if len(user) else np.zeros(0, int)
+    starts = (
+        np.flatnonzero(np.r_[True, sorted_user[1:] != sorted_user[:-1]]) if len(user) else np.zeros(0, int)
+    )
     counts = np.diff(np.r_[starts, len(user)])
     rank = np.arange(len(user), dtype=np.int64) - np.repeat(starts, counts)
     times = np.empty(len(user), dtype=np.int64)
