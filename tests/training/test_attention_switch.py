@@ -9,11 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama import modeling_llama
 
 from reclora_ds.training.plora_config import PLoRATrainConfig
 from reclora_ds.training.plora_recipe import set_attention, train_attention
+from tests.tiny_llm import tiny_llama
 
 
 @pytest.fixture
@@ -30,18 +30,9 @@ def eager_calls(monkeypatch):
 
 
 def tiny_peft_llama() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=100,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    config._attn_implementation = "sdpa"
-    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    return model.eval()
+    llama = tiny_llama(vocab_size=100, hidden=64)
+    assert llama.config._attn_implementation == "sdpa"  # how transformers builds it: the reference kernel
+    return get_peft_model(llama, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).eval()
 
 
 def test_switching_kernels_changes_the_kernel_not_the_result(eager_calls):
