@@ -268,6 +268,20 @@ def significance(spec: ExperimentSpec, runs: list[RunResult], ref_runs: list[Run
     }  # fmt: skip
 
 
+def comparison_rows(spec: ExperimentSpec, runs: list[RunResult]) -> list[dict[str, Any]]:
+    """One row per ``spec.comparisons`` pair: both rows' mean AUC and the paired tests of row - against."""
+    by_variant = {v.name: [r for r in runs if r.variant == v.name] for v in spec.variants}
+    rows = []
+    for name, against in spec.comparisons:
+        rows.append({
+            "row": name, "against": against,
+            "auc_row": float(np.mean([r.metrics["auc"] for r in by_variant[name]])),
+            "auc_against": float(np.mean([r.metrics["auc"] for r in by_variant[against]])),
+            **significance(spec, by_variant[name], by_variant[against]),
+        })  # fmt: skip
+    return rows
+
+
 def per_seed_rows(runs: list[RunResult]) -> list[dict[str, Any]]:
     return [
         {"variant": r.variant, "seed": r.seed, **{k: r.metrics[k] for k in r.metrics}, "folder": r.folder}
@@ -304,8 +318,40 @@ METRIC_TITLES = {
 }  # fmt: skip
 
 
-def markdown(spec: ExperimentSpec, rows: list[dict[str, Any]], command: str, plots: list[str]) -> str:
-    """results.md: the table with mean +- std, the CIs, Rel. and the tests, then the plots."""
+def comparisons_markdown(spec: ExperimentSpec, rows: list[dict[str, Any]]) -> list[str]:
+    """The comparisons table of results.md (no lines when the spec has none)."""
+    if not rows:
+        return []
+    label = {v.name: v.display for v in spec.variants}
+    lines = [
+        "Comparisons (the same paired tests, row against another row than the reference):",
+        "",
+        "| row | against | AUC (row / against, seed means) | ΔAUC [95% bootstrap] | p (bootstrap) | "
+        "p (DeLong, max over seeds) |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        star = " *" if r["significant"] == "yes" else ""
+        diff = (
+            f"{r['auc_diff']:+.4f} [{_fmt(r['diff_low'])}, {_fmt(r['diff_high'])}]"
+            if not math.isnan(r["auc_diff"])
+            else r["significant"]
+        )
+        lines.append(
+            f"| {label[r['row']]} | {label[r['against']]} | {r['auc_row']:.4f} / {r['auc_against']:.4f} | "
+            f"{diff} | {_p(r['p_bootstrap'])}{star} | {_p(r['p_delong_max'])} |"
+        )
+    return [*lines, ""]
+
+
+def markdown(
+    spec: ExperimentSpec,
+    rows: list[dict[str, Any]],
+    command: str,
+    plots: list[str],
+    comparisons: list[dict[str, Any]] = (),
+) -> str:
+    """results.md: the table with mean +- std, the CIs, Rel. and the tests, the comparisons, the plots."""
     rel = "Rel. = (row - ref) / ref" if spec.relative == "row_vs_reference" else "Rel. = (ref - row) / row"
     head = ["row", "mode", "seeds", "n"]
     for m in spec.metrics:
@@ -358,9 +404,12 @@ def markdown(spec: ExperimentSpec, rows: list[dict[str, Any]], command: str, plo
         "per-seed paired DeLong p. Both measure the noise of the test sample, the seeds' spread shows the "
         "noise of training.",
         "",
+        *comparisons_markdown(spec, list(comparisons)),
         *[f"![{Path(p).stem}]({Path(p).name})" for p in plots],
         "",
-        "Files: `results.csv` (this table), `per_seed.csv` (every run), `plan.json` (stage folders); "
+        "Files: `results.csv` (this table), "
+        + ("`comparisons.csv` (the comparisons), " if comparisons else "")
+        + "`per_seed.csv` (every run), `plan.json` (stage folders); "
         "TensorBoard HParams: `tensorboard --logdir tb`.",
         "",
     ]

@@ -17,7 +17,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from reclora_ds.experiments.aggregate import collect_runs, markdown, per_seed_rows, results_rows, write_csv
+from reclora_ds.experiments.aggregate import (
+    collect_runs,
+    comparison_rows,
+    markdown,
+    per_seed_rows,
+    results_rows,
+    write_csv,
+)
 from reclora_ds.experiments.hparams import write_hparams
 from reclora_ds.experiments.plan import ExperimentPlan, plan_experiment, plan_summary
 from reclora_ds.experiments.plots import write_plots
@@ -57,9 +64,12 @@ def aggregate(plan: ExperimentPlan, command: str) -> ExperimentResult:
     rows = results_rows(plan.spec, runs)
     write_csv(root / "results.csv", rows)
     write_csv(root / "per_seed.csv", per_seed_rows(runs))
+    comparisons = comparison_rows(plan.spec, runs)
+    if comparisons:
+        write_csv(root / "comparisons.csv", comparisons)
     plots = write_plots(plan.spec, rows, root)
     hparams = write_hparams(plan, rows)
-    text = markdown(plan.spec, rows, command, [str(p) for p in plots])
+    text = markdown(plan.spec, rows, command, [str(p) for p in plots], comparisons)
     write_text_atomic(root / "results.md", text)
     return ExperimentResult(plan, rows, root / "results.md", plots, hparams)
 

@@ -8,6 +8,7 @@ A spec file (``launch/experiments/<name>.yaml``)::
     overrides: {plora.max_steps: 100}       # dotted pipeline keys, applied to every variant
     seeds: [42, 43, 44]
     reference: nm16                         # the row the others are compared with (a variant name)
+    comparisons: [[a, b], ...]              # more paired tests: row a against row b (optional)
     metrics: [auc, logloss]                 # columns of the table (METRICS); auc is always there
     relative: row_vs_reference              # Rel. change: (row - ref) / ref; reference_vs_row: (ref - row) / row
     split: test                             # the evaluated split (a plora.eval_splits entry)
@@ -23,6 +24,7 @@ A spec file (``launch/experiments/<name>.yaml``)::
       variants: [...]                       # replaces the list (optional)
       variant_overrides: {nm16: {...}}      # merged over a variant's overrides (optional)
       reference: nm4                        # (optional, with variants)
+      comparisons: [[a, b], ...]            # (optional, with variants)
 
 A variant's ``mode`` is the stage-2 mode of its row (``zero_shot``, ``lora``, ``plora``), or ``crm``: the
 row is the variant's CRM (stage 1) itself. The experiment owns ``pipeline.name`` and ``pipeline.modes``
@@ -116,6 +118,9 @@ class ExperimentSpec:
     split: str = "test"
     significance: SignificanceSpec = SignificanceSpec()
     plot: PlotSpec = PlotSpec()
+    comparisons: tuple[tuple[str, str], ...] = ()
+    """Pairs (row, against) tested like a row against the reference (Fig. 6: RecLoRA against ReLLa at each
+    few-shot size), in a second table."""
     store: str = ""
     """Folder of the stage outputs that variants share (content-addressed by hash); empty =
     ``<runs_dir>/_stages``, shared by every experiment under that runs folder."""
@@ -136,7 +141,7 @@ class ExperimentSpec:
 
 
 TOP_KEYS = {f.name for f in dataclasses.fields(ExperimentSpec)} - {"source", "quick"} | {"quick"}
-QUICK_KEYS = ("base", "overrides", "seeds", "variants", "variant_overrides", "reference")
+QUICK_KEYS = ("base", "overrides", "seeds", "variants", "variant_overrides", "reference", "comparisons")
 
 
 def flatten_overrides(value: Any, where: str, problems: list[str], prefix: str = "") -> dict[str, Any]:
@@ -232,6 +237,30 @@ def _section(cls: type, data: Any, where: str, problems: list[str]) -> Any:
     return cls(**kwargs)
 
 
+def _comparisons(
+    value: Any, where: str, names: list[str], problems: list[str]
+) -> tuple[tuple[str, str], ...]:
+    """``[[row, against], ...]`` of variant names, each pair of two different rows."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        problems.append(f"{where}: must be a list of [row, against] pairs of variant names")
+        return ()
+    pairs = []
+    for i, pair in enumerate(value):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(n, str) for n in pair)):
+            problems.append(f"{where}[{i}]: {pair!r} must be a [row, against] pair of variant names")
+            continue
+        unknown = [n for n in pair if n not in names]
+        if unknown:
+            problems.append(f"{where}[{i}]: {unknown} not a variant (variants: {', '.join(names)})")
+        elif pair[0] == pair[1]:
+            problems.append(f"{where}[{i}]: compares {pair[0]!r} with itself")
+        else:
+            pairs.append((pair[0], pair[1]))
+    return tuple(pairs)
+
+
 def parse_spec(data: Mapping[str, Any], source: str = "<dict>", quick: bool = False) -> ExperimentSpec:
     """Build and check a spec from a file's mapping; ``quick`` applies its ``quick:`` block.
 
@@ -307,6 +336,12 @@ def parse_spec(data: Mapping[str, Any], source: str = "<dict>", quick: bool = Fa
         seeds = [42]
     if reference not in names:
         problems.append(f"reference: {reference!r} is not a variant (variants: {', '.join(names)})")
+    comparisons = _comparisons(
+        block.get("comparisons", data.get("comparisons")) if quick else data.get("comparisons"),
+        "quick.comparisons" if quick and "comparisons" in block else "comparisons",
+        names,
+        problems,
+    )
     metrics = data.get("metrics", ["auc", "logloss"])
     if not isinstance(metrics, list) or any(m not in METRICS for m in metrics):
         problems.append(f"metrics: {metrics!r} must be a list of {', '.join(METRICS)}")
@@ -336,8 +371,8 @@ def parse_spec(data: Mapping[str, Any], source: str = "<dict>", quick: bool = Fa
     return ExperimentSpec(
         name=name, base=base, variants=tuple(variants), reference=reference, seeds=tuple(seeds),
         overrides=overrides, description=str(data.get("description", "")), metrics=tuple(metrics),
-        relative=relative, split=split, significance=significance, plot=plot, store=str(data.get("store", "")),
-        source=source, quick=quick,
+        relative=relative, split=split, significance=significance, plot=plot, comparisons=comparisons,
+        store=str(data.get("store", "")), source=source, quick=quick,
     )  # fmt: skip
 
 

@@ -57,7 +57,9 @@ def predictions(root: Path, variant: str, mode: str, seed: int):
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, ml1m_dir, plora_assets):
     tmp = tmp_path_factory.mktemp("experiment")
-    spec = tiny_spec(tmp, ml1m_dir, plora_assets["backbone"], crm_row=True)
+    spec = tiny_spec(
+        tmp, ml1m_dir, plora_assets["backbone"], crm_row=True, comparisons=[["plora_n3", "lora_r2"]]
+    )
     first = experiment(spec)
     return spec, tmp / "runs" / "tiny", tmp / "runs" / "_stages", first
 
@@ -154,8 +156,19 @@ def test_significance_matches_an_independent_computation(finished):
     assert float(rows["lora_r2"]["p_delong_max"]) == pytest.approx(p_delong, rel=1e-6)
     assert rows["lora_r2"]["significant"] == ("yes" if p < 0.01 else "no")
     assert rows["plora_n3"]["p_bootstrap"] == "nan"  # the reference row
+    # the spec's comparison [plora_n3, lora_r2]: the same tests the other way round, recomputed
+    (comparison,) = read_csv(root / "comparisons.csv")
+    assert (comparison["row"], comparison["against"]) == ("plora_n3", "lora_r2")
+    observed, _, p = reference_bootstrap(
+        y, np.stack([d["p"] for d in plora]), np.stack([d["p"] for d in lora]), 400, 3
+    )
+    assert float(comparison["auc_diff"]) == pytest.approx(observed, abs=1e-9)
+    assert float(comparison["p_bootstrap"]) == pytest.approx(p, rel=1e-12)
+    assert float(comparison["p_delong_max"]) == pytest.approx(p_delong, rel=1e-6)  # symmetric in the rows
+    assert float(comparison["auc_row"]) == pytest.approx(float(rows["plora_n3"]["auc_mean"]), abs=1e-12)
     text = (root / "results.md").read_text()
     assert "| **PLoRA N_m=3** |" in text and "p (bootstrap)" in text
+    assert "| PLoRA N_m=3 | LoRA r=2 |" in text  # the comparisons table
 
 
 def test_figure_and_hparams_events_exist_and_hold_the_settings(finished):

@@ -155,3 +155,11 @@ def test_table3_states_the_alpha_of_the_same_params_lora():
     quick = load_spec("table3", quick=True).variant("wo_meta_same_params").overrides
     assert quick["plora.lora_rank"] / quick["plora.lora_alpha"] == 0.5
     assert "alpha / r" in Path(spec.source).read_text()
+
+
+def test_comparisons_name_variants_and_bad_pairs_are_reported():
+    assert parse_spec(minimal(comparisons=[["b", "a"]])).comparisons == (("b", "a"),)
+    text = "\n".join(problems_of(minimal(comparisons=[["b", "z"], ["a", "a"], "a"])))
+    for needle in ("comparisons[0]: ['z'] not a variant", "comparisons[1]: compares 'a' with itself",
+                   "comparisons[2]: 'a' must be a [row, against] pair"):  # fmt: skip
+        assert needle in text, text
