@@ -115,8 +115,8 @@ class PLoRATrainConfig(RecLLMConfig):
     """Attention kernel of the backbone when it scores (evaluation, ``reclora-ds score``): ``sdpa`` or
     ``eager``; the one recorded with the exported adapter."""
     train_attn_implementation: str = "auto"
-    """Attention kernel of the training steps: ``sdpa``, ``eager``, or ``auto``: ``eager`` on a CPU (a bf16
-    training step measured about 17% cheaper with it, while scoring is dearer: docs/PLORA_BENCH.md), else
+    """Attention kernel of the training steps: ``sdpa``, ``eager``, or ``auto``: ``eager`` on a CPU (where a
+    bf16 training step measured cheaper with it and scoring dearer: docs/PLORA_BENCH.md), else
     ``attn_implementation``. Both kernels compute the same attention; the run switches between them."""
     max_length: int = 1024
     """Most tokens of prompt + answer; a longer prompt loses its start (counted in the log)."""
