@@ -19,7 +19,9 @@ DeepSpeed JSON's AdamW (weight decay 0 by default) and the schedule a linear war
 ``zero2_fp32.json`` the adapter's parameters, gradients and AdamW stay float32 and the frozen LLM takes ``dtype``
 (``auto``: bfloat16 on a GPU or a CPU with avx512_bf16 / AMX, else float32); PLoRA's bank then computes in the
 LLM's dtype on cast copies of its float32 parameters (``adapter.compute_dtype``). ``load_in_8bit`` keeps the LLM's linear weights int8
-(bitsandbytes, CUDA or its CPU backend) under a float32 engine.
+(bitsandbytes, CUDA or its CPU backend) under a float32 engine. Attention: the training steps run the
+backbone with :func:`train_attention`'s kernel and evaluation with ``attn_implementation``
+(:func:`set_attention` switches between them).
 
 Batches: :class:`~reclora_ds.training.plora_data.PLoRABatchLoader` on the few-shot split, per rank by file,
 shuffled per epoch with the seed; every rank runs the same number of micro-batches. ``batch_size`` is the
@@ -618,7 +620,7 @@ class PLoRARecipe:
             tick = fetch = time.perf_counter()
             for batch in batches:
                 batch = to_device(batch, self.device)
-                computed = time.perf_counter()
+                fetched = time.perf_counter()
                 with self.model.routing(batch):  # open through backward: checkpointed layers need the gates
                     loss = self.engine(batch).loss
                     forward = time.perf_counter()
@@ -628,7 +630,7 @@ class PLoRARecipe:
                 stepped = time.perf_counter()
                 for name, seconds in zip(
                     TRAIN_PHASES,
-                    (computed - fetch, forward - computed, backward - forward, stepped - backward),
+                    (fetched - fetch, forward - fetched, backward - forward, stepped - backward),
                 ):
                     phases[name] += seconds
                 micro += 1
