@@ -75,11 +75,17 @@ def global_batches(seed: int = 0) -> list[dict[str, torch.Tensor]]:
 
 
 def train(
-    batches: list[dict[str, torch.Tensor]], rank: int = 0, world: int = 1, allreduce: str = "gloo"
+    batches: list[dict[str, torch.Tensor]],
+    rank: int = 0,
+    world: int = 1,
+    allreduce: str = "gloo",
+    name: str = "sim",
+    config: CRMConfig = CONFIG,
 ) -> dict[str, torch.Tensor]:
-    """``STEPS`` AdamW steps of the recipe's train_step; rank r takes its contiguous part of each batch."""
+    """AdamW steps of the recipe's train_step on the registry CRM ``name``, one per batch; rank r takes its
+    contiguous part of each batch (the DDP tests of every model family use this)."""
     torch.manual_seed(0)
-    model = build_crm("sim", CONFIG, FeatureSpec.from_metadata(META))
+    model = build_crm(name, config, FeatureSpec.from_metadata(META))
     ddp = wrap_ddp(model, torch.device("cpu"), allreduce)  # "shm" raises when it cannot be used
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
     for batch in batches:

@@ -23,22 +23,16 @@ from reclora_ds.models.crm import FeatureSpec
 from reclora_ds.models.registry import build_crm
 from reclora_ds.training.checkpoint import load_crm
 from reclora_ds.training.crm_config import CRMTrainConfig
-from reclora_ds.training.crm_recipe import run_crm_training, train_step, wrap_ddp
-from tests.training.test_crm_ddp import CONFIG, LR, META, ROOT, WORLD, global_batches, launch_env
+from reclora_ds.training.crm_recipe import run_crm_training
+from tests.training.test_crm_ddp import CONFIG, META, ROOT, WORLD, global_batches, launch_env
+from tests.training.test_crm_ddp import train as train_model
 
 MODEL = "deepfm"
 
 
 def train(batches: list[dict[str, torch.Tensor]], rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
-    """The recipe's ``train_step`` with AdamW on :data:`MODEL`; rank r takes its contiguous part of each batch."""
-    torch.manual_seed(0)
-    model = build_crm(MODEL, CONFIG, FeatureSpec.from_metadata(META))
-    ddp = wrap_ddp(model, torch.device("cpu"), "gloo")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
-    for batch in batches:
-        size = len(batch["label"]) // world
-        train_step(ddp, {k: v[rank * size : (rank + 1) * size] for k, v in batch.items()}, optimizer)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    """The shared DDP training loop (:func:`tests.training.test_crm_ddp.train`) on :data:`MODEL`."""
+    return train_model(batches, rank, world, name=MODEL)
 
 
 def worker(out: Path) -> None:

@@ -20,8 +20,8 @@ import torch
 from reclora_ds import distributed as D
 from reclora_ds.models.crm import FeatureSpec
 from reclora_ds.models.registry import build_crm
-from reclora_ds.training.crm_recipe import train_step, wrap_ddp
-from tests.training.test_crm_ddp import CONFIG, LR, META, WORLD, global_batches, launch_env
+from tests.training.test_crm_ddp import CONFIG, META, WORLD, global_batches, launch_env
+from tests.training.test_crm_ddp import train as train_model
 
 pytestmark = pytest.mark.distributed
 
@@ -29,19 +29,9 @@ pytestmark = pytest.mark.distributed
 SEQUENCE_CONFIG = dataclasses.replace(CONFIG, attention_size=16, attention_heads=2, sequence_layers=2)
 
 
-def train(
-    name: str, batches: list[dict[str, torch.Tensor]], rank: int = 0, world: int = 1
-) -> dict[str, torch.Tensor]:
-    """AdamW steps of the recipe's train_step on ``batches``; rank r takes its contiguous part of each."""
-    torch.manual_seed(0)
-    model = build_crm(name, SEQUENCE_CONFIG, FeatureSpec.from_metadata(META))
-    ddp = wrap_ddp(model, torch.device("cpu"), "gloo")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
-    for batch in batches:
-        size = len(batch["label"]) // world
-        part = {k: v[rank * size : (rank + 1) * size] for k, v in batch.items()}
-        train_step(ddp, part, optimizer)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+def train(name: str, batches: list[dict[str, torch.Tensor]], rank: int = 0, world: int = 1):
+    """The shared DDP training loop (:func:`tests.training.test_crm_ddp.train`) on a sequential CRM."""
+    return train_model(batches, rank, world, name=name, config=SEQUENCE_CONFIG)
 
 
 def worker(out: Path, name: str) -> None:
