@@ -693,6 +693,10 @@ STAGE2_VARIANTS: list[tuple[str, tuple[str, ...]]] = [
     ("bf16+group+eval32+adapter16", (*_ALL, "adapter.compute_dtype=activations", *_SDPA)),
     ("bf16+group+eval32+adapter16+train_eager", (*_ALL, "adapter.compute_dtype=activations", *_TRAIN_EAGER)),
     ("lora bf16+group+eval32+train_eager", ("mode=lora", *_ALL, *_TRAIN_EAGER)),
+    (
+        "bf16+group+eval32+adapter16+train_eager+micro4",
+        (*_ALL, "adapter.compute_dtype=activations", *_TRAIN_EAGER, "micro_batch_size=4"),
+    ),
 ]
 STAGE2_QUICK = (
     "bf16+group+eval32+adapter16",
