@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,16 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 def no_temporaries(folder: Path) -> bool:
     return not [p for p in folder.parent.iterdir() if p.name.startswith(f".{folder.name}.tmp-")]
+
+
+def damaged_copies(source: Path, tmp_path: Path, cases: dict) -> Iterator[tuple[str, Path, str]]:
+    """(case name, a damaged copy of ``source``, the message its reader must give) for each
+    ``{name: (damage, message)}`` case: ``damage`` changes the copy in place."""
+    for name, (damage, message) in cases.items():
+        copy = tmp_path / name.replace(" ", "_")
+        shutil.copytree(source, copy)
+        damage(copy)
+        yield name, copy, message
 
 
 class Interrupted(RuntimeError):
@@ -292,10 +303,7 @@ def test_index_reader_refuses_a_folder_that_differs_from_its_sidecar(tmp_path):
             "index.faiss has another sha256",
         ),
     }
-    for name, (damage, message) in cases.items():
-        d = tmp_path / name.replace(" ", "_")
-        shutil.copytree(a, d)
-        damage(d)
+    for name, d, message in damaged_copies(a, tmp_path, cases):
         with pytest.raises(RetrievalInputError) as err:
             load_index(d)
         assert str(d) in str(err.value) and message in str(err.value), name
@@ -423,10 +431,7 @@ def test_retrieval_folder_check_refuses_differences(tmp_path, retrieval_setup):
             "has another sha256",
         ),
     }
-    for name, (damage, message) in cases.items():
-        d = tmp_path / name.replace(" ", "_")
-        shutil.copytree(a, d)
-        damage(d)
+    for name, d, message in damaged_copies(a, tmp_path, cases):
         with pytest.raises(RetrievalInputError) as err:
             check_retrieval_folder(d, verify_sha256=True)
         assert str(d) in str(err.value) and message in str(err.value), name
@@ -510,10 +515,7 @@ def test_synthetic_check_refuses_differences(tmp_path):
             "ratings.csv has",
         ),
     }
-    for name, (damage, message) in cases.items():
-        d = tmp_path / name.replace(" ", "_")
-        shutil.copytree(a, d)
-        damage(d)
+    for name, d, message in damaged_copies(a, tmp_path, cases):
         with pytest.raises(SyntheticFolderError) as err:
             check_synthetic(d)
         assert str(d) in str(err.value) and message in str(err.value), name
