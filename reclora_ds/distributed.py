@@ -331,13 +331,14 @@ def start_peer_watch() -> None:
     me = _Peer(dist.get_rank(), socket.gethostname(), os.getpid(), _start_time(os.getpid()))
     _sweep_dead_flags(peer_flag_dir().parent)
     _own_flag = peer_flag_dir() / f"rank{me.rank}.{me.pid}"
-    for _ in range(100):  # another rank's sweep may remove the job folder between our mkdir and our write
+    for attempt in range(100):  # another rank's sweep may remove the job folder between our mkdir and write
         _own_flag.parent.mkdir(parents=True, exist_ok=True)
         try:
             _own_flag.write_text(f"{me.pid}\n")
             break
         except FileNotFoundError:
-            continue
+            if attempt == 99:
+                raise  # not a race any more: the folder cannot be kept (its error names the path)
     atexit.register(_remove_own_flag)
     peers: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(peers, me)

@@ -28,11 +28,11 @@ from reclora_ds.training import plora_recipe
 from reclora_ds.training.plora_config import PLoRATrainConfig
 from reclora_ds.training.plora_recipe import PLoRARecipe, run_plora_training
 from tests.faults.conftest import fill
-from tests.launch import ROOT, clean_env
+from tests.launch import clean_env
+from tests.training.test_plora_recipe import QUICKSTART, overrides
 
 pytestmark = pytest.mark.slow  # in-process DeepSpeed runs of a tiny Llama: tens of seconds each
 
-QUICKSTART = ROOT / "launch" / "configs" / "plora_quickstart.yaml"
 TMPFS_BYTES = 64 << 20
 LEAVE_BYTES = (
     16 << 10
@@ -41,27 +41,12 @@ TOTAL_STEPS = 3
 
 
 def settings(assets: dict[str, str], out: Path, *extra: str) -> list[str]:
-    return [
-        f"data_dir={assets['data_dir']}",
-        f"output_dir={out}",
-        f"crm_path={assets['crm_path']}",
-        f"backbone={assets['backbone']}",
-        "deepspeed_config=ds_configs/zero2_fp32.json",
-        "short_history=recent",
-        "short_history_length=3",
-        "adapter.num_experts=4",
-        "lr=0.01",
-        "progress=false",
-        f"max_steps={TOTAL_STEPS}",
-        "batch_size=8",
-        "micro_batch_size=8",
-        "checkpoint_every=1",
-        "keep_checkpoints=5",
-        "log_every=1",
-        "eval_max_samples=16",
-        "num_threads=1",
-        *extra,
-    ]
+    """The stage-2 recipe tests' settings (``test_plora_recipe.overrides``), checkpointing every step."""
+    return overrides(
+        assets, out, "short_history_length=3", f"max_steps={TOTAL_STEPS}", "batch_size=8",
+        "micro_batch_size=8", "checkpoint_every=1", "keep_checkpoints=5", "log_every=1",
+        "eval_max_samples=16", "num_threads=1", *extra,
+    )  # fmt: skip
 
 
 def config(assets: dict[str, str], out: Path, *extra: str) -> PLoRATrainConfig:
@@ -168,22 +153,17 @@ def test_entry_point_on_a_full_disk_exits_2_with_an_error_line(plora_assets, sma
     disk = small_tmpfs(TMPFS_BYTES)
     out = disk / "run"
     command = [sys.executable, "-m", "reclora_ds.commands.train_plora", "--config", str(QUICKSTART)]
-    first = subprocess.run(
-        [*command, *settings(plora_assets, out, "max_steps=1")],
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-    )
+
+    def train(*extra: str) -> subprocess.CompletedProcess:
+        run = [*command, *settings(plora_assets, out, *extra)]
+        return subprocess.run(run, env=clean_env(), capture_output=True, text=True)
+
+    first = train("max_steps=1")
     assert first.returncode == 0, first.stderr[-3000:]
     kept = checksums(out / "checkpoints" / "step00000001")
     fill(disk, LEAVE_BYTES)
     # two more steps from the checkpoint: the first new checkpoint meets the full disk
-    rerun = subprocess.run(
-        [*command, *settings(plora_assets, out, "resume=true")],
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-    )
+    rerun = train("resume=true")
     assert rerun.returncode == 2, rerun.stderr[-3000:]
     lines = [line for line in rerun.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("error: ") and "no space left" in lines[-1], lines[-5:]
