@@ -22,7 +22,8 @@ Variants, all on ``q_proj`` and ``v_proj`` with r=8, alpha=16, adapter dropout 0
 
 The step is stage 2's (``RecLLM._forward_lm``): a left-padded batch of prompts (lengths drawn in
 [0.8 T, T]) ending with the two tokens of ``"Yes."``; the LM gets ``attention_mask``, ``position_ids``
-from the mask and ``logits_to_keep`` = 3, so the LM head only runs on the last 3 positions, and the loss is
+from the mask and only the last 3 positions go through the LM head
+(:func:`reclora_ds.models.rec_llm.last_logits`), and the loss is
 :func:`reclora_ds.models.rec_llm.answer_loss` on the answer tokens. A training step is that forward +
 backward + ``AdamW.step`` over the trainable parameters + ``zero_grad``; an inference step is the forward in
 ``eval`` mode under ``torch.no_grad`` (``RecLLM.score``).
@@ -95,7 +96,7 @@ from torch import nn
 from reclora_ds.batch import IGNORE_INDEX
 from reclora_ds.models.inject import inject_plora, route_gate_inputs
 from reclora_ds.models.plora import PLoRAConfig, PLoRAGate, PLoRALinear
-from reclora_ds.models.rec_llm import answer_loss, position_ids_from_mask
+from reclora_ds.models.rec_llm import answer_loss, last_logits
 from reclora_ds.training.plora_recipe import TRAIN_PHASES
 
 TARGET_MODULES = ("q_proj", "v_proj")
@@ -189,7 +190,6 @@ class Batch:
 
     input_ids: torch.Tensor  # [B, T]
     attention_mask: torch.Tensor  # [B, T], 0 on the left padding
-    position_ids: torch.Tensor  # [B, T]
     labels: torch.Tensor  # [B, K]: the last K positions' labels (answer ids, IGNORE_INDEX elsewhere)
     crm_state: torch.Tensor  # [B, d_c]
 
@@ -212,7 +212,6 @@ def make_batch(batch: int, seq: int, vocab: int, device: torch.device, seed: int
     return Batch(
         input_ids.to(device),
         attention_mask.to(device),
-        position_ids_from_mask(attention_mask).to(device),
         labels.to(device),
         crm_state.to(device),
     )
@@ -246,13 +245,7 @@ class Variant:
 
     def logits(self, batch: Batch) -> torch.Tensor:
         """The LM's logits of the last K positions [B, K, V], as ``RecLLM._forward_lm`` asks for them."""
-        return self.model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            use_cache=False,
-            logits_to_keep=batch.keep,
-        ).logits
+        return last_logits(self.model, batch.input_ids, batch.attention_mask, batch.keep)
 
     def train_step(self, batch: Batch) -> None:
         with self.routed(batch):

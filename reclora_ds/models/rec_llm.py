@@ -108,6 +108,26 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def last_logits(
+    llm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int
+) -> torch.Tensor:
+    """The causal LM's logits of the last ``keep`` positions [B, K, V] of left-padded prompts [B, T].
+
+    Column c is position T - K + c; ``position_ids`` come from the mask. The K positions go to the model as an
+    index tensor, not the int K: an index gathers a contiguous [B, K, D] copy, so the LM head is one
+    [B K, D] @ [D, V] GEMM, while the int's strided slice made torch's matmul expand the [V, D] weight to
+    [B, D, V] and run a batched GEMM, forward and backward (17 % of a CPU training step, docs/PLORA_BENCH.md).
+    """
+    width = input_ids.shape[1]
+    return llm(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+        logits_to_keep=torch.arange(width - keep, width, device=input_ids.device),
+    ).logits
+
+
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over the labelled positions.
 
@@ -295,14 +315,7 @@ class RecLLM(nn.Module):
         # Left padding: every sequence ends at T - 1, so the positions that matter (the answer position and
         # the answer tokens after it) are the last K; only those go through the LM head ([B, K, V]).
         keep = int(width - answer_position.min())
-        out = self.llm(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            use_cache=False,
-            logits_to_keep=keep,
-        )
-        logits = out.logits  # [B, K, V]; column c is position T - K + c
+        logits = last_logits(self.llm, input_ids, attention_mask, keep)  # [B, K, V]
         rows = torch.arange(len(input_ids), device=logits.device)
         at_answer = logits[rows, answer_position - (width - keep)]  # [B, V]
         answer_logits = at_answer[:, [self.answers.yes_id, self.answers.no_id]].float()  # [B, 2]

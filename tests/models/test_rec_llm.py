@@ -15,7 +15,7 @@ from reclora_ds.data.prompts import PromptEncoder, TextView, prompt_body
 from reclora_ds.llm_loader import LLMLoadError, load_causal_lm
 from reclora_ds.models.crm import CRMConfig, FeatureSpec
 from reclora_ds.models.plora import PLoRAConfig
-from reclora_ds.models.rec_llm import RecLLM, RecLLMConfig, position_ids_from_mask
+from reclora_ds.models.rec_llm import RecLLM, RecLLMConfig, answer_loss, last_logits, position_ids_from_mask
 from reclora_ds.models.registry import build_crm
 from tests.tiny_llm import CHAT_TEMPLATE, tiny_llama, word_tokenizer
 
@@ -230,6 +230,35 @@ def test_gradients_reach_only_the_adapter_and_match_with_activation_checkpointin
         grads.append({n: p.grad.clone() for n, p in trainable.items()})
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)
+
+
+def test_last_logits_and_their_gradients_equal_the_full_logits_sliced(tokenizer):
+    """The index-tensor head (one GEMM) against every position's logits cut to the last K, loss and grads."""
+    encoder = PromptEncoder(tokenizer, "ml-1m")
+    batch = make_batch(encoder, [0, 1, 2, 3], with_answer=True)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    keep = 3
+    results = []
+    for cut in ("last_logits", "full"):
+        model = plora_model(tokenizer).train()
+        with model.routing(batch):
+            if cut == "last_logits":
+                logits = last_logits(model.llm, ids, mask, keep)
+            else:
+                logits = model.llm(
+                    input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)
+                ).logits[:, -keep:]
+            loss = answer_loss(logits, batch["labels"][:, -keep:])
+            loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.trainable_parameters().items()}
+        results.append((logits.detach(), loss.detach(), grads))
+    (ours, our_loss, our_grads), (want, want_loss, want_grads) = results
+    assert ours.shape == (4, keep, want.shape[-1])
+    torch.testing.assert_close(ours, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(our_loss, want_loss, atol=1e-6, rtol=1e-6)
+    assert any(g.abs().max() > 0 for g in want_grads.values())
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(our_grads[name], grad, atol=1e-6, rtol=1e-5)
 
 
 def test_forward_refuses_another_batch_than_the_routed_one(tokenizer):
