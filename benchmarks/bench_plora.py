@@ -130,13 +130,15 @@ def load_base(args: argparse.Namespace, device: torch.device) -> nn.Module:
             num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=512,
-            attn_implementation="sdpa",
+            attn_implementation=args.attn_implementation,
         )
         model = LlamaForCausalLM(config).to(DTYPES[args.dtype])
     else:
         from reclora_ds.llm_loader import load_causal_lm
 
-        model, _ = load_causal_lm(args.backbone, dtype=args.dtype, attn_implementation="sdpa")
+        model, _ = load_causal_lm(
+            args.backbone, dtype=args.dtype, attn_implementation=args.attn_implementation
+        )
     model.config.use_cache = False
     model.requires_grad_(False)
     return model.to(device).train()
@@ -898,6 +900,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument(
+        "--attn-implementation",
+        default="sdpa",
+        choices=["sdpa", "eager"],
+        help="the backbone's attention for every step (stage 2's CPU training steps use eager)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -964,7 +972,7 @@ def main() -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     print(
         f"# bench_plora: {where}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, device {device}, {args.dtype}"
+        f"{torch.get_num_threads()} threads, device {device}, {args.dtype}, {args.attn_implementation} attention"
     )
     print(f"load average before: {loadavg()}")
 
