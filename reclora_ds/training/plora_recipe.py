@@ -725,8 +725,10 @@ class PLoRARecipe:
             bar.update(1)
         bar.close()
         seconds = time.perf_counter() - start
-        if not periodic:
-            self._perf |= tokens.perf(f"eval_{split}", sum(len(i) for i in ids))
+        if not periodic:  # this rank's seconds over this rank's samples, as the training figures
+            samples = sum(len(i) for i in ids)
+            self._perf |= tokens.perf(f"eval_{split}", samples)
+            self._perf[f"eval_s_per_sample_{split}"] = seconds / max(1, samples)
         self.model.train(was_training)
         if was_training:
             set_attention(self.model, self.train_attention)
@@ -891,7 +893,6 @@ class PLoRARecipe:
         final = {}
         for split in self.cfg.eval_splits:
             final[split] = self.evaluate(split)
-            self._perf[f"eval_s_per_sample_{split}"] = final[split]["seconds"] / max(1, final[split]["n"])
         result = {
             "mode": self.cfg.mode,
             "steps": self.state.step,
@@ -941,6 +942,7 @@ class _Tokens:
 
     def perf(self, prefix: str, samples: int) -> dict[str, float]:
         return {
+            f"{prefix}_samples": samples,  # this rank's
             f"{prefix}_tokens_per_sample": self.real / max(1, samples),
             f"{prefix}_padding_fraction": 1 - self.real / max(1, self.padded),
         }

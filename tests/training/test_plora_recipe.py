@@ -310,6 +310,14 @@ def test_deepspeed_zero2_two_ranks_through_the_entry_point(plora_assets, tmp_pat
     splits = ProcessedDataset(plora_assets["data_dir"]).metadata["splits"]
     for split in ("valid", "test"):  # exact metrics over the whole split, gathered from both ranks
         assert metrics[split]["n"] == splits[split]["rows"]
+        # timings are rank 0's seconds over rank 0's samples (its half of the split), as for training
+        perf, n = metrics["perf"], metrics[split]["n"]
+        assert perf[f"eval_{split}_samples"] in (n // 2, (n + 1) // 2)
+        rank_seconds = metrics[split]["seconds"]
+        assert perf[f"eval_s_per_sample_{split}"] == pytest.approx(
+            rank_seconds / perf[f"eval_{split}_samples"]
+        )
+    assert metrics["perf"]["train_samples"] == 8 * 16 // 2
     assert [e["step"] for e in metrics["periodic_eval"]] == [4]
 
     # what lands in the run folder: rank 0 writes everything but each rank's ZeRO optimizer shard
