@@ -679,6 +679,13 @@ _OLD = ("adapter.compute_dtype=params", "attn_implementation=sdpa", "train_attn_
 _ALL = ("dtype=auto", "length_group_size=8", "eval_batch_size=32")
 _SDPA = ("attn_implementation=sdpa", "train_attn_implementation=sdpa")
 _TRAIN_EAGER = ("attn_implementation=sdpa", "train_attn_implementation=eager")  # what auto picks on a CPU
+_EAGER_SMALL_EVAL = (
+    "dtype=auto",
+    "length_group_size=8",
+    "adapter.compute_dtype=activations",
+    "attn_implementation=eager",
+    "train_attn_implementation=eager",
+)
 STAGE2_VARIANTS: list[tuple[str, tuple[str, ...]]] = [
     ("fp32", ("dtype=float32", "length_group_size=0", "eval_batch_size=8", *_OLD)),
     ("bf16", ("dtype=auto", "length_group_size=0", "eval_batch_size=8", *_OLD)),
@@ -692,6 +699,10 @@ STAGE2_VARIANTS: list[tuple[str, tuple[str, ...]]] = [
         "bf16+group+eval32+adapter16+train_eager+micro4",
         (*_ALL, "adapter.compute_dtype=activations", *_TRAIN_EAGER, "micro_batch_size=4"),
     ),
+    # scoring with eager attention in batches of 8 or 4 instead of sdpa in batches of 32 (the quickstart's now)
+    ("bf16+group+adapter16+eager+eval8", (*_EAGER_SMALL_EVAL, "eval_batch_size=8")),
+    ("bf16+group+adapter16+eager+eval4", (*_EAGER_SMALL_EVAL, "eval_batch_size=4")),
+    ("lora bf16+group+eager+eval4", ("mode=lora", *_EAGER_SMALL_EVAL, "eval_batch_size=4")),
 ]
 STAGE2_QUICK = (
     "bf16+group+eval32+adapter16",
