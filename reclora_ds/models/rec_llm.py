@@ -116,7 +116,7 @@ def last_logits(
     Column c is position T - K + c; ``position_ids`` come from the mask. The K positions go to the model as an
     index tensor, not the int K: an index gathers a contiguous [B, K, D] copy, so the LM head is one
     [B K, D] @ [D, V] GEMM, while the int's strided slice made torch's matmul expand the [V, D] weight to
-    [B, D, V] and run a batched GEMM, forward and backward (17 % of a CPU training step, docs/PLORA_BENCH.md).
+    [B, D, V] and run a batched GEMM, forward and backward (its cost: docs/PLORA_BENCH.md).
     """
     width = input_ids.shape[1]
     return llm(

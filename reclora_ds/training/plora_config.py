@@ -116,8 +116,9 @@ class PLoRATrainConfig(RecLLMConfig):
     ``eager``; the one recorded with the exported adapter."""
     train_attn_implementation: str = "auto"
     """Attention kernel of the training steps: ``sdpa``, ``eager``, or ``auto``: ``eager`` on a CPU (where a
-    bf16 training step measured cheaper with it and scoring dearer: docs/PLORA_BENCH.md), else
-    ``attn_implementation``. Both kernels compute the same attention; the run switches between them."""
+    bf16 training step measured cheaper with it; scoring with it was dearer in batches of 32 and cheaper in
+    batches of 4: docs/PLORA_BENCH.md), else ``attn_implementation``. Both kernels compute the same
+    attention; the run switches between them."""
     max_length: int = 1024
     """Most tokens of prompt + answer; a longer prompt loses its start (counted in the log)."""
     checkpoint_every: int = 100
