@@ -679,7 +679,6 @@ _OLD = ("adapter.compute_dtype=params", "attn_implementation=sdpa", "train_attn_
 _ALL = ("dtype=auto", "length_group_size=8", "eval_batch_size=32")
 _SDPA = ("attn_implementation=sdpa", "train_attn_implementation=sdpa")
 _TRAIN_EAGER = ("attn_implementation=sdpa", "train_attn_implementation=eager")  # what auto picks on a CPU
-_GLIBC = ("cpu_keep_freed_memory=false",)  # glibc's malloc defaults: the variants measured before the setting
 _EAGER_SMALL_EVAL = (
     "dtype=auto",
     "length_group_size=8",
@@ -688,28 +687,22 @@ _EAGER_SMALL_EVAL = (
     "train_attn_implementation=eager",
 )
 STAGE2_VARIANTS: list[tuple[str, tuple[str, ...]]] = [
-    ("fp32", ("dtype=float32", "length_group_size=0", "eval_batch_size=8", *_OLD, *_GLIBC)),
-    ("bf16", ("dtype=auto", "length_group_size=0", "eval_batch_size=8", *_OLD, *_GLIBC)),
-    ("bf16+group", ("dtype=auto", "length_group_size=8", "eval_batch_size=8", *_OLD, *_GLIBC)),
-    ("bf16+group+eval32", (*_ALL, *_OLD, *_GLIBC)),
-    ("lora bf16+group+eval32", ("mode=lora", *_ALL, *_OLD, *_GLIBC)),
-    ("bf16+group+eval32+adapter16", (*_ALL, "adapter.compute_dtype=activations", *_SDPA, *_GLIBC)),
-    (
-        "bf16+group+eval32+adapter16+train_eager",
-        (*_ALL, "adapter.compute_dtype=activations", *_TRAIN_EAGER, *_GLIBC),
-    ),
-    ("lora bf16+group+eval32+train_eager", ("mode=lora", *_ALL, *_TRAIN_EAGER, *_GLIBC)),
+    ("fp32", ("dtype=float32", "length_group_size=0", "eval_batch_size=8", *_OLD)),
+    ("bf16", ("dtype=auto", "length_group_size=0", "eval_batch_size=8", *_OLD)),
+    ("bf16+group", ("dtype=auto", "length_group_size=8", "eval_batch_size=8", *_OLD)),
+    ("bf16+group+eval32", (*_ALL, *_OLD)),
+    ("lora bf16+group+eval32", ("mode=lora", *_ALL, *_OLD)),
+    ("bf16+group+eval32+adapter16", (*_ALL, "adapter.compute_dtype=activations", *_SDPA)),
+    ("bf16+group+eval32+adapter16+train_eager", (*_ALL, "adapter.compute_dtype=activations", *_TRAIN_EAGER)),
+    ("lora bf16+group+eval32+train_eager", ("mode=lora", *_ALL, *_TRAIN_EAGER)),
     (
         "bf16+group+eval32+adapter16+train_eager+micro4",
-        (*_ALL, "adapter.compute_dtype=activations", *_TRAIN_EAGER, "micro_batch_size=4", *_GLIBC),
+        (*_ALL, "adapter.compute_dtype=activations", *_TRAIN_EAGER, "micro_batch_size=4"),
     ),
     # scoring with eager attention in batches of 8 or 4 instead of sdpa in batches of 32 (the quickstart's now)
-    ("bf16+group+adapter16+eager+eval8", (*_EAGER_SMALL_EVAL, "eval_batch_size=8", *_GLIBC)),
-    ("bf16+group+adapter16+eager+eval4", (*_EAGER_SMALL_EVAL, "eval_batch_size=4", *_GLIBC)),
-    ("lora bf16+group+eager+eval4", ("mode=lora", *_EAGER_SMALL_EVAL, "eval_batch_size=4", *_GLIBC)),
-    # the same with freed memory kept in the process (cpu_keep_freed_memory, the default since it was measured)
-    ("bf16+group+adapter16+eager+eval4+keepfreed", (*_EAGER_SMALL_EVAL, "eval_batch_size=4")),
-    ("lora bf16+group+eager+eval4+keepfreed", ("mode=lora", *_EAGER_SMALL_EVAL, "eval_batch_size=4")),
+    ("bf16+group+adapter16+eager+eval8", (*_EAGER_SMALL_EVAL, "eval_batch_size=8")),
+    ("bf16+group+adapter16+eager+eval4", (*_EAGER_SMALL_EVAL, "eval_batch_size=4")),
+    ("lora bf16+group+eager+eval4", ("mode=lora", *_EAGER_SMALL_EVAL, "eval_batch_size=4")),
 ]
 STAGE2_QUICK = (
     "bf16+group+eval32+adapter16",

@@ -4,9 +4,7 @@ A CRM step allocates and frees the same few-MB tensors every step (the [B, L, E]
 [B, K, H] attention activations and their gradients). glibc's malloc serves blocks above its mmap
 threshold with a fresh ``mmap`` and unmaps them on ``free``, and trims the heap top back to the kernel, so
 each step touches thousands of new pages: every first write is a page fault and a page of zeroing. What
-the setting buys: ``benchmarks/bench_crm.py --allocator``, docs/CRM_RESULTS.md section 4. A stage-2 step
-(the LLM's activations, eager attention's [B, H, T, T] scores) does the same on a larger scale; stage 2
-sets it through ``cpu_keep_freed_memory`` (docs/PLORA_BENCH.md, "Freed memory kept").
+the setting buys: ``benchmarks/bench_crm.py --allocator``, docs/CRM_RESULTS.md section 4.
 
 :func:`keep_freed_memory` fixes the mmap threshold at its maximum (32 MiB on 64-bit glibc: larger blocks
 still get their own mapping) and raises the trim threshold, so freed blocks are reused. The cost is that

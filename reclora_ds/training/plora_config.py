@@ -131,11 +131,6 @@ class PLoRATrainConfig(RecLLMConfig):
     """Continue from ``checkpoints/latest`` in output_dir when it exists."""
     num_threads: int = 0
     """torch intra-op threads per process; 0 keeps torch's default (OMP_NUM_THREADS)."""
-    cpu_keep_freed_memory: bool = True
-    """On a CPU, keep freed memory in the process (glibc's mmap and trim thresholds:
-    :mod:`reclora_ds.cpu.allocator`), so the step's and the scoring's temporaries are reused instead of being
-    page-faulted back in on every forward; the process keeps its peak heap. false leaves glibc's defaults
-    (measured against each other in docs/PLORA_BENCH.md). Training and ``reclora-ds score``."""
     progress: bool = True
     """tqdm progress bars on rank 0."""
 

@@ -413,8 +413,6 @@ class PLoRARecipe:
         self.ds_config = resolve_ds_config(self.raw_ds_config, cfg, self.info.world_size)
         self.gas = self.ds_config["gradient_accumulation_steps"]
         dtype = stage2_dtype(cfg, self.ds_config, self._device())
-        if self._device().type == "cpu" and cfg.cpu_keep_freed_memory:
-            enable_cpu_extras(allocator=True)  # before the model's first forward allocates anything
 
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)  # noqa: NPY002 (the legacy global RNG, for any library that reads it)

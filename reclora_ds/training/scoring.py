@@ -50,7 +50,6 @@ from tqdm.auto import tqdm
 
 from reclora_ds import distributed as dist_utils
 from reclora_ds.config import load_config
-from reclora_ds.cpu import enable_cpu_extras
 from reclora_ds.data.loader import uniform_sample_ids
 from reclora_ds.data.processed import ALL_SPLITS, ProcessedDataset
 from reclora_ds.data.prompts import PromptEncoder
@@ -255,8 +254,6 @@ def score_table(
         scoring, dataset, split, batch_size or cfg.eval_batch_size, info.rank, info.world_size, subset
     )
     model = scoring.model
-    if device.type == "cpu" and cfg.cpu_keep_freed_memory:
-        enable_cpu_extras(allocator=True)
     _place(model, device, scoring.cfg.load_in_8bit)
     model.eval()
     ids, labels, probs = [], [], []

@@ -81,9 +81,7 @@ def read_goodreads(
         )
     csv_path = raw_dir / CSV_NAME
     if csv_path.is_file():
-        return read_csv_layout(
-            raw_dir, csv_path, book_files, drops, meta_drops, batch_rows, options.csv_order
-        )
+        return read_csv_layout(raw_dir, csv_path, book_files, drops, meta_drops, batch_rows, options.csv_order)
     raise RawDataError(
         raw_dir,
         f"no GoodReads interaction files: expected {options.interactions_glob!r} (json lines) or {CSV_NAME}; "
