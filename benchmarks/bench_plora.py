@@ -47,8 +47,8 @@ Threads: one by default (``--threads``), as stage 2 runs on a CPU: the quickstar
 ranks with ``OMP_NUM_THREADS=1`` on a 2-core machine, each stepping a micro batch of 4. (With two OpenMP
 threads on a 2-core machine that other processes also use, steps were about 3x slower and erratic.)
 
-Stage 2 (``--stage2``): every variant is a real stage-2 run: ``deepspeed --num_gpus 2`` (``OMP_NUM_THREADS=1``)
-starts this file with ``--stage2-worker``, whose ranks run :class:`reclora_ds.training.plora_recipe.PLoRARecipe`
+Stage 2 (``--stage2``): every variant is a real stage-2 run: ``deepspeed --num_gpus 2`` (``--ranks``;
+``OMP_NUM_THREADS=1``) starts this file with ``--stage2-worker``, whose ranks run :class:`reclora_ds.training.plora_recipe.PLoRARecipe`
 (RecLLM with the quickstart's SIM, DeepSpeed ZeRO-2, the quickstart's prompts from ``<runs>/prepare``,
 ``<runs>/retrieval``, ``<runs>/sim``) for a few optimizer steps, then its final evaluation of test ids. The
 recipe's own ``perf`` figures are read back from ``metrics.json``: seconds per sample of the timed steps
@@ -671,7 +671,7 @@ def component_times(variants: list[Variant], batch: Batch, device: torch.device,
 # ------------------------------------------------------------------------------------------- stage 2
 
 STAGE2_CONFIG = "launch/configs/plora_quickstart.yaml"
-STAGE2_RANKS = 2
+STAGE2_RANKS = 2  # the default of --ranks (the quickstart runs 2 ranks on the 2 cores)
 PROBE_SHAPE = (1024, 576, 1536)  # M, K, N: a SmolLM2 MLP projection of 1024 tokens
 # (name, overrides): one speed-up switched on at a time, then all of them, then LoRA with all of them
 # (the fp32 adapter math and sdpa attention of the first five are the settings before the last speed-ups)
@@ -703,6 +703,15 @@ STAGE2_VARIANTS: list[tuple[str, tuple[str, ...]]] = [
     ("bf16+group+adapter16+eager+eval8", (*_EAGER_SMALL_EVAL, "eval_batch_size=8")),
     ("bf16+group+adapter16+eager+eval4", (*_EAGER_SMALL_EVAL, "eval_batch_size=4")),
     ("lora bf16+group+eager+eval4", ("mode=lora", *_EAGER_SMALL_EVAL, "eval_batch_size=4")),
+    # micro-batches of 4 without accumulation: one ZeRO-2 gradient reduction per 4 samples instead of per 2
+    (
+        "bf16+group+adapter16+eager+eval4+micro4",
+        (*_EAGER_SMALL_EVAL, "eval_batch_size=4", "micro_batch_size=4"),
+    ),
+    (
+        "lora bf16+group+eager+eval4+micro4",
+        ("mode=lora", *_EAGER_SMALL_EVAL, "eval_batch_size=4", "micro_batch_size=4"),
+    ),
 ]
 STAGE2_QUICK = (
     "bf16+group+eval32+adapter16",
@@ -787,7 +796,7 @@ def run_stage2_variant(args: argparse.Namespace, name: str, extra: tuple[str, ..
     out = root / name.replace(" ", "_").replace("+", "_")
     launcher = str(Path(sys.executable).parent / "deepspeed")
     command = [
-        launcher, "--num_gpus", str(STAGE2_RANKS), "--master_port", str(free_port()), __file__,
+        launcher, "--num_gpus", str(args.ranks), "--master_port", str(free_port()), __file__,
         "--stage2-worker", *stage2_overrides(args, out), *extra,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -808,7 +817,7 @@ def stage2_main(args: argparse.Namespace) -> None:
     names = args.variants or (STAGE2_QUICK if args.quick else tuple(n for n, _ in STAGE2_VARIANTS))
     print(
         f"# bench_plora --stage2: {cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"{STAGE2_RANKS} DeepSpeed ranks x 1 thread, quickstart assets {args.runs}, backbone {args.backbone}"
+        f"{args.ranks} DeepSpeed rank(s) x 1 thread, quickstart assets {args.runs}, backbone {args.backbone}"
     )
     print(f"load average before: {loadavg()}")
     m, k, n = PROBE_SHAPE
@@ -854,15 +863,15 @@ def stage2_main(args: argparse.Namespace) -> None:
         train_s, infer_s = perf["train_s_per_sample"], perf["eval_s_per_sample_test"]
         losses = [loss for _, loss in metrics["train_loss"]]
         print(
-            f"| {name} | {metrics['dtype']} | {train_s:.3f} / {train_s / STAGE2_RANKS:.3f} | {train_tokens:.0f} | "
+            f"| {name} | {metrics['dtype']} | {train_s:.3f} / {train_s / args.ranks:.3f} | {train_tokens:.0f} | "
             f"{perf['train_padding_fraction']:.3f} | {train_floor:.3f} | {train_s / train_floor:.1f} | "
-            f"{infer_s:.3f} / {infer_s / STAGE2_RANKS:.3f} | {infer_tokens:.0f} | "
+            f"{infer_s:.3f} / {infer_s / args.ranks:.3f} | {infer_tokens:.0f} | "
             f"{perf['eval_test_padding_fraction']:.3f} | {infer_floor:.3f} | {infer_s / infer_floor:.1f} | "
             f"{losses[0]:.4f} / {losses[-1]:.4f} | {metrics['test']['auc']:.4f} ({metrics['test']['n']}) |"
         )
     print(
         "\nrank = one rank's seconds per sample of its own samples (metrics.json perf); job = rank / "
-        f"{STAGE2_RANKS} ranks; floor = FLOPs per sample / the 1-thread probe of the variant's weight dtype"
+        f"{args.ranks} rank(s); floor = FLOPs per sample / the 1-thread probe of the variant's weight dtype"
     )
     print("\nwhere a training sample's time goes (rank seconds per sample; the recipe's perf, TRAIN_PHASES):")
     print("| variant | data | forward | backward | optimizer | sum / train s/sample |")
@@ -946,6 +955,14 @@ def parse_args() -> argparse.Namespace:
         nargs="+",
         choices=[n for n, _ in STAGE2_VARIANTS],
         help="--stage2: these variants only (with --steps / --eval-samples; the table keeps its order)",
+    )
+    parser.add_argument(
+        "--ranks",
+        type=int,
+        default=STAGE2_RANKS,
+        choices=(1, 2, 4),
+        help="--stage2: DeepSpeed ranks of one thread each (the batch of 8 = 2 per micro-batch x ranks x "
+        "accumulation); 1 shows a rank's step without a second rank to wait for",
     )
     parser.add_argument("--steps", type=int, default=8, help="--stage2: optimizer steps (8 samples each)")
     parser.add_argument("--eval-samples", type=int, default=128, help="--stage2: uniform test ids scored")
