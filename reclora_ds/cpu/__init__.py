@@ -12,11 +12,12 @@
 
 :func:`enable_cpu_extras` is the one call the recipes make; each of its arguments switches one part on.
 Stage 1 (:mod:`reclora_ds.training.crm_recipe`) on the CPU switches on the allocator setting and, with
-``cpu_kernels=true``, the kernels, and its DDP wrapper the shared-memory all-reduce. Stage 2
-(:mod:`reclora_ds.training.plora_recipe`) on the CPU unlinks DeepSpeed's segments and runs the frozen CRM
-in its PyTorch forms, as every other reader of a trained CRM does (CRM states, scoring): the CRM's forward
-is a negligible share of a stage-2 step (docs/RESULTS.md section 2), nothing is compiled for it, and the
-readers agree with each other bit for bit on any device.
+``cpu_kernels=true``, the kernels, and its DDP wrapper the shared-memory all-reduce. Scoring a stage-2 run
+(:func:`reclora_ds.training.scoring.score_table`, ``reclora-ds score``) on the CPU switches on the allocator
+setting. Stage 2 (:mod:`reclora_ds.training.plora_recipe`) on the CPU unlinks DeepSpeed's segments and runs
+the frozen CRM in its PyTorch forms, as every other reader of a trained CRM does (CRM states, scoring): the
+CRM's forward is a negligible share of a stage-2 step (docs/RESULTS.md section 2), nothing is compiled for
+it, and the readers agree with each other bit for bit on any device.
 
 Why C++ kernels and not ``torch.compile``: inductor's code for the same SIM training step (the whole model
 compiled, or the two ops alone) was timed against the kernels and was slower, after a compile of tens of

@@ -178,6 +178,18 @@ def test_zero_shot_from_a_config_to_csv(plora_assets, tmp_path):
     np.testing.assert_allclose(table["p"].to_numpy(), reference, rtol=0, atol=1e-6)
 
 
+def test_scoring_on_a_cpu_keeps_freed_memory_in_the_process(plora_assets, tmp_path, monkeypatch):
+    """The CPU scoring path asks for glibc's freed memory to be kept (what it buys: docs/PLORA_BENCH.md)."""
+    import reclora_ds.training.scoring as scoring_module
+
+    calls = []
+    monkeypatch.setattr(scoring_module, "enable_cpu_extras", lambda **kwargs: calls.append(kwargs))
+    argv = ["--mode", "zero_shot", "--config", str(QUICKSTART), "--split", "valid", "--max-samples", "4"]
+    out = tmp_path / "s.parquet"
+    assert main([*argv, "--device", "cpu", "--out", str(out), *settings(plora_assets)]) == 0
+    assert calls == [{"allocator": True}] and pq.read_table(out).num_rows == 4
+
+
 def test_bad_inputs_exit_2_naming_the_problem(plora_assets, tmp_path, capsys):
     out = ["--out", str(tmp_path / "s.parquet")]
     missing = tmp_path / "no_such_run"
