@@ -48,9 +48,10 @@ ranks with ``OMP_NUM_THREADS=1`` on a 2-core machine, each stepping a micro batc
 threads on a 2-core machine that other processes also use, steps were about 3x slower and erratic.)
 
 Stage 2 (``--stage2``): every variant is a real stage-2 run: ``deepspeed --num_gpus 2`` (``--ranks``;
-``OMP_NUM_THREADS=1``) starts this file with ``--stage2-worker``, whose ranks run :class:`reclora_ds.training.plora_recipe.PLoRARecipe`
-(RecLLM with the quickstart's SIM, DeepSpeed ZeRO-2, the quickstart's prompts from ``<runs>/prepare``,
-``<runs>/retrieval``, ``<runs>/sim``) for a few optimizer steps, then its final evaluation of test ids. The
+``OMP_NUM_THREADS=1``) starts this file with ``--stage2-worker``, whose ranks run
+:class:`reclora_ds.training.plora_recipe.PLoRARecipe` (RecLLM with the quickstart's SIM, DeepSpeed ZeRO-2,
+the quickstart's prompts from ``<runs>/prepare``, ``<runs>/retrieval``, ``<runs>/sim``) for a few optimizer
+steps, then its final evaluation of test ids. The
 recipe's own ``perf`` figures are read back from ``metrics.json``: seconds per sample of the timed steps
 (data, forward, backward, optimizer step; no logging, validation or checkpoint), of evaluation, prompt tokens
 per sample and the padding fraction. Variants switch one speed-up at a time (``STAGE2_VARIANTS``). The FLOP
@@ -699,7 +700,7 @@ STAGE2_VARIANTS: list[tuple[str, tuple[str, ...]]] = [
         "bf16+group+eval32+adapter16+train_eager+micro4",
         (*_ALL, "adapter.compute_dtype=activations", *_TRAIN_EAGER, "micro_batch_size=4"),
     ),
-    # scoring with eager attention in batches of 8 or 4 instead of sdpa in batches of 32 (the quickstart's now)
+    # scoring with eager attention in batches of 8 or 4 instead of sdpa in batches of 32 (the quickstart's)
     ("bf16+group+adapter16+eager+eval8", (*_EAGER_SMALL_EVAL, "eval_batch_size=8")),
     ("bf16+group+adapter16+eager+eval4", (*_EAGER_SMALL_EVAL, "eval_batch_size=4")),
     ("lora bf16+group+eager+eval4", ("mode=lora", *_EAGER_SMALL_EVAL, "eval_batch_size=4")),
@@ -863,7 +864,8 @@ def stage2_main(args: argparse.Namespace) -> None:
         train_s, infer_s = perf["train_s_per_sample"], perf["eval_s_per_sample_test"]
         losses = [loss for _, loss in metrics["train_loss"]]
         print(
-            f"| {name} | {metrics['dtype']} | {train_s:.3f} / {train_s / args.ranks:.3f} | {train_tokens:.0f} | "
+            f"| {name} | {metrics['dtype']} | {train_s:.3f} / {train_s / args.ranks:.3f} | "
+            f"{train_tokens:.0f} | "
             f"{perf['train_padding_fraction']:.3f} | {train_floor:.3f} | {train_s / train_floor:.1f} | "
             f"{infer_s:.3f} / {infer_s / args.ranks:.3f} | {infer_tokens:.0f} | "
             f"{perf['eval_test_padding_fraction']:.3f} | {infer_floor:.3f} | {infer_s / infer_floor:.1f} | "

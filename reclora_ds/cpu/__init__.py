@@ -10,7 +10,8 @@
 - :mod:`reclora_ds.cpu.build_lock`: every JIT build or load of an extension above runs under a guard that
   clears a killed builder's stale lock and reports any wait longer than a few seconds.
 
-:func:`enable_cpu_extras` is the one call the recipes (and the scoring runner) make; each argument switches one part on.
+:func:`enable_cpu_extras` is the one call the recipes and the scoring runner make; each of its arguments
+switches one part on.
 Stage 1 (:mod:`reclora_ds.training.crm_recipe`) on the CPU switches on the allocator setting and, with
 ``cpu_kernels=true``, the kernels, and its DDP wrapper the shared-memory all-reduce. Scoring a stage-2 run
 (:func:`reclora_ds.training.scoring.score_table`, ``reclora-ds score``) on the CPU switches on the allocator

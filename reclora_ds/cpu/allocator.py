@@ -5,8 +5,9 @@ A CRM step allocates and frees the same few-MB tensors every step (the [B, L, E]
 threshold with a fresh ``mmap`` and unmaps them on ``free``, and trims the heap top back to the kernel, so
 each step touches thousands of new pages: every first write is a page fault and a page of zeroing. What
 the setting buys: ``benchmarks/bench_crm.py --allocator``, docs/CRM_RESULTS.md section 4. Scoring a stage-2
-run in one process (the LLM's activations, eager attention's [B, H, T, T] scores) does the same; its gain
-is in docs/PLORA_BENCH.md ("Measured and not adopted": adopted for ``reclora-ds score``).
+run (the LLM's activations, eager attention's [B, H, T, T] scores) does the same, and
+:func:`reclora_ds.training.scoring.score_table` sets it on a CPU; what it buys there, and why the stage-2
+recipe does not set it: docs/PLORA_BENCH.md, "Measured and not adopted".
 
 :func:`keep_freed_memory` fixes the mmap threshold at its maximum (32 MiB on 64-bit glibc: larger blocks
 still get their own mapping) and raises the trim threshold, so freed blocks are reused. The cost is that

@@ -255,8 +255,8 @@ def score_table(
         scoring, dataset, split, batch_size or cfg.eval_batch_size, info.rank, info.world_size, subset
     )
     model = scoring.model
-    if device.type == "cpu":  # scoring in one process page-faults its temporaries back in otherwise
-        enable_cpu_extras(allocator=True)  # (0.30 -> 0.25 s per sample: docs/PLORA_BENCH.md)
+    if device.type == "cpu":  # else each batch page-faults its temporaries back in (docs/PLORA_BENCH.md)
+        enable_cpu_extras(allocator=True)
     _place(model, device, scoring.cfg.load_in_8bit)
     model.eval()
     ids, labels, probs = [], [], []
