@@ -28,13 +28,16 @@ FAILURE_BOUND_S = 120  # a failing job must end well before any collective timeo
 
 # Rank 1 dies; rank 0 waits for it in a barrier, then (as a rank that never notices, e.g. NCCL without
 # async error handling) keeps waiting. Only the launcher can end it.
+# rank 1 fails as an entry point of the package does (run_and_exit -> exit_process): a bare sys.exit with a
+# live gloo group can be turned into SIGABRT by gloo's threads at finalisation (exit_process's docstring),
+# and the log would then show -6 instead of the rank's own status
 FAILING_WORKER = """\
-import sys, time
-from reclora_ds.distributed import barrier, init_distributed
+import time
+from reclora_ds.distributed import barrier, exit_process, init_distributed
 
 info = init_distributed("gloo", timeout_s=600)
 if info.rank == 1:
-    sys.exit(3)
+    exit_process(3)
 try:
     barrier()
 finally:
