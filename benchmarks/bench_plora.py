@@ -89,6 +89,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import psutil
 import torch
 import torch.nn.functional as F
@@ -713,6 +714,15 @@ STAGE2_VARIANTS: list[tuple[str, tuple[str, ...]]] = [
         "lora bf16+group+eager+eval4+micro4",
         ("mode=lora", *_EAGER_SMALL_EVAL, "eval_batch_size=4", "micro_batch_size=4"),
     ),
+    # scoring with eager_fused attention (the C++ kernel: no [B, H, T, T] tensor, the causal future skipped)
+    (
+        "bf16+group+adapter16+eager+eval4+fused",
+        (*_EAGER_SMALL_EVAL, "eval_batch_size=4", "attn_implementation=eager_fused"),
+    ),
+    (
+        "lora bf16+group+eager+eval4+fused",
+        ("mode=lora", *_EAGER_SMALL_EVAL, "eval_batch_size=4", "attn_implementation=eager_fused"),
+    ),
 ]
 STAGE2_QUICK = (
     "bf16+group+eval32+adapter16",
@@ -808,7 +818,31 @@ def run_stage2_variant(args: argparse.Namespace, name: str, extra: tuple[str, ..
     metrics = json.loads((out / "metrics.json").read_text())
     metrics["launch_s"] = time.perf_counter() - started
     metrics["dtype"] = json.loads((out / "adapter" / "rec_llm.json").read_text())["load"]["dtype"]
+    import pyarrow.parquet as pq
+
+    predictions = pq.read_table(out / "predictions_test.parquet").to_pydict()
+    metrics["test_probs"] = dict(zip(predictions["sample_id"], predictions["p"], strict=True))
     return metrics
+
+
+def print_prediction_agreement(results: dict[str, dict]) -> None:
+    """For each ``...+fused`` variant run beside its base (the same training: only the scoring attention
+    differs): how far its p(yes) of the same test ids are from the base's, and both AUCs."""
+    for name, fused in results.items():
+        base = results.get(name.removesuffix("+fused")) if name.endswith("+fused") else None
+        if base is None:
+            continue
+        ids = sorted(base["test_probs"])
+        if sorted(fused["test_probs"]) != ids:
+            print(f"{name}: scored other test ids than its base; no comparison")
+            continue
+        a = np.array([base["test_probs"][i] for i in ids])
+        b = np.array([fused["test_probs"][i] for i in ids])
+        print(
+            f"{name} against {name.removesuffix('+fused')}, the same {len(ids)} test ids: p(yes) max |diff| "
+            f"{np.abs(a - b).max():.4f}, mean |diff| {np.abs(a - b).mean():.4f} (spread of p: sd {a.std():.4f}), "
+            f"Pearson r {np.corrcoef(a, b)[0, 1]:.5f}; AUC {base['test']['auc']:.4f} / {fused['test']['auc']:.4f}"
+        )
 
 
 def stage2_main(args: argparse.Namespace) -> None:
@@ -896,6 +930,7 @@ def stage2_main(args: argparse.Namespace) -> None:
             print(
                 f"PLoRA / LoRA training s/sample ({plora_name} / {lora_name}): {ratio:.3f} (target <= 1.10)"
             )
+    print_prediction_agreement(results)
     print(f"\nwall time {time.perf_counter() - started:.0f} s")
 
 

@@ -115,13 +115,17 @@ def load_causal_lm(
         device: where the model goes (an 8-bit model is placed on it while loading).
         load_in_8bit: bitsandbytes 8-bit linear layers (int8 weights; the other weights in ``dtype``), on a
             CUDA device or, with bitsandbytes' CPU backend, on the CPU.
-        attn_implementation: ``sdpa`` or ``eager``; None keeps transformers' choice.
+        attn_implementation: ``sdpa``, ``eager`` or ``eager_fused`` (:mod:`reclora_ds.models.attention`);
+            None keeps transformers' choice.
         with_tokenizer: also load the tokenizer (else None is returned in its place).
     """
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from reclora_ds.backbone import resolve_backbone
+    from reclora_ds.models import attention
+
+    attention.register()  # eager_fused is a name transformers knows from here on
 
     device = device if device is not None else torch.device("cpu")
     folder = resolve_backbone(backbone)

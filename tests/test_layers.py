@@ -27,7 +27,7 @@ ALLOWED: dict[str, set[str]] = {
     "metrics": {"distributed"},
     "comparison": {"metrics"},
     "backbone": {"files"},
-    "llm_loader": {"backbone"},
+    "llm_loader": {"backbone", "models"},  # registers the models' attention function with transformers
     "cpu": {"distributed", "models"},  # fills the models' ops seam; only recipes and scoring import it
     "retrieval": FOUNDATION | {"data", "backbone", "llm_loader"},
     "training": FOUNDATION | {"data", "models", "metrics", "cpu", "backbone", "llm_loader", "retrieval"},

@@ -4,6 +4,8 @@
   soft-search scores) and ``attention_pool`` (DIN's activation unit), built once and registered as those
   ops' implementations for float32 CPU tensors. The models only call the ops: they run the PyTorch forms
   until a recipe registers the kernels.
+  The same library holds the LLM's attention for ``attn_implementation=eager_fused`` (bf16, forward only),
+  registered on its own as ``decoder_attention``'s implementation.
 - :mod:`reclora_ds.cpu.allocator`: glibc malloc thresholds so a CPU step reuses its freed temporaries.
 - :mod:`reclora_ds.cpu.shm_allreduce`: DeepSpeed's same-node shared-memory all-reduce as DDP's comm hook,
   and the unlinking of DeepSpeed's ``/dev/shm`` segments once every rank has mapped them.
@@ -15,7 +17,8 @@ switches one part on.
 Stage 1 (:mod:`reclora_ds.training.crm_recipe`) on the CPU switches on the allocator setting and, with
 ``cpu_kernels=true``, the kernels, and its DDP wrapper the shared-memory all-reduce. Scoring a stage-2 run
 (:func:`reclora_ds.training.scoring.score_table`, ``reclora-ds score``) on the CPU switches on the allocator
-setting. Stage 2 (:mod:`reclora_ds.training.plora_recipe`) on the CPU unlinks DeepSpeed's segments and runs
+setting and the attention kernel. Stage 2 (:mod:`reclora_ds.training.plora_recipe`) on the CPU switches on the
+attention kernel (used where the backbone scores with ``eager_fused``), unlinks DeepSpeed's segments and runs
 the frozen CRM in its PyTorch forms, as every other reader of a trained CRM does (CRM states, scoring): the
 CRM's forward is a negligible share of a stage-2 step (docs/RESULTS.md section 2), nothing is compiled for
 it, and the readers agree with each other bit for bit on any device.
@@ -44,7 +47,7 @@ class CPUExtras:
     """What is switched on in this process after an :func:`enable_cpu_extras` call.
 
     Attributes:
-        kernels: the ops use the C++ kernels.
+        kernels: the CRM's ops use the C++ kernels.
         allocator: glibc keeps freed memory in the process.
         shm_allreduce: the DDP model given to the call all-reduces through shared memory.
     """
@@ -52,12 +55,15 @@ class CPUExtras:
     kernels: bool
     allocator: bool
     shm_allreduce: bool = False
+    attention: bool = False
+    """``decoder_attention`` (the backbone's ``eager_fused`` attention) uses the C++ kernel."""
 
 
 def enable_cpu_extras(
     *,
     kernels: bool | None = None,
     allocator: bool = False,
+    attention: bool = False,
     ddp_model: DistributedDataParallel | None = None,
     allreduce: str = "auto",
     deepspeed_comm: bool = False,
@@ -70,6 +76,9 @@ def enable_cpu_extras(
             first use; when they cannot be built, a warning and the PyTorch forms). False puts the PyTorch
             forms back; None leaves the ops as they are.
         allocator: True sets glibc's malloc thresholds (once per process; not undone).
+        attention: True registers the C++ attention kernel as ``decoder_attention``'s implementation
+            (:func:`reclora_ds.cpu.kernels.enable_attention`: where it cannot run, a logged note and
+            eager attention's PyTorch ops).
         ddp_model: a CPU DDP model whose gradients should all-reduce through shared memory, as
             ``allreduce`` says: ``shm`` (a RuntimeError when it cannot), ``auto`` (when it can, else
             gloo), ``gloo`` (nothing changes). A collective: every rank calls it.
@@ -97,6 +106,8 @@ def enable_cpu_extras(
         _kernels.disable()
     if allocator:
         _allocator.keep_freed_memory()
+    if attention:
+        _kernels.enable_attention()
     if prebuild_deepspeed_comm:
         shm_allreduce.load_op()
     shm = False
@@ -107,5 +118,8 @@ def enable_cpu_extras(
         dist_utils.barrier()  # every rank has mapped every segment
         shm_allreduce.unlink_own_segment(info.rank)
     return CPUExtras(
-        kernels=_kernels.enabled(), allocator=_allocator.keeping_freed_memory(), shm_allreduce=shm
+        kernels=_kernels.enabled(),
+        allocator=_allocator.keeping_freed_memory(),
+        shm_allreduce=shm,
+        attention=_kernels.attention_enabled(),
     )

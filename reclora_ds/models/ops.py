@@ -1,12 +1,15 @@
-"""Two CRM inner loops as plain functions: their PyTorch forms, and a seam for faster implementations.
+"""Inner loops as plain functions: their PyTorch forms, and a seam for faster implementations.
 
 Shape legend:
     B    batch (samples)
     L    history positions (SIM's search window, or the behaviours the attention reads)
     V    rows of an embedding table
     E    embedding width
-    H    hidden width of the attention MLP
+    H    hidden width of the attention MLP; in ``decoder_attention``, query heads
     D    width of a behaviour
+    Hk   key / value heads of ``decoder_attention`` (H a multiple of Hk)
+    Tq   query positions; Tk key positions
+    d    width of an attention head
 
 ``gather_dot(table, ids, query)`` [B, L], SIM's soft-search scores of the L-long window
 (:meth:`reclora_ds.models.sim.SIM.search_scores`):
@@ -23,6 +26,15 @@ on (:class:`reclora_ds.models.crm.TargetAttention` with one hidden layer and no 
 
     s_{bj} = m_{bj}\\,\\big(w \\cdot \\mathrm{ReLU}(\\mathrm{pre}_{bj} + u_b) + c\\big), \\qquad
     \\mathrm{out}_b = \\sum_j s_{bj}\\, h_{bj}
+
+``decoder_attention(query, key, value, mask, scaling)`` [B, Tq, H, d], the LLM's attention as transformers'
+eager attention computes it (query head h reads key / value head ``h // (H / Hk)``; M the additive mask:
+0 where a query may see a key, the dtype's lowest value where it may not):
+
+.. math::
+
+    \\mathrm{out}_{b,i,h} = \\sum_j \\mathrm{softmax}_j\\big(s\\, q_{bhi} \\cdot k_{b,h',j} + M_{b,i,j}\\big)\\,
+        v_{b,h',j}
 
 The models call :func:`gather_dot` and :func:`attention_pool`, which compute the PyTorch forms below on any
 device, with autograd. Another implementation of the same function can be registered for an op
@@ -46,7 +58,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-OP_NAMES = ("gather_dot", "attention_pool")
+OP_NAMES = ("gather_dot", "attention_pool", "decoder_attention")
 
 
 @dataclass(frozen=True)
@@ -171,5 +183,48 @@ def attention_pool_pytorch(
     return torch.einsum("bl,bld->bd", scores, behaviours)  # [B, D]
 
 
-PYTORCH_FORMS = {"gather_dot": gather_dot_pytorch, "attention_pool": attention_pool_pytorch}
+def decoder_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+) -> torch.Tensor:
+    """Softmax attention of a decoder layer: query [B, H, Tq, d], key and value [B, Hk, Tk, d], mask
+    [B or 1, 1, Tq, Tk] additive or None, scaling (the scores' factor) -> [B, Tq, H, d].
+
+    PyTorch form: transformers' eager attention without dropout, op for op (scores in the activations'
+    dtype, softmax in float32, probabilities back in the activations' dtype); differentiable in query, key
+    and value.
+    """
+    args = (query, key, value, mask, scaling)
+    implementation = _chosen("decoder_attention", args, (query, key, value))
+    if implementation is not None:
+        return implementation.fn(*args)
+    return decoder_attention_pytorch(*args)
+
+
+def decoder_attention_pytorch(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+) -> torch.Tensor:
+    """:func:`decoder_attention`'s PyTorch form, whatever is registered."""
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1)  # [B, H, Tk, d]: query head h reads key head h // groups
+    value = value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # [B, H, Tq, Tk]
+    if mask is not None:
+        scores = scores + mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous()  # [B, Tq, H, d]
+
+
+PYTORCH_FORMS = {
+    "gather_dot": gather_dot_pytorch,
+    "attention_pool": attention_pool_pytorch,
+    "decoder_attention": decoder_attention_pytorch,
+}
 """Each op's PyTorch form, by op name."""

@@ -10,7 +10,7 @@ from reclora_ds.models.rec_llm import RecLLMConfig
 SHORT_HISTORIES = ("recent", "retrieved")
 LONG_HISTORIES = ("auto", "recent", "retrieved")
 DTYPE_SETTINGS = ("auto", "float32", "bfloat16", "float16")
-ATTENTION_KERNELS = ("sdpa", "eager")
+ATTENTION_KERNELS = ("sdpa", "eager", "eager_fused")
 
 
 @dataclasses.dataclass
@@ -112,10 +112,14 @@ class PLoRATrainConfig(RecLLMConfig):
     """Load the frozen LLM's linear layers in 8 bits with bitsandbytes (as the paper does on V100s); on a
     CUDA GPU, or on a CPU through bitsandbytes' CPU backend."""
     attn_implementation: str = "sdpa"
-    """Attention kernel of the backbone when it scores (evaluation, ``reclora-ds score``): ``sdpa`` or
-    ``eager``; the one recorded with the exported adapter."""
+    """Attention kernel of the backbone when it scores (evaluation, ``reclora-ds score``): ``sdpa``,
+    ``eager``, or ``eager_fused``: eager's function as one op (:mod:`reclora_ds.models.attention`), which
+    on a CPU with AVX512-BF16 and bf16 activations runs one C++ kernel that writes no [B, H, T, T] tensor
+    and skips the causal future (cheaper per sample: docs/PLORA_BENCH.md), and elsewhere eager's PyTorch
+    ops; the one recorded with the exported adapter."""
     train_attn_implementation: str = "auto"
-    """Attention kernel of the training steps: ``sdpa``, ``eager``, or ``auto``: ``eager`` on a CPU (where a
+    """Attention kernel of the training steps: ``sdpa``, ``eager``, ``eager_fused`` (eager's PyTorch ops
+    there: its CPU kernel has no backward), or ``auto``: ``eager`` on a CPU (where a
     bf16 training step measured cheaper with it; scoring with it was dearer in batches of 32 and cheaper in
     batches of 4: docs/PLORA_BENCH.md), else ``attn_implementation``. Both kernels compute the same
     attention; the run switches between them."""
@@ -183,10 +187,13 @@ class PLoRATrainConfig(RecLLMConfig):
         if self.dtype not in DTYPE_SETTINGS:
             raise ValueError(f"dtype must be one of {DTYPE_SETTINGS}, got {self.dtype!r}")
         if self.attn_implementation not in ATTENTION_KERNELS:
-            raise ValueError(f"attn_implementation must be sdpa or eager, got {self.attn_implementation!r}")
+            raise ValueError(
+                f"attn_implementation must be one of {ATTENTION_KERNELS}, got {self.attn_implementation!r}"
+            )
         if self.train_attn_implementation not in ("auto", *ATTENTION_KERNELS):
             raise ValueError(
-                f"train_attn_implementation must be auto, sdpa or eager, got {self.train_attn_implementation!r}"
+                f"train_attn_implementation must be auto or one of {ATTENTION_KERNELS}, "
+                f"got {self.train_attn_implementation!r}"
             )
         self.eval_splits = tuple(self.eval_splits)
 

@@ -100,6 +100,7 @@ from reclora_ds.metrics import (
     gate_entropy,
     gather_predictions,
 )
+from reclora_ds.models.attention import EAGER_FUSED
 from reclora_ds.package_data import find_ds_config  # the working directory's, else the packaged copy
 from reclora_ds.training.checkpoint import CheckpointError, rng_state, set_rng_state
 from reclora_ds.training.crm_recipe import lr_factor
@@ -343,7 +344,8 @@ def train_attention(cfg: PLoRATrainConfig, device: torch.device) -> str:
 
 
 def set_attention(model: nn.Module, implementation: str) -> None:
-    """Make the backbone inside ``model`` run ``implementation`` (``sdpa`` / ``eager``) from its next forward.
+    """Make the backbone inside ``model`` run ``implementation`` (``sdpa`` / ``eager`` / ``eager_fused``)
+    from its next forward.
 
     transformers' Llama picks its attention function and its mask format from
     ``config._attn_implementation`` at every forward; ``set_attn_implementation`` changes it on the
@@ -552,8 +554,10 @@ class PLoRARecipe:
         if self.device.type == "cpu":
             # Under the deepspeed launcher (LOCAL_SIZE set) DeepSpeed's CPU comm maps a 66 MB shared-memory
             # segment per rank and never unlinks it: once every rank has mapped them all, drop our name. The
-            # frozen CRM keeps its PyTorch forms, as every reader of a trained CRM does (reclora_ds.cpu).
-            enable_cpu_extras(kernels=False, deepspeed_comm=True)
+            # frozen CRM keeps its PyTorch forms, as every reader of a trained CRM does (reclora_ds.cpu); the
+            # backbone's eager_fused attention gets its CPU kernel.
+            fused = EAGER_FUSED in (self.cfg.attn_implementation, self.train_attention)
+            enable_cpu_extras(kernels=False, deepspeed_comm=True, attention=fused)
 
     def _maybe_resume(self) -> bool:
         latest = self.ckpt_dir / LATEST_FILE

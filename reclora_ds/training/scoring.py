@@ -56,6 +56,7 @@ from reclora_ds.data.processed import ALL_SPLITS, ProcessedDataset
 from reclora_ds.data.prompts import PromptEncoder
 from reclora_ds.files import atomic_file
 from reclora_ds.llm_loader import rank_device
+from reclora_ds.models.attention import EAGER_FUSED
 from reclora_ds.models.rec_llm import RecLLM
 from reclora_ds.training.plora_config import PLoRATrainConfig
 from reclora_ds.training.plora_data import PLoRABatchLoader, history_settings
@@ -256,7 +257,7 @@ def score_table(
     )
     model = scoring.model
     if device.type == "cpu":  # else each batch page-faults its temporaries back in (docs/PLORA_BENCH.md)
-        enable_cpu_extras(allocator=True)
+        enable_cpu_extras(allocator=True, attention=scoring.cfg.attn_implementation == EAGER_FUSED)
     _place(model, device, scoring.cfg.load_in_8bit)
     model.eval()
     ids, labels, probs = [], [], []

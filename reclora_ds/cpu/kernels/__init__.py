@@ -1,8 +1,8 @@
-"""C++ CPU implementations of :mod:`reclora_ds.models.ops`' two functions, built once by
+"""C++ CPU implementations of :mod:`reclora_ds.models.ops`' functions, built once by
 ``torch.utils.cpp_extension``.
 
 The functions and their math are in :mod:`reclora_ds.models.ops`; this module computes the same functions
-in fewer passes over memory, for float32 CPU tensors:
+in fewer passes over memory: the CRM's two for float32 CPU tensors, the LLM's attention for bf16 ones:
 
 - ``gather_dot`` reads each gathered table row once and writes only [B, L], where the PyTorch form writes a
   [B, L, E] temporary (several times a core's L2 at the default sizes) and reads it back. It has no
@@ -10,10 +10,17 @@ in fewer passes over memory, for float32 CPU tensors:
   ``no_grad``).
 - ``attention_pool`` runs its forward and its backward (:class:`_AttentionPool`) each in one pass over the
   [B, L, H] activations, instead of one op per step.
+- ``decoder_attention`` (the backbone's attention under ``attn_implementation=eager_fused``) computes a
+  (batch, key head)'s scores, softmax and weighted values in the core's caches with AVX512-BF16 dot products,
+  rounding as eager attention's bf16 ops do, and skips the keys a query row cannot see (the causal future):
+  no [B, H, T, T] tensor is written. Forward only (scoring); bf16, head width a multiple of 64, a CPU with
+  AVX512-BF16. It is registered on its own (:func:`enable_attention`): stage 2 runs its frozen CRM in the
+  PyTorch forms.
 
 Results agree with the PyTorch forms to float rounding (the sums run in another order);
-``tests/models/test_cpu_kernels.py`` checks values and gradients against float64 references. What they save
-per training step: docs/CRM_RESULTS.md section 4.
+``tests/models/test_cpu_kernels.py`` checks values and gradients against float64 references and the
+attention against transformers' eager attention. What the CRM's kernels save per training step:
+docs/CRM_RESULTS.md section 4; what the attention kernel saves in scoring: docs/PLORA_BENCH.md.
 
 :func:`load` compiles the C++ source on first use (10-15 s, needs a C++ compiler) into
 ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) and loads it; later processes load the
@@ -108,11 +115,70 @@ def attention_pool(
     return _AttentionPool.apply(pre, target_term, weight, bias, mask, behaviours)
 
 
+def decoder_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+) -> torch.Tensor:
+    """:func:`reclora_ds.models.ops.decoder_attention` through the kernel (no gradient)."""
+    return getattr(torch.ops, LIBRARY).decoder_attention(query, key, value, mask, scaling)
+
+
+def decoder_attention_supported() -> bool:
+    """True when the kernels are loaded and this CPU has AVX512-BF16 (the attention kernel's dot products)."""
+    return loaded() and bool(getattr(torch.ops, LIBRARY).decoder_attention_supported())
+
+
+def accepts_decoder_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    _scaling: float,
+) -> bool:
+    """True when the attention kernel can take these arguments: bf16 CPU tensors, head width a multiple of
+    64, query heads a multiple of key heads, a [B or 1, 1, Tq, Tk] mask (or none), and a CPU that has
+    AVX512-BF16."""
+    tensors = (query, key, value) if mask is None else (query, key, value, mask)
+    if any(t.device.type != "cpu" or t.dtype != torch.bfloat16 or t.dim() != 4 for t in tensors):
+        return False
+    batch, heads, queries, width = query.shape
+    shape_ok = (
+        width % 64 == 0
+        and key.shape == value.shape
+        and key.shape[0] == batch
+        and key.shape[3] == width
+        and heads % key.shape[1] == 0
+    )
+    if mask is not None:
+        shape_ok = shape_ok and mask.shape[0] in (1, batch) and mask.shape[1:] == (1, queries, key.shape[2])
+    return shape_ok and _attention_cpu_ok()
+
+
+_cpu_has_bf16_dot: bool | None = None
+
+
+def _attention_cpu_ok() -> bool:
+    global _cpu_has_bf16_dot
+    if _cpu_has_bf16_dot is None:
+        _cpu_has_bf16_dot = decoder_attention_supported()
+    return _cpu_has_bf16_dot
+
+
 IMPLEMENTATIONS = {
     "gather_dot": ops.Implementation(gather_dot, accepts, differentiable=False),
     "attention_pool": ops.Implementation(attention_pool, accepts),
 }
-"""What :func:`enable` registers, by op name."""
+"""What :func:`enable` registers, by op name: the CRM's ops."""
+
+ATTENTION_IMPLEMENTATIONS = {
+    "decoder_attention": ops.Implementation(
+        decoder_attention, accepts_decoder_attention, differentiable=False
+    ),
+}
+"""What :func:`enable_attention` registers: the LLM's attention (``attn_implementation=eager_fused``)."""
 
 
 def enable(required: bool = False) -> bool:
@@ -125,6 +191,30 @@ def enable(required: bool = False) -> bool:
     for name, implementation in IMPLEMENTATIONS.items():
         ops.register(name, implementation)
     return True
+
+
+def enable_attention(required: bool = False) -> bool:
+    """:func:`load` the kernels and register the attention kernel as ``decoder_attention``'s implementation;
+    True when the kernel will run (the library loaded and the CPU has AVX512-BF16).
+
+    Where it cannot, the op keeps its PyTorch form (eager attention's ops): a logged note, or a
+    RuntimeError when ``required``.
+    """
+    if not load(required):
+        return False
+    if not _attention_cpu_ok():
+        if required:
+            raise RuntimeError("the CPU attention kernel needs AVX512-BF16, which this CPU lacks")
+        log.info("this CPU lacks AVX512-BF16: eager_fused attention runs eager attention's PyTorch ops")
+        return False
+    for name, implementation in ATTENTION_IMPLEMENTATIONS.items():
+        ops.register(name, implementation)
+    return True
+
+
+def attention_enabled() -> bool:
+    """True when ``decoder_attention`` uses the kernel."""
+    return ops.registered().get("decoder_attention") is ATTENTION_IMPLEMENTATIONS["decoder_attention"]
 
 
 def disable() -> None:

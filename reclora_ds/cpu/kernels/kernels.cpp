@@ -14,13 +14,32 @@
 //       layer, the mask, the weighted sum): one pass over the [B, L, H] activations each way instead of
 //       one per op.
 //
-// float32, contiguous CPU tensors; one thread (the CRM runs one rank per core). Loaded by
+//   decoder_attention(q [B, H, Tq, d], k [B, Hk, Tk, d], v [B, Hk, Tk, d], mask [B or 1, 1, Tq, Tk] or none,
+//                     scale) -> out [B, Tq, H, d]
+//       transformers' eager attention (query head h reads key head h / (H / Hk)), bf16, forward only:
+//       w = bf16(bf16(bf16(q k^T) * scale) + mask), p = bf16(softmax_fp32(w)), out = bf16(p v),
+//       with the same roundings as eager's ops, one (batch, key head) at a time in the core's caches:
+//       no [B, H, Tq, Tk] tensor is written, and keys a query row cannot see (its mask at bf16's lowest
+//       after its last visible key: the causal future) are skipped. Needs AVX512-BF16
+//       (decoder_attention_supported); d a multiple of 64.
+//
+// The CRM's kernels: float32, contiguous CPU tensors; one thread (the CRM runs one rank per core). Loaded by
 // torch.utils.cpp_extension from reclora_ds.cpu.kernels.load.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <vector>
+
+#if defined(__GNUC__) && defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 10)
+#define RECLORA_AVX512_BF16 1
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -210,6 +229,240 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   return {g_pre, g_u, g_w, at::full({1}, static_cast<float>(g_c), x.options()), g_h};
 }
 
+
+// ---------------------------------------------------------------------------------------------------------
+// decoder_attention
+// ---------------------------------------------------------------------------------------------------------
+
+#ifdef RECLORA_AVX512_BF16
+// bf16 <-> float as c10::BFloat16 converts (round to nearest even; NaN stays a quiet NaN)
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>(f != f ? 0x7FC0u : rounded);
+}
+inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+
+// exp(x) for x <= 0 (softmax's shifted scores): Cody-Waite reduction and Cephes' expf polynomial (about 1e-7
+// relative error, branch-free so the loops vectorise); 0 below -87.3, where exp leaves float's normal range.
+inline float exp_nonpositive(float x) {
+  const float xc = x < -87.3f ? -87.3f : x;
+  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return x < -87.3f ? 0.f : p * scale;
+}
+
+constexpr int64_t kRows = 4;   // query rows per block
+constexpr int64_t kCols = 64;  // key columns (of S) or output columns (of O) per block: 4 registers of 16 floats
+#define AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+
+// softmax of one row of raw scores (fp32 accumulations), as eager attention rounds: bf16(S), bf16(* scale),
+// bf16(+ mask), fp32 softmax, bf16 probabilities written to p[0, n) and zeros to p[n, n_pad).
+AVX512BF16
+void softmax_row(float* s, const uint16_t* m, float scale, int64_t n, int64_t n_pad, uint16_t* p) {
+  float mx = -INFINITY;
+  if (m != nullptr) {
+#pragma omp simd reduction(max : mx)
+    for (int64_t j = 0; j < n; ++j) {
+      const float w = round_bf16(round_bf16(round_bf16(s[j]) * scale) + bf16_to_f32(m[j]));
+      s[j] = w;
+      mx = w > mx ? w : mx;
+    }
+  } else {
+#pragma omp simd reduction(max : mx)
+    for (int64_t j = 0; j < n; ++j) {
+      const float w = round_bf16(round_bf16(s[j]) * scale);
+      s[j] = w;
+      mx = w > mx ? w : mx;
+    }
+  }
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    const float e = exp_nonpositive(s[j] - mx);
+    s[j] = e;
+    sum += e;
+  }
+  const float inv = 1.f / sum;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) p[j] = f32_to_bf16(s[j] * inv);
+  for (int64_t j = n; j < n_pad; ++j) p[j] = 0;
+}
+
+// c[r][0, 64) = sum_k2 a_r[k2 * a_step] . b[k2 * b_stride + (0..64)], bf16 pairs, fp32 sums: 4 rows x 64 columns
+// in 16 registers.
+AVX512BF16
+inline void block_4x64(const uint32_t* a0, const uint32_t* a1, const uint32_t* a2, const uint32_t* a3, int64_t a_step,
+                       const uint32_t* b, int64_t b_stride, int64_t depth, float* c, int64_t c_stride) {
+  __m512 c00 = _mm512_setzero_ps(), c01 = c00, c02 = c00, c03 = c00, c10 = c00, c11 = c00, c12 = c00, c13 = c00;
+  __m512 c20 = c00, c21 = c00, c22 = c00, c23 = c00, c30 = c00, c31 = c00, c32 = c00, c33 = c00;
+  for (int64_t k = 0; k < depth; ++k) {
+    const uint32_t* bk = b + k * b_stride;
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(bk), b1 = (__m512bh)_mm512_loadu_si512(bk + 16);
+    const __m512bh b2 = (__m512bh)_mm512_loadu_si512(bk + 32), b3 = (__m512bh)_mm512_loadu_si512(bk + 48);
+    __m512bh x = (__m512bh)_mm512_set1_epi32(static_cast<int>(a0[k * a_step]));
+    c00 = _mm512_dpbf16_ps(c00, x, b0); c01 = _mm512_dpbf16_ps(c01, x, b1);
+    c02 = _mm512_dpbf16_ps(c02, x, b2); c03 = _mm512_dpbf16_ps(c03, x, b3);
+    x = (__m512bh)_mm512_set1_epi32(static_cast<int>(a1[k * a_step]));
+    c10 = _mm512_dpbf16_ps(c10, x, b0); c11 = _mm512_dpbf16_ps(c11, x, b1);
+    c12 = _mm512_dpbf16_ps(c12, x, b2); c13 = _mm512_dpbf16_ps(c13, x, b3);
+    x = (__m512bh)_mm512_set1_epi32(static_cast<int>(a2[k * a_step]));
+    c20 = _mm512_dpbf16_ps(c20, x, b0); c21 = _mm512_dpbf16_ps(c21, x, b1);
+    c22 = _mm512_dpbf16_ps(c22, x, b2); c23 = _mm512_dpbf16_ps(c23, x, b3);
+    x = (__m512bh)_mm512_set1_epi32(static_cast<int>(a3[k * a_step]));
+    c30 = _mm512_dpbf16_ps(c30, x, b0); c31 = _mm512_dpbf16_ps(c31, x, b1);
+    c32 = _mm512_dpbf16_ps(c32, x, b2); c33 = _mm512_dpbf16_ps(c33, x, b3);
+  }
+  _mm512_storeu_ps(c, c00); _mm512_storeu_ps(c + 16, c01); _mm512_storeu_ps(c + 32, c02); _mm512_storeu_ps(c + 48, c03);
+  c += c_stride;
+  _mm512_storeu_ps(c, c10); _mm512_storeu_ps(c + 16, c11); _mm512_storeu_ps(c + 32, c12); _mm512_storeu_ps(c + 48, c13);
+  c += c_stride;
+  _mm512_storeu_ps(c, c20); _mm512_storeu_ps(c + 16, c21); _mm512_storeu_ps(c + 32, c22); _mm512_storeu_ps(c + 48, c23);
+  c += c_stride;
+  _mm512_storeu_ps(c, c30); _mm512_storeu_ps(c + 16, c31); _mm512_storeu_ps(c + 32, c32); _mm512_storeu_ps(c + 48, c33);
+}
+
+// One (batch, key head): every query head of its group, every query row.
+//   q rows: q + h * q_sh + i * q_st (d bf16 each); k, v rows: k + j * k_st; out rows: out + i * o_st + h * o_sh
+AVX512BF16
+void attend_group(const uint16_t* q, int64_t q_sh, int64_t q_st, int64_t heads, const uint16_t* k, int64_t k_st,
+                  const uint16_t* v, int64_t v_st, const uint16_t* mask, int64_t m_st, const int64_t* limit, int64_t tq, int64_t tk,
+                  int64_t d, float scale, uint16_t* out, int64_t o_sh, int64_t o_st) {
+  const int64_t tk_pad = (tk + kCols - 1) / kCols * kCols;
+  const int64_t d2 = d / 2;
+  // K in pairs along d: kp[k2 * tk_pad + j] = (K[j, 2 k2], K[j, 2 k2 + 1]); zero columns past tk.
+  std::vector<uint32_t> kp(d2 * tk_pad, 0u);
+  for (int64_t j = 0; j < tk; ++j) {
+    const uint32_t* row = reinterpret_cast<const uint32_t*>(k + j * k_st);
+    for (int64_t k2 = 0; k2 < d2; ++k2) kp[k2 * tk_pad + j] = row[k2];
+  }
+  // V in pairs along the keys: vp[j2 * d + c] = (V[2 j2, c], V[2 j2 + 1, c]); a zero row past tk.
+  const int64_t tk2 = tk_pad / 2;
+  std::vector<uint32_t> vp(tk2 * d, 0u);
+  for (int64_t j = 0; j < tk; ++j) {
+    const uint16_t* row = v + j * v_st;
+    uint16_t* dst = reinterpret_cast<uint16_t*>(vp.data()) + (j / 2) * d * 2 + (j % 2);
+    for (int64_t c = 0; c < d; ++c) dst[2 * c] = row[c];
+  }
+  std::vector<float> s(kRows * tk_pad);
+  std::vector<uint16_t> p(kRows * tk_pad);
+  for (int64_t h = 0; h < heads; ++h) {
+    for (int64_t i0 = 0; i0 < tq; i0 += kRows) {
+      const int64_t rows = std::min(kRows, tq - i0);
+      int64_t n = 0;
+      for (int64_t r = 0; r < rows; ++r) n = std::max(n, limit[i0 + r]);
+      const int64_t n_cols = (n + kCols - 1) / kCols * kCols;
+      const uint32_t* qr[kRows];
+      for (int64_t r = 0; r < kRows; ++r)
+        qr[r] = reinterpret_cast<const uint32_t*>(q + h * q_sh + (i0 + std::min(r, rows - 1)) * q_st);
+      // S = Q K^T, 4 rows x 64 columns at a time
+      for (int64_t j0 = 0; j0 < n_cols; j0 += kCols)
+        block_4x64(qr[0], qr[1], qr[2], qr[3], 1, kp.data() + j0, tk_pad, d2, s.data() + j0, tk_pad);
+      for (int64_t r = 0; r < rows; ++r)
+        softmax_row(s.data() + r * tk_pad, mask != nullptr ? mask + (i0 + r) * m_st : nullptr, scale, n,
+                    n_cols, p.data() + r * tk_pad);
+      for (int64_t r = rows; r < kRows; ++r) std::fill(p.data() + r * tk_pad, p.data() + r * tk_pad + n_cols, 0);
+      // O = P V, 4 rows x 64 output columns at a time
+      const int64_t n2 = n_cols / 2;
+      const uint32_t* pr = reinterpret_cast<const uint32_t*>(p.data());
+      for (int64_t c0 = 0; c0 < d; c0 += kCols) {
+        alignas(64) float o[kRows * kCols];
+        block_4x64(pr, pr + tk_pad / 2, pr + tk_pad, pr + 3 * tk_pad / 2, 1, vp.data() + c0, d, n2, o, kCols);
+        for (int64_t r = 0; r < rows; ++r) {
+          uint16_t* orow = out + (i0 + r) * o_st + h * o_sh + c0;
+          for (int t = 0; t < 4; ++t)
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(orow + 16 * t),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(o + r * kCols + 16 * t)));
+        }
+      }
+    }
+  }
+}
+
+// For each query row: one past the last key whose mask is above bf16's lowest (transformers' masked value);
+// a row with no such key keeps them all (eager attention then spreads it evenly over every key).
+AVX512BF16
+void visible_keys(const uint16_t* mask, int64_t m_st, int64_t tq, int64_t tk, int64_t* limit) {
+  const float lowest = -3.3895313892515355e38f;
+  for (int64_t i = 0; i < tq; ++i) {
+    const uint16_t* mrow = mask + i * m_st;
+    int64_t last = 0;
+#pragma omp simd reduction(max : last)
+    for (int64_t j = 0; j < tk; ++j) last = bf16_to_f32(mrow[j]) > lowest ? std::max(last, j + 1) : last;
+    limit[i] = last == 0 ? tk : last;
+  }
+}
+
+bool decoder_attention_supported() { return __builtin_cpu_supports("avx512bf16"); }
+
+// q [B, H, Tq, d], k / v [B, Hk, Tk, d] (bf16, last dim contiguous), mask [B or 1, 1, Tq, Tk] bf16 or none
+// -> out [B, Tq, H, d] bf16
+at::Tensor decoder_attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                             const c10::optional<at::Tensor>& mask_in, double scale) {
+  TORCH_CHECK(decoder_attention_supported(), "decoder_attention needs a CPU with AVX512-BF16");
+  auto last_contig = [](const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); };
+  const at::Tensor q = last_contig(q_in), k = last_contig(k_in), v = last_contig(v_in);
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.scalar_type() == at::kBFloat16 &&
+                  k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
+              "decoder_attention: q, k, v must be 4-D bf16");
+  const int64_t B = q.size(0), H = q.size(1), tq = q.size(2), d = q.size(3), hk = k.size(1), tk = k.size(2);
+  TORCH_CHECK(H % hk == 0 && d % kCols == 0 && k.size(3) == d && v.sizes() == k.sizes() && k.size(0) == B,
+              "decoder_attention: shapes q ", q.sizes(), " k ", k.sizes(), " v ", v.sizes());
+  at::Tensor mask;
+  if (mask_in.has_value() && mask_in->defined()) {
+    TORCH_CHECK(mask_in->dim() == 4 && mask_in->size(1) == 1 && mask_in->size(2) == tq && mask_in->size(3) == tk &&
+                    (mask_in->size(0) == B || mask_in->size(0) == 1) && mask_in->scalar_type() == at::kBFloat16,
+                "decoder_attention: mask ", mask_in->sizes(), " must be bf16 [B or 1, 1, Tq, Tk]");
+    mask = mask_in->expand({B, 1, tq, tk});
+    if (mask.stride(3) != 1 || mask.stride(2) < tk) mask = mask.contiguous();
+  }
+  at::Tensor out = at::empty({B, tq, H, d}, q.options());
+  const int64_t g = H / hk;
+  auto ptr = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); };
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  std::vector<int64_t> limits(B * tq, tk);
+  if (mask.defined())
+    for (int64_t b = 0; b < B; ++b) visible_keys(ptr(mask) + b * mask.stride(0), mask.stride(2), tq, tk, limits.data() + b * tq);
+  at::parallel_for(0, B * hk, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / hk, kh = task % hk;
+      attend_group(ptr(q) + b * q.stride(0) + kh * g * q.stride(1), q.stride(1), q.stride(2), g,
+                   ptr(k) + b * k.stride(0) + kh * k.stride(1), k.stride(2), ptr(v) + b * v.stride(0) + kh * v.stride(1),
+                   v.stride(2), mask.defined() ? ptr(mask) + b * mask.stride(0) : nullptr,
+                   mask.defined() ? mask.stride(2) : 0, limits.data() + b * tq, tq, tk, d, static_cast<float>(scale),
+                   op + b * tq * H * d + kh * g * d, d, H * d);
+    }
+  });
+  return out;
+}
+#else
+bool decoder_attention_supported() { return false; }
+
+at::Tensor decoder_attention(const at::Tensor&, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                             double) {
+  TORCH_CHECK(false, "decoder_attention was built without AVX512-BF16 support (not x86-64 GCC >= 10 / clang)");
+}
+#endif
+
+bool decoder_attention_supported_op() { return decoder_attention_supported(); }
+
 }  // namespace
 
 TORCH_LIBRARY(reclora_ds_cpu_kernels, m) {
@@ -218,10 +471,13 @@ TORCH_LIBRARY(reclora_ds_cpu_kernels, m) {
   m.def(
       "attention_pool_backward(Tensor g_out, Tensor pre, Tensor u, Tensor w, Tensor mask, Tensor h, Tensor s) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("decoder_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
+  m.def("decoder_attention_supported() -> bool", decoder_attention_supported_op);
 }
 
 TORCH_LIBRARY_IMPL(reclora_ds_cpu_kernels, CPU, m) {
   m.impl("gather_dot", gather_dot);
   m.impl("attention_pool", attention_pool);
   m.impl("attention_pool_backward", attention_pool_backward);
+  m.impl("decoder_attention", decoder_attention);
 }

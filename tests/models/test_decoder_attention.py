@@ -1,0 +1,161 @@
+"""The backbone's attention as one op (``attn_implementation=eager_fused``): its PyTorch form against
+transformers' eager attention (bit for bit), the C++ kernel against eager attention and a float64
+reference, and a tiny Llama scoring with it.
+
+The kernel tests need a CPU with AVX512-BF16 (this project's machines have it) and are skipped elsewhere.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+from reclora_ds.cpu import enable_cpu_extras
+from reclora_ds.cpu import kernels as cpu_kernels
+from reclora_ds.models import ops
+from reclora_ds.models.attention import EAGER_FUSED, eager_fused_attention, register
+from reclora_ds.training.plora_config import PLoRATrainConfig
+from reclora_ds.training.plora_recipe import set_attention
+from tests.tiny_llm import tiny_llama
+
+BF16_EPS = 2.0**-8  # bf16's spacing at 1: one rounding of a value near 1
+
+
+class _Layer:
+    """What transformers' eager attention reads from its module."""
+
+    def __init__(self, groups: int) -> None:
+        self.num_key_value_groups = groups
+        self.training = False
+
+
+def _inputs(batch, heads, kv_heads, length, width, dtype, seed=0, pads=(5, 0, 11)):
+    """Random q, k, v and transformers' additive causal + left-padding mask (pads[b] padded positions)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, length, heads, width, generator=g).to(dtype).transpose(1, 2)  # a strided view
+    k = torch.randn(batch, kv_heads, length, width, generator=g).to(dtype)
+    v = torch.randn(batch, kv_heads, length, width, generator=g).to(dtype)
+    visible = torch.ones(length, length, dtype=torch.bool).tril()[None, None].repeat(batch, 1, 1, 1)
+    for b in range(batch):
+        visible[b, :, :, : pads[b % len(pads)]] = False
+    mask = torch.zeros(batch, 1, length, length, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)
+    return q, k, v, mask
+
+
+def _eager(q, k, v, mask, scaling):
+    return eager_attention_forward(_Layer(q.shape[1] // k.shape[1]), q, k, v, mask, scaling)[0]
+
+
+@pytest.fixture
+def kernel():
+    if not cpu_kernels.load(required=True) or not cpu_kernels.decoder_attention_supported():
+        pytest.skip("this CPU lacks AVX512-BF16")
+    with ops.implementations(cpu_kernels.ATTENTION_IMPLEMENTATIONS):
+        yield
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masked", [True, False])
+def test_pytorch_form_is_transformers_eager_attention(dtype, masked):
+    q, k, v, mask = _inputs(3, 6, 2, 19, 16, dtype)
+    mask = mask if masked else None
+    with ops.implementations({}):
+        got = ops.decoder_attention(q, k, v, mask, 0.3)
+    assert torch.equal(got, _eager(q, k, v, mask, 0.3))
+
+
+@pytest.mark.parametrize(
+    ("batch", "heads", "kv_heads", "length", "width", "mask_batch"),
+    [
+        (3, 9, 3, 37, 64, 3),  # SmolLM2's heads, a length no block size divides
+        (2, 4, 4, 130, 128, 2),  # no grouping, Llama-7B's head width, more than two key blocks
+        (1, 2, 1, 5, 64, 1),  # fewer query rows than a block
+        (3, 4, 2, 70, 64, 1),  # one mask for the whole batch
+    ],
+)
+def test_kernel_equals_eager_attention_to_bf16_rounding(
+    kernel, batch, heads, kv_heads, length, width, mask_batch
+):
+    q, k, v, mask = _inputs(batch, heads, kv_heads, length, width, torch.bfloat16, seed=length)
+    mask = mask[:mask_batch]
+    scaling = width**-0.5
+    got = ops.decoder_attention(q, k, v, mask, scaling)
+    eager = _eager(q, k, v, mask, scaling)
+    exact = _eager(q.double(), k.double(), v.double(), mask.double(), scaling)
+    assert got.dtype == torch.bfloat16 and got.shape == (batch, length, heads, width)
+    # padded query rows see no key at all: eager spreads them evenly over every key, and so does the kernel
+    torch.testing.assert_close(got.float(), eager.float(), rtol=2 * BF16_EPS, atol=2 * BF16_EPS)
+    assert (got != eager).float().mean() < 0.01  # the same roundings as eager's ops: nearly every value equal
+    assert (got.double() - exact).abs().max() <= (eager.double() - exact).abs().max() + BF16_EPS
+
+
+def test_kernel_without_a_mask_attends_to_every_key(kernel):
+    q, k, v, _ = _inputs(2, 4, 2, 33, 64, torch.bfloat16)
+    got = ops.decoder_attention(q, k, v, None, 0.125)
+    torch.testing.assert_close(
+        got.float(), _eager(q, k, v, None, 0.125).float(), rtol=2 * BF16_EPS, atol=2 * BF16_EPS
+    )
+
+
+def test_gradients_come_from_the_pytorch_form(kernel):
+    """The kernel has no backward: where autograd needs one, the op runs eager's ops, gradients and all."""
+    q, k, v, mask = _inputs(2, 4, 2, 21, 64, torch.bfloat16)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ops.decoder_attention(*leaves, mask, 0.125).float().square().sum().backward()
+    reference = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    _eager(*reference, mask, 0.125).float().square().sum().backward()
+    for got, want in zip(leaves, reference, strict=True):
+        assert torch.equal(got.grad, want.grad)
+
+
+def test_kernel_takes_only_what_it_computes(kernel):
+    q, k, v, mask = _inputs(2, 4, 2, 9, 64, torch.bfloat16)
+    accepts = cpu_kernels.accepts_decoder_attention
+    assert accepts(q, k, v, mask, 0.1) and accepts(q, k, v, None, 0.1)
+    assert not accepts(q.float(), k.float(), v.float(), mask.float(), 0.1)  # float32: eager's ops
+    assert not accepts(q[..., :32], k[..., :32], v[..., :32], mask, 0.1)  # head width not a multiple of 64
+    assert not accepts(q, k, v, mask.expand(2, 4, 9, 9), 0.1)  # a per-head mask
+    with pytest.raises(RuntimeError, match="decoder_attention: shapes"):
+        cpu_kernels.decoder_attention(q[..., :32], k[..., :32], v[..., :32], mask, 0.1)
+
+
+def test_enable_cpu_extras_registers_only_the_attention_kernel():
+    if not cpu_kernels.load(required=True) or not cpu_kernels.decoder_attention_supported():
+        pytest.skip("this CPU lacks AVX512-BF16")
+    with ops.implementations({}):
+        extras = enable_cpu_extras(kernels=False, attention=True)
+        assert extras.attention and not extras.kernels
+        assert set(ops.registered()) == {"decoder_attention"}
+
+
+def test_a_llama_scores_with_eager_fused_as_with_eager(kernel):
+    register()
+    llama = tiny_llama(vocab_size=100, hidden=256, heads=4, kv_heads=2).to(torch.bfloat16)
+    ids = torch.randint(0, 100, (3, 29), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, :6] = 0  # left padding, as the prompts are padded
+    logits = {}
+    with torch.no_grad():
+        for name in ("eager", EAGER_FUSED):
+            set_attention(llama, name)
+            logits[name] = llama(input_ids=ids, attention_mask=mask).logits.float()
+        with ops.implementations({}):
+            plain = llama(input_ids=ids, attention_mask=mask).logits.float()
+    assert torch.equal(plain, logits["eager"])  # without the kernel: eager's ops exactly
+    real = mask.bool()
+    spread = logits["eager"][real].std()
+    assert (logits[EAGER_FUSED][real] - logits["eager"][real]).abs().max() < 0.05 * spread
+
+
+def test_attention_dropout_is_refused():
+    q, k, v, mask = _inputs(1, 2, 1, 4, 64, torch.float32)
+    with pytest.raises(NotImplementedError, match="attn_implementation=eager"):
+        eager_fused_attention(_Layer(2), q, k, v, mask, 0.1, dropout=0.1)
+
+
+def test_config_accepts_eager_fused_and_names_the_key_of_a_bad_kernel():
+    cfg = PLoRATrainConfig(data_dir="d", output_dir="o", attn_implementation=EAGER_FUSED)
+    assert cfg.attn_implementation == EAGER_FUSED
+    with pytest.raises(ValueError, match="attn_implementation must be one of"):
+        PLoRATrainConfig(data_dir="d", output_dir="o", attn_implementation="fused")
