@@ -688,6 +688,13 @@ _EAGER_SMALL_EVAL = (
     "attn_implementation=eager",
     "train_attn_implementation=eager",
 )
+_FUSED_SMALL_EVAL = (
+    "dtype=auto",
+    "length_group_size=8",
+    "adapter.compute_dtype=activations",
+    "attn_implementation=eager_fused",
+    "train_attn_implementation=eager_fused",
+)
 STAGE2_VARIANTS: list[tuple[str, tuple[str, ...]]] = [
     ("fp32", ("dtype=float32", "length_group_size=0", "eval_batch_size=8", *_OLD)),
     ("bf16", ("dtype=auto", "length_group_size=0", "eval_batch_size=8", *_OLD)),
@@ -714,7 +721,8 @@ STAGE2_VARIANTS: list[tuple[str, tuple[str, ...]]] = [
         "lora bf16+group+eager+eval4+micro4",
         ("mode=lora", *_EAGER_SMALL_EVAL, "eval_batch_size=4", "micro_batch_size=4"),
     ),
-    # scoring with eager_fused attention (the C++ kernel: no [B, H, T, T] tensor, the causal future skipped)
+    # eager_fused attention (the C++ kernel: no [B, H, T, T] tensor, the causal future skipped): for scoring
+    # alone (the same training as the variant without "+fused"), then for training too (the quickstart's)
     (
         "bf16+group+adapter16+eager+eval4+fused",
         (*_EAGER_SMALL_EVAL, "eval_batch_size=4", "attn_implementation=eager_fused"),
@@ -723,6 +731,8 @@ STAGE2_VARIANTS: list[tuple[str, tuple[str, ...]]] = [
         "lora bf16+group+eager+eval4+fused",
         ("mode=lora", *_EAGER_SMALL_EVAL, "eval_batch_size=4", "attn_implementation=eager_fused"),
     ),
+    ("bf16+group+adapter16+fused+eval4", (*_FUSED_SMALL_EVAL, "eval_batch_size=4")),
+    ("lora bf16+group+fused+eval4", ("mode=lora", *_FUSED_SMALL_EVAL, "eval_batch_size=4")),
 ]
 STAGE2_QUICK = (
     "bf16+group+eval32+adapter16",
@@ -923,6 +933,8 @@ def stage2_main(args: argparse.Namespace) -> None:
     for plora_name, lora_name in (
         ("bf16+group+eval32", "lora bf16+group+eval32"),
         ("bf16+group+eval32+adapter16+train_eager", "lora bf16+group+eval32+train_eager"),
+        ("bf16+group+adapter16+eager+eval4", "lora bf16+group+eager+eval4"),
+        ("bf16+group+adapter16+fused+eval4", "lora bf16+group+fused+eval4"),
     ):
         plora, lora = results.get(plora_name), results.get(lora_name)
         if plora and lora:

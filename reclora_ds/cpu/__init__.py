@@ -4,7 +4,7 @@
   soft-search scores) and ``attention_pool`` (DIN's activation unit), built once and registered as those
   ops' implementations for float32 CPU tensors. The models only call the ops: they run the PyTorch forms
   until a recipe registers the kernels.
-  The same library holds the LLM's attention for ``attn_implementation=eager_fused`` (bf16, forward only),
+  The same library holds the LLM's attention for ``attn_implementation=eager_fused`` (bf16, forward and backward),
   registered on its own as ``decoder_attention``'s implementation.
 - :mod:`reclora_ds.cpu.allocator`: glibc malloc thresholds so a CPU step reuses its freed temporaries.
 - :mod:`reclora_ds.cpu.shm_allreduce`: DeepSpeed's same-node shared-memory all-reduce as DDP's comm hook,

@@ -118,11 +118,10 @@ class PLoRATrainConfig(RecLLMConfig):
     and skips the causal future (cheaper per sample: docs/PLORA_BENCH.md), and elsewhere eager's PyTorch
     ops; the one recorded with the exported adapter."""
     train_attn_implementation: str = "auto"
-    """Attention kernel of the training steps: ``sdpa``, ``eager``, ``eager_fused`` (eager's PyTorch ops
-    there: its CPU kernel has no backward), or ``auto``: ``eager`` on a CPU (where a
-    bf16 training step measured cheaper with it; scoring with it was dearer in batches of 32 and cheaper in
-    batches of 4: docs/PLORA_BENCH.md), else ``attn_implementation``. Both kernels compute the same
-    attention; the run switches between them."""
+    """Attention kernel of the training steps: ``sdpa``, ``eager``, ``eager_fused``, or ``auto``:
+    ``eager_fused`` on a CPU (eager's function; a bf16 training step measured cheaper with eager than with
+    sdpa, and cheaper again with eager_fused's C++ forward and backward: docs/PLORA_BENCH.md), else
+    ``attn_implementation``. The kernels compute the same attention; the run switches between them."""
     max_length: int = 1024
     """Most tokens of prompt + answer; a longer prompt loses its start (counted in the log)."""
     checkpoint_every: int = 100

@@ -336,11 +336,11 @@ Host wall times: on a GPU, whose kernels run asynchronously, a phase holds the t
 
 
 def train_attention(cfg: PLoRATrainConfig, device: torch.device) -> str:
-    """The attention kernel of the training steps: ``train_attn_implementation``, where ``auto`` is ``eager``
-    on a CPU and ``attn_implementation`` on a GPU."""
+    """The attention kernel of the training steps: ``train_attn_implementation``, where ``auto`` is
+    ``eager_fused`` on a CPU and ``attn_implementation`` on a GPU."""
     if cfg.train_attn_implementation != "auto":
         return cfg.train_attn_implementation
-    return "eager" if device.type == "cpu" else cfg.attn_implementation
+    return EAGER_FUSED if device.type == "cpu" else cfg.attn_implementation
 
 
 def set_attention(model: nn.Module, implementation: str) -> None:

@@ -1,6 +1,6 @@
 """The backbone's attention as one op (``attn_implementation=eager_fused``): its PyTorch form against
-transformers' eager attention (bit for bit), the C++ kernel against eager attention and a float64
-reference, and a tiny Llama scoring with it.
+transformers' eager attention (bit for bit), the C++ kernel (forward and backward) against eager attention
+and a float64 reference, and a tiny Llama scoring and training with it.
 
 The kernel tests need a CPU with AVX512-BF16 (this project's machines have it) and are skipped elsewhere.
 """
@@ -98,15 +98,49 @@ def test_kernel_without_a_mask_attends_to_every_key(kernel):
     )
 
 
-def test_gradients_come_from_the_pytorch_form(kernel):
-    """The kernel has no backward: where autograd needs one, the op runs eager's ops, gradients and all."""
+@pytest.mark.parametrize(
+    ("batch", "heads", "kv_heads", "length", "width"),
+    [(2, 9, 3, 45, 64), (2, 4, 4, 70, 128), (1, 2, 1, 5, 64)],
+)
+def test_kernel_gradients_are_as_close_to_float64_as_eager_ones(
+    kernel, batch, heads, kv_heads, length, width
+):
+    """The kernel's backward against eager's (both bf16) and a float64 reference, padded rows included."""
+    q, k, v, mask = _inputs(batch, heads, kv_heads, length, width, torch.bfloat16, seed=length)
+    grad = torch.randn(batch, length, heads, width, generator=torch.Generator().manual_seed(1)).bfloat16()
+    scaling = width**-0.5
+
+    def gradients(fn, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        fn(*leaves, mask.to(dtype), scaling).backward(grad.to(dtype))
+        return [t.grad.double() for t in leaves]
+
+    kernel_grads = gradients(ops.decoder_attention, torch.bfloat16)
+    eager_grads = gradients(_eager, torch.bfloat16)
+    exact = gradients(_eager, torch.float64)
+    for name, got, eager, want in zip("qkv", kernel_grads, eager_grads, exact, strict=True):
+        bound = (eager - want).abs().max() + 2 * BF16_EPS * want.abs().max()
+        assert (got - want).abs().max() <= bound, f"gradient of {name}"
+
+
+def test_without_the_kernel_gradients_are_eager_ones():
     q, k, v, mask = _inputs(2, 4, 2, 21, 64, torch.bfloat16)
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    ops.decoder_attention(*leaves, mask, 0.125).float().square().sum().backward()
-    reference = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    _eager(*reference, mask, 0.125).float().square().sum().backward()
-    for got, want in zip(leaves, reference, strict=True):
-        assert torch.equal(got.grad, want.grad)
+    grads = {}
+    for name, fn in (("op", ops.decoder_attention), ("eager", _eager)):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        with ops.implementations({}):
+            fn(*leaves, mask, 0.125).float().square().sum().backward()
+        grads[name] = [t.grad for t in leaves]
+    for got, want in zip(grads["op"], grads["eager"], strict=True):
+        assert torch.equal(got, want)
+
+
+def test_kernel_backward_rejects_a_gradient_of_another_shape(kernel):
+    q, k, v, mask = _inputs(1, 2, 1, 8, 64, torch.bfloat16)
+    library = getattr(torch.ops, cpu_kernels.LIBRARY)
+    _, probs = library.decoder_attention_train(q, k, v, mask, 0.125)
+    with pytest.raises(RuntimeError, match="decoder_attention_backward: grad"):
+        library.decoder_attention_backward(torch.zeros(1, 8, 2, 32).bfloat16(), q, k, v, mask, probs, 0.125)
 
 
 def test_kernel_takes_only_what_it_computes(kernel):
@@ -146,6 +180,27 @@ def test_a_llama_scores_with_eager_fused_as_with_eager(kernel):
     real = mask.bool()
     spread = logits["eager"][real].std()
     assert (logits[EAGER_FUSED][real] - logits["eager"][real]).abs().max() < 0.05 * spread
+
+
+def test_a_llama_trains_with_eager_fused_as_with_eager(kernel):
+    """One bf16 training step's loss and gradients, eager against eager_fused, both against float32 eager."""
+    register()
+    llama = tiny_llama(vocab_size=100, hidden=256, heads=4, kv_heads=2)
+    ids = torch.randint(0, 100, (2, 33), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+
+    def step(model, name):
+        set_attention(model, name)
+        model.zero_grad()
+        model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+        return torch.cat([p.grad.double().flatten() for p in model.parameters()])
+
+    exact = step(llama, "eager")
+    llama = llama.to(torch.bfloat16)
+    eager, fused = step(llama, "eager"), step(llama, EAGER_FUSED)
+    eager_error = (eager - exact).norm() / exact.norm()
+    assert (fused - exact).norm() / exact.norm() <= 1.5 * eager_error + 1e-3
 
 
 def test_attention_dropout_is_refused():

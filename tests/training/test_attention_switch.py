@@ -74,7 +74,7 @@ def _cfg(**kw) -> PLoRATrainConfig:
 @pytest.mark.parametrize(
     ("setting", "scoring", "device", "expected"),
     [
-        ("auto", "sdpa", "cpu", "eager"),
+        ("auto", "sdpa", "cpu", "eager_fused"),
         ("auto", "sdpa", "cuda", "sdpa"),
         ("auto", "eager", "cuda", "eager"),
         ("sdpa", "sdpa", "cpu", "sdpa"),

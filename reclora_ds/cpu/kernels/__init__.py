@@ -13,9 +13,10 @@ in fewer passes over memory: the CRM's two for float32 CPU tensors, the LLM's at
 - ``decoder_attention`` (the backbone's attention under ``attn_implementation=eager_fused``) computes a
   (batch, key head)'s scores, softmax and weighted values in the core's caches with AVX512-BF16 dot products,
   rounding as eager attention's bf16 ops do, and skips the keys a query row cannot see (the causal future):
-  no [B, H, T, T] tensor is written. Forward only (scoring); bf16, head width a multiple of 64, a CPU with
-  AVX512-BF16. It is registered on its own (:func:`enable_attention`): stage 2 runs its frozen CRM in the
-  PyTorch forms.
+  for scoring no [B, H, T, T] tensor is written; for training the forward keeps the bf16 probabilities and
+  the backward (:class:`_DecoderAttention`) computes the query, key and value gradients the same way. bf16,
+  head width a multiple of 64, a CPU with AVX512-BF16. It is registered on its own
+  (:func:`enable_attention`): stage 2 runs its frozen CRM in the PyTorch forms.
 
 Results agree with the PyTorch forms to float rounding (the sums run in another order);
 ``tests/models/test_cpu_kernels.py`` checks values and gradients against float64 references and the
@@ -122,7 +123,10 @@ def decoder_attention(
     mask: torch.Tensor | None,
     scaling: float,
 ) -> torch.Tensor:
-    """:func:`reclora_ds.models.ops.decoder_attention` through the kernel (no gradient)."""
+    """:func:`reclora_ds.models.ops.decoder_attention` through the kernel, forward and backward
+    (:class:`_DecoderAttention`); without a gradient to compute, the forward alone keeps no probabilities."""
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        return _DecoderAttention.apply(query, key, value, mask, scaling)
     return getattr(torch.ops, LIBRARY).decoder_attention(query, key, value, mask, scaling)
 
 
@@ -174,9 +178,7 @@ IMPLEMENTATIONS = {
 """What :func:`enable` registers, by op name: the CRM's ops."""
 
 ATTENTION_IMPLEMENTATIONS = {
-    "decoder_attention": ops.Implementation(
-        decoder_attention, accepts_decoder_attention, differentiable=False
-    ),
+    "decoder_attention": ops.Implementation(decoder_attention, accepts_decoder_attention),
 }
 """What :func:`enable_attention` registers: the LLM's attention (``attn_implementation=eager_fused``)."""
 
@@ -227,6 +229,30 @@ def enabled() -> bool:
     """True when the ops use these kernels."""
     current = ops.registered()
     return all(current.get(name) is implementation for name, implementation in IMPLEMENTATIONS.items())
+
+
+class _DecoderAttention(torch.autograd.Function):
+    """:func:`decoder_attention` through the kernel; the forward keeps the bf16 probabilities P [B, H, Tq, Tk]
+    (as eager attention keeps them for its second matmul), the backward computes, per (batch, key head) in
+    the core's caches: ``dP = dO V^T``, ``dS = scale * P (dP - sum_j dP P)`` (eager's softmax backward, from
+    the bf16 P where eager uses its float32 copy), ``dQ = dS K``, ``dK = sum_h dS^T Q``, ``dV = sum_h P^T dO``
+    (the sums over the query heads that read a key head)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, mask, scaling):  # noqa: ANN001, ANN205 (autograd's)
+        out, probs = getattr(torch.ops, LIBRARY).decoder_attention_train(query, key, value, mask, scaling)
+        ctx.save_for_backward(query, key, value, mask, probs)
+        ctx.scaling = scaling
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        query, key, value, mask, probs = ctx.saved_tensors
+        d_query, d_key, d_value = getattr(torch.ops, LIBRARY).decoder_attention_backward(
+            grad_out, query, key, value, mask, probs, ctx.scaling
+        )
+        return d_query, d_key, d_value, None, None
 
 
 class _AttentionPool(torch.autograd.Function):

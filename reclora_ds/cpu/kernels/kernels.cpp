@@ -16,12 +16,18 @@
 //
 //   decoder_attention(q [B, H, Tq, d], k [B, Hk, Tk, d], v [B, Hk, Tk, d], mask [B or 1, 1, Tq, Tk] or none,
 //                     scale) -> out [B, Tq, H, d]
-//       transformers' eager attention (query head h reads key head h / (H / Hk)), bf16, forward only:
+//       transformers' eager attention (query head h reads key head h / (H / Hk)), bf16:
 //       w = bf16(bf16(bf16(q k^T) * scale) + mask), p = bf16(softmax_fp32(w)), out = bf16(p v),
 //       with the same roundings as eager's ops, one (batch, key head) at a time in the core's caches:
 //       no [B, H, Tq, Tk] tensor is written, and keys a query row cannot see (its mask at bf16's lowest
 //       after its last visible key: the causal future) are skipped. Needs AVX512-BF16
 //       (decoder_attention_supported); d a multiple of 64.
+//   decoder_attention_train(q, k, v, mask, scale) -> (out, probs [B, H, Tq, Tk])
+//       The same, keeping the bf16 probabilities for the backward.
+//   decoder_attention_backward(grad [B, Tq, H, d], q, k, v, mask, probs, scale) -> (dq, dk, dv)
+//       dP = dO v^T, dS = bf16(bf16(p (dP - sum_j dP p)) * scale) (eager's softmax backward from the bf16 p),
+//       dq = dS k, dk = sum over the group's query heads of dS^T q, dv = sum of p^T dO; one (batch, key head)
+//       at a time in the core's caches.
 //
 // The CRM's kernels: float32, contiguous CPU tensors; one thread (the CRM runs one rank per core). Loaded by
 // torch.utils.cpp_extension from reclora_ds.cpu.kernels.load.
@@ -339,52 +345,91 @@ inline void block_4x64(const uint32_t* a0, const uint32_t* a1, const uint32_t* a
   _mm512_storeu_ps(c, c30); _mm512_storeu_ps(c + 16, c31); _mm512_storeu_ps(c + 32, c32); _mm512_storeu_ps(c + 48, c33);
 }
 
-// One (batch, key head): every query head of its group, every query row.
-//   q rows: q + h * q_sh + i * q_st (d bf16 each); k, v rows: k + j * k_st; out rows: out + i * o_st + h * o_sh
-AVX512BF16
-void attend_group(const uint16_t* q, int64_t q_sh, int64_t q_st, int64_t heads, const uint16_t* k, int64_t k_st,
-                  const uint16_t* v, int64_t v_st, const uint16_t* mask, int64_t m_st, const int64_t* limit, int64_t tq, int64_t tk,
-                  int64_t d, float scale, uint16_t* out, int64_t o_sh, int64_t o_st) {
-  const int64_t tk_pad = (tk + kCols - 1) / kCols * kCols;
-  const int64_t d2 = d / 2;
-  // K in pairs along d: kp[k2 * tk_pad + j] = (K[j, 2 k2], K[j, 2 k2 + 1]); zero columns past tk.
-  std::vector<uint32_t> kp(d2 * tk_pad, 0u);
-  for (int64_t j = 0; j < tk; ++j) {
-    const uint32_t* row = reinterpret_cast<const uint32_t*>(k + j * k_st);
-    for (int64_t k2 = 0; k2 < d2; ++k2) kp[k2 * tk_pad + j] = row[k2];
+// bf16 pairs as uint32 words, the operands of vdpbf16ps (block_4x64's a and b):
+// pairs along the width: out[c2 * n_pad + j] = (x[j, 2 c2], x[j, 2 c2 + 1]); zero columns j in [n, n_pad)
+void pack_pairs_along_width(const uint16_t* x, int64_t x_st, int64_t n, int64_t d, int64_t n_pad, uint32_t* out) {
+  std::fill(out, out + d / 2 * n_pad, 0u);
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t* row = reinterpret_cast<const uint32_t*>(x + j * x_st);
+    for (int64_t c2 = 0; c2 < d / 2; ++c2) out[c2 * n_pad + j] = row[c2];
   }
-  // V in pairs along the keys: vp[j2 * d + c] = (V[2 j2, c], V[2 j2 + 1, c]); a zero row past tk.
-  const int64_t tk2 = tk_pad / 2;
-  std::vector<uint32_t> vp(tk2 * d, 0u);
-  for (int64_t j = 0; j < tk; ++j) {
-    const uint16_t* row = v + j * v_st;
-    uint16_t* dst = reinterpret_cast<uint16_t*>(vp.data()) + (j / 2) * d * 2 + (j % 2);
+}
+
+// pairs along the rows: out[j2 * d + c] = (x[2 j2, c], x[2 j2 + 1, c]); zero rows past n, up to n_pad rows
+void pack_pairs_along_rows(const uint16_t* x, int64_t x_st, int64_t n, int64_t d, int64_t n_pad, uint32_t* out) {
+  std::fill(out, out + n_pad / 2 * d, 0u);
+  uint16_t* half = reinterpret_cast<uint16_t*>(out);
+  for (int64_t j = 0; j < n; ++j) {
+    const uint16_t* row = x + j * x_st;
+    uint16_t* dst = half + (j / 2) * d * 2 + (j % 2);
     for (int64_t c = 0; c < d; ++c) dst[2 * c] = row[c];
   }
+}
+
+// transposed pairs of an [n_rows, n_cols] bf16 matrix (row stride m_st): out[j * rows2 + i2] = (m[2 i2, j],
+// m[2 i2 + 1, j]) for j < n_cols, rows2 = n_rows rounded up to even / 2 (a zero row past n_rows)
+void transpose_pairs(const uint16_t* m, int64_t m_st, int64_t n_rows, int64_t n_cols, uint32_t* out) {
+  const int64_t rows2 = (n_rows + 1) / 2;
+  uint16_t* half = reinterpret_cast<uint16_t*>(out);
+  for (int64_t i = 0; i < n_rows; ++i) {
+    const uint16_t* row = m + i * m_st;
+    uint16_t* dst = half + 2 * (i / 2) + (i % 2);
+    for (int64_t j = 0; j < n_cols; ++j) dst[j * rows2 * 2] = row[j];
+  }
+  if (n_rows % 2)
+    for (int64_t j = 0; j < n_cols; ++j) half[j * rows2 * 2 + n_rows] = 0;
+}
+
+// Where a (batch, key head)'s tensors are: row i of query head h of the group at q + h * q_sh + i * q_st, and
+// so on; out / grad_out rows at o + i * o_st + h * o_sh; probs rows (training) at p + h * p_sh + i * p_st.
+struct Group {
+  const uint16_t* q; int64_t q_sh, q_st;
+  const uint16_t* k; int64_t k_st;
+  const uint16_t* v; int64_t v_st;
+  const uint16_t* mask; int64_t m_st;  // [Tq, Tk] rows, or null
+  const int64_t* limit;                // per query row: the keys [0, limit) it can see
+  int64_t heads, tq, tk, d;
+  float scale;
+};
+
+// Forward of one (batch, key head): every query head of its group, every query row; the probabilities are
+// also written to probs (rows of tk, zeros past a row's visible keys) when it is not null.
+AVX512BF16
+void attend_group(const Group& g, uint16_t* out, int64_t o_sh, int64_t o_st, uint16_t* probs, int64_t p_sh,
+                  int64_t p_st) {
+  const int64_t tk_pad = (g.tk + kCols - 1) / kCols * kCols;
+  std::vector<uint32_t> kp(g.d / 2 * tk_pad), vp(tk_pad / 2 * g.d);
+  pack_pairs_along_width(g.k, g.k_st, g.tk, g.d, tk_pad, kp.data());  // for S = Q K^T
+  pack_pairs_along_rows(g.v, g.v_st, g.tk, g.d, tk_pad, vp.data());   // for O = P V
   std::vector<float> s(kRows * tk_pad);
   std::vector<uint16_t> p(kRows * tk_pad);
-  for (int64_t h = 0; h < heads; ++h) {
-    for (int64_t i0 = 0; i0 < tq; i0 += kRows) {
-      const int64_t rows = std::min(kRows, tq - i0);
+  for (int64_t h = 0; h < g.heads; ++h) {
+    for (int64_t i0 = 0; i0 < g.tq; i0 += kRows) {
+      const int64_t rows = std::min(kRows, g.tq - i0);
       int64_t n = 0;
-      for (int64_t r = 0; r < rows; ++r) n = std::max(n, limit[i0 + r]);
+      for (int64_t r = 0; r < rows; ++r) n = std::max(n, g.limit[i0 + r]);
       const int64_t n_cols = (n + kCols - 1) / kCols * kCols;
       const uint32_t* qr[kRows];
       for (int64_t r = 0; r < kRows; ++r)
-        qr[r] = reinterpret_cast<const uint32_t*>(q + h * q_sh + (i0 + std::min(r, rows - 1)) * q_st);
-      // S = Q K^T, 4 rows x 64 columns at a time
-      for (int64_t j0 = 0; j0 < n_cols; j0 += kCols)
-        block_4x64(qr[0], qr[1], qr[2], qr[3], 1, kp.data() + j0, tk_pad, d2, s.data() + j0, tk_pad);
-      for (int64_t r = 0; r < rows; ++r)
-        softmax_row(s.data() + r * tk_pad, mask != nullptr ? mask + (i0 + r) * m_st : nullptr, scale, n,
-                    n_cols, p.data() + r * tk_pad);
+        qr[r] = reinterpret_cast<const uint32_t*>(g.q + h * g.q_sh + (i0 + std::min(r, rows - 1)) * g.q_st);
+      for (int64_t j0 = 0; j0 < n_cols; j0 += kCols)  // S = Q K^T, 4 rows x 64 keys at a time
+        block_4x64(qr[0], qr[1], qr[2], qr[3], 1, kp.data() + j0, tk_pad, g.d / 2, s.data() + j0, tk_pad);
+      for (int64_t r = 0; r < rows; ++r) {
+        uint16_t* pr = p.data() + r * tk_pad;
+        softmax_row(s.data() + r * tk_pad, g.mask != nullptr ? g.mask + (i0 + r) * g.m_st : nullptr, g.scale, n,
+                    n_cols, pr);
+        if (probs != nullptr) {
+          uint16_t* dst = probs + h * p_sh + (i0 + r) * p_st;
+          std::copy(pr, pr + std::min(n_cols, g.tk), dst);
+          std::fill(dst + std::min(n_cols, g.tk), dst + g.tk, 0);
+        }
+      }
       for (int64_t r = rows; r < kRows; ++r) std::fill(p.data() + r * tk_pad, p.data() + r * tk_pad + n_cols, 0);
-      // O = P V, 4 rows x 64 output columns at a time
-      const int64_t n2 = n_cols / 2;
-      const uint32_t* pr = reinterpret_cast<const uint32_t*>(p.data());
-      for (int64_t c0 = 0; c0 < d; c0 += kCols) {
+      const uint32_t* pw = reinterpret_cast<const uint32_t*>(p.data());
+      for (int64_t c0 = 0; c0 < g.d; c0 += kCols) {  // O = P V, 4 rows x 64 output columns at a time
         alignas(64) float o[kRows * kCols];
-        block_4x64(pr, pr + tk_pad / 2, pr + tk_pad, pr + 3 * tk_pad / 2, 1, vp.data() + c0, d, n2, o, kCols);
+        block_4x64(pw, pw + tk_pad / 2, pw + tk_pad, pw + 3 * tk_pad / 2, 1, vp.data() + c0, g.d, n_cols / 2, o,
+                   kCols);
         for (int64_t r = 0; r < rows; ++r) {
           uint16_t* orow = out + (i0 + r) * o_st + h * o_sh + c0;
           for (int t = 0; t < 4; ++t)
@@ -393,6 +438,107 @@ void attend_group(const uint16_t* q, int64_t q_sh, int64_t q_st, int64_t heads, 
         }
       }
     }
+  }
+}
+
+// dS of one row from dP (fp32 sums, rounded to bf16 as eager's matmul output is) and the bf16 probabilities:
+// ds = bf16(bf16(p (dp - sum_j dp p)) * scale) on [0, n), zeros on [n, n_pad) (eager's softmax backward in
+// float32, back to bf16, then the scale's backward).
+AVX512BF16
+void softmax_backward_row(const float* dp, const uint16_t* p, float scale, int64_t n, int64_t n_pad, uint16_t* ds) {
+  float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+  for (int64_t j = 0; j < n; ++j) dot += round_bf16(dp[j]) * bf16_to_f32(p[j]);
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j)
+    ds[j] = f32_to_bf16(round_bf16(bf16_to_f32(p[j]) * (round_bf16(dp[j]) - dot)) * scale);
+  for (int64_t j = n; j < n_pad; ++j) ds[j] = 0;
+}
+
+// c += the 4 x 64 block of a x b (block_4x64), for sums over the heads of a group
+AVX512BF16
+void add_block_4x64(const uint32_t* const* a, const uint32_t* b, int64_t b_stride, int64_t depth, float* c,
+                    int64_t c_stride, int64_t rows) {
+  alignas(64) float t[kRows * kCols];
+  block_4x64(a[0], a[1], a[2], a[3], 1, b, b_stride, depth, t, kCols);
+  for (int64_t r = 0; r < rows; ++r)
+#pragma omp simd
+    for (int64_t x = 0; x < kCols; ++x) c[r * c_stride + x] += t[r * kCols + x];
+}
+
+// Backward of one (batch, key head): dq rows at dq + h * dq_sh + i * dq_st; dk, dv rows of tk x d (the sums
+// over the group's query heads), contiguous.
+//   dP = dO V^T, dS = softmax_backward(dP, P) * scale, dQ = dS K, dK = sum_h dS^T Q, dV = sum_h P^T dO
+AVX512BF16
+void attend_group_backward(const Group& g, const uint16_t* grad, int64_t o_sh, int64_t o_st, const uint16_t* probs,
+                           int64_t p_sh, int64_t p_st, uint16_t* dq, int64_t dq_sh, int64_t dq_st, uint16_t* dk,
+                           uint16_t* dv) {
+  const int64_t tk_pad = (g.tk + kCols - 1) / kCols * kCols, tq2 = (g.tq + 1) / 2, d = g.d;
+  const int64_t tq_rows = (g.tq + kRows - 1) / kRows * kRows, tk_rows = (g.tk + kRows - 1) / kRows * kRows;
+  std::vector<uint32_t> vt(d / 2 * tk_pad), kr(tk_pad / 2 * d);
+  pack_pairs_along_width(g.v, g.v_st, g.tk, d, tk_pad, vt.data());  // for dP = dO V^T
+  pack_pairs_along_rows(g.k, g.k_st, g.tk, d, tk_pad, kr.data());   // for dQ = dS K
+  std::vector<uint32_t> qr(tq2 * d), gr(tq2 * d);                    // Q, dO in pairs along the queries
+  std::vector<uint16_t> ds(tq_rows * tk_pad, 0);                     // this head's dS, [tq rows][tk_pad]
+  std::vector<uint32_t> dst((tk_rows + kRows) * tq2, 0u), pt((tk_rows + kRows) * tq2, 0u);  // dS^T, P^T pairs
+  std::vector<float> dk_sum(tk_rows * d, 0.f), dv_sum(tk_rows * d, 0.f);
+  std::vector<float> dp(kRows * tk_pad);
+  for (int64_t h = 0; h < g.heads; ++h) {
+    const uint16_t* q = g.q + h * g.q_sh;
+    const uint16_t* go = grad + h * o_sh;
+    const uint16_t* ph = probs + h * p_sh;
+    for (int64_t i0 = 0; i0 < g.tq; i0 += kRows) {
+      const int64_t rows = std::min(kRows, g.tq - i0);
+      int64_t n = 0;
+      for (int64_t r = 0; r < rows; ++r) n = std::max(n, g.limit[i0 + r]);
+      const int64_t n_cols = (n + kCols - 1) / kCols * kCols;
+      const uint32_t* gw[kRows];
+      for (int64_t r = 0; r < kRows; ++r)
+        gw[r] = reinterpret_cast<const uint32_t*>(go + (i0 + std::min(r, rows - 1)) * o_st);
+      for (int64_t j0 = 0; j0 < n_cols; j0 += kCols)  // dP = dO V^T
+        block_4x64(gw[0], gw[1], gw[2], gw[3], 1, vt.data() + j0, tk_pad, d / 2, dp.data() + j0, tk_pad);
+      for (int64_t r = 0; r < rows; ++r)
+        softmax_backward_row(dp.data() + r * tk_pad, ph + (i0 + r) * p_st, g.scale, std::min(n, g.tk), n_cols,
+                             ds.data() + (i0 + r) * tk_pad);
+      const uint32_t* dw = reinterpret_cast<const uint32_t*>(ds.data() + i0 * tk_pad);
+      for (int64_t c0 = 0; c0 < d; c0 += kCols) {  // dQ = dS K
+        alignas(64) float o[kRows * kCols];
+        block_4x64(dw, dw + tk_pad / 2, dw + tk_pad, dw + 3 * tk_pad / 2, 1, kr.data() + c0, d, n_cols / 2, o, kCols);
+        for (int64_t r = 0; r < rows; ++r) {
+          uint16_t* row = dq + h * dq_sh + (i0 + r) * dq_st + c0;
+          for (int t = 0; t < 4; ++t)
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + 16 * t),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(o + r * kCols + 16 * t)));
+        }
+      }
+    }
+    // dK += dS^T Q and dV += P^T dO, 4 keys x 64 columns at a time, summed over all query rows
+    pack_pairs_along_rows(q, g.q_st, g.tq, d, 2 * tq2, qr.data());
+    pack_pairs_along_rows(go, o_st, g.tq, d, 2 * tq2, gr.data());
+    transpose_pairs(ds.data(), tk_pad, g.tq, g.tk, dst.data());
+    transpose_pairs(ph, p_st, g.tq, g.tk, pt.data());
+    for (int64_t j0 = 0; j0 < g.tk; j0 += kRows) {
+      const int64_t rows = std::min(kRows, g.tk - j0);
+      // query rows before the first that sees key j0 have P = dS = 0 on these keys (the causal past of j0)
+      int64_t first = 0;
+      while (first < g.tq && g.limit[first] <= j0) ++first;
+      const int64_t pair0 = first / 2, depth = tq2 - pair0;
+      if (depth <= 0) continue;
+      const uint32_t* sa[kRows];
+      const uint32_t* pa[kRows];
+      for (int64_t r = 0; r < kRows; ++r) {
+        sa[r] = dst.data() + (j0 + r) * tq2 + pair0;  // rows past tk are zero
+        pa[r] = pt.data() + (j0 + r) * tq2 + pair0;
+      }
+      for (int64_t c0 = 0; c0 < d; c0 += kCols) {
+        add_block_4x64(sa, qr.data() + pair0 * d + c0, d, depth, dk_sum.data() + j0 * d + c0, d, rows);
+        add_block_4x64(pa, gr.data() + pair0 * d + c0, d, depth, dv_sum.data() + j0 * d + c0, d, rows);
+      }
+    }
+  }
+  for (int64_t x = 0; x < g.tk * d; ++x) {
+    dk[x] = f32_to_bf16(dk_sum[x]);
+    dv[x] = f32_to_bf16(dv_sum[x]);
   }
 }
 
@@ -412,52 +558,144 @@ void visible_keys(const uint16_t* mask, int64_t m_st, int64_t tq, int64_t tk, in
 
 bool decoder_attention_supported() { return __builtin_cpu_supports("avx512bf16"); }
 
-// q [B, H, Tq, d], k / v [B, Hk, Tk, d] (bf16, last dim contiguous), mask [B or 1, 1, Tq, Tk] bf16 or none
-// -> out [B, Tq, H, d] bf16
-at::Tensor decoder_attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                             const c10::optional<at::Tensor>& mask_in, double scale) {
-  TORCH_CHECK(decoder_attention_supported(), "decoder_attention needs a CPU with AVX512-BF16");
-  auto last_contig = [](const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); };
-  const at::Tensor q = last_contig(q_in), k = last_contig(k_in), v = last_contig(v_in);
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.scalar_type() == at::kBFloat16 &&
-                  k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
-              "decoder_attention: q, k, v must be 4-D bf16");
-  const int64_t B = q.size(0), H = q.size(1), tq = q.size(2), d = q.size(3), hk = k.size(1), tk = k.size(2);
-  TORCH_CHECK(H % hk == 0 && d % kCols == 0 && k.size(3) == d && v.sizes() == k.sizes() && k.size(0) == B,
-              "decoder_attention: shapes q ", q.sizes(), " k ", k.sizes(), " v ", v.sizes());
-  at::Tensor mask;
-  if (mask_in.has_value() && mask_in->defined()) {
-    TORCH_CHECK(mask_in->dim() == 4 && mask_in->size(1) == 1 && mask_in->size(2) == tq && mask_in->size(3) == tk &&
-                    (mask_in->size(0) == B || mask_in->size(0) == 1) && mask_in->scalar_type() == at::kBFloat16,
-                "decoder_attention: mask ", mask_in->sizes(), " must be bf16 [B or 1, 1, Tq, Tk]");
-    mask = mask_in->expand({B, 1, tq, tk});
-    if (mask.stride(3) != 1 || mask.stride(2) < tk) mask = mask.contiguous();
+// The checked inputs of the attention ops: q [B, H, Tq, d], k / v [B, Hk, Tk, d] (bf16, last dim contiguous),
+// mask [B or 1, 1, Tq, Tk] bf16 or none, and each query row's visible keys.
+struct Inputs {
+  at::Tensor q, k, v, mask;
+  int64_t batch, heads, tq, d, kv_heads, tk;
+  std::vector<int64_t> limits;  // [B * Tq]
+
+  static const uint16_t* ptr(const at::Tensor& t) {
+    return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
   }
-  at::Tensor out = at::empty({B, tq, H, d}, q.options());
-  const int64_t g = H / hk;
-  auto ptr = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); };
-  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  std::vector<int64_t> limits(B * tq, tk);
-  if (mask.defined())
-    for (int64_t b = 0; b < B; ++b) visible_keys(ptr(mask) + b * mask.stride(0), mask.stride(2), tq, tk, limits.data() + b * tq);
-  at::parallel_for(0, B * hk, 1, [&](int64_t begin, int64_t end) {
+
+  // the Group of (batch b, key head kh)
+  Group group(int64_t b, int64_t kh, double scale) const {
+    const int64_t g = heads / kv_heads;
+    return Group{ptr(q) + b * q.stride(0) + kh * g * q.stride(1), q.stride(1), q.stride(2),
+                 ptr(k) + b * k.stride(0) + kh * k.stride(1), k.stride(2),
+                 ptr(v) + b * v.stride(0) + kh * v.stride(1), v.stride(2),
+                 mask.defined() ? ptr(mask) + b * mask.stride(0) : nullptr, mask.defined() ? mask.stride(2) : 0,
+                 limits.data() + b * tq, g, tq, tk, d, static_cast<float>(scale)};
+  }
+};
+
+Inputs check_inputs(const char* op, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                    const c10::optional<at::Tensor>& mask_in) {
+  TORCH_CHECK(decoder_attention_supported(), op, " needs a CPU with AVX512-BF16");
+  auto last_contiguous = [](const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); };
+  Inputs in;
+  in.q = last_contiguous(q_in);
+  in.k = last_contiguous(k_in);
+  in.v = last_contiguous(v_in);
+  TORCH_CHECK(in.q.dim() == 4 && in.k.dim() == 4 && in.v.dim() == 4 && in.q.scalar_type() == at::kBFloat16 &&
+                  in.k.scalar_type() == at::kBFloat16 && in.v.scalar_type() == at::kBFloat16,
+              op, ": q, k, v must be 4-D bf16");
+  in.batch = in.q.size(0), in.heads = in.q.size(1), in.tq = in.q.size(2), in.d = in.q.size(3);
+  in.kv_heads = in.k.size(1), in.tk = in.k.size(2);
+  TORCH_CHECK(in.heads % in.kv_heads == 0 && in.d % kCols == 0 && in.k.size(3) == in.d &&
+                  in.v.sizes() == in.k.sizes() && in.k.size(0) == in.batch,
+              op, ": shapes q ", in.q.sizes(), " k ", in.k.sizes(), " v ", in.v.sizes());
+  in.limits.assign(in.batch * in.tq, in.tk);
+  if (mask_in.has_value() && mask_in->defined()) {
+    const at::Tensor& m = *mask_in;
+    TORCH_CHECK(m.dim() == 4 && m.size(1) == 1 && m.size(2) == in.tq && m.size(3) == in.tk &&
+                    (m.size(0) == in.batch || m.size(0) == 1) && m.scalar_type() == at::kBFloat16,
+                op, ": mask ", m.sizes(), " must be bf16 [B or 1, 1, Tq, Tk]");
+    in.mask = m.expand({in.batch, 1, in.tq, in.tk});
+    if (in.mask.stride(3) != 1 || in.mask.stride(2) < in.tk) in.mask = in.mask.contiguous();
+    for (int64_t b = 0; b < in.batch; ++b)
+      visible_keys(Inputs::ptr(in.mask) + b * in.mask.stride(0), in.mask.stride(2), in.tq, in.tk,
+                   in.limits.data() + b * in.tq);
+  }
+  return in;
+}
+
+// -> out [B, Tq, H, d], and the probabilities [B, H, Tq, Tk] when with_probs (the backward's input)
+std::tuple<at::Tensor, at::Tensor> forward(const char* op, const at::Tensor& q, const at::Tensor& k,
+                                           const at::Tensor& v, const c10::optional<at::Tensor>& mask, double scale,
+                                           bool with_probs) {
+  const Inputs in = check_inputs(op, q, k, v, mask);
+  at::Tensor out = at::empty({in.batch, in.tq, in.heads, in.d}, in.q.options());
+  at::Tensor probs = with_probs ? at::empty({in.batch, in.heads, in.tq, in.tk}, in.q.options()) : at::Tensor();
+  uint16_t* op_out = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  uint16_t* op_probs = with_probs ? reinterpret_cast<uint16_t*>(probs.data_ptr<at::BFloat16>()) : nullptr;
+  const int64_t g = in.heads / in.kv_heads;
+  at::parallel_for(0, in.batch * in.kv_heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / hk, kh = task % hk;
-      attend_group(ptr(q) + b * q.stride(0) + kh * g * q.stride(1), q.stride(1), q.stride(2), g,
-                   ptr(k) + b * k.stride(0) + kh * k.stride(1), k.stride(2), ptr(v) + b * v.stride(0) + kh * v.stride(1),
-                   v.stride(2), mask.defined() ? ptr(mask) + b * mask.stride(0) : nullptr,
-                   mask.defined() ? mask.stride(2) : 0, limits.data() + b * tq, tq, tk, d, static_cast<float>(scale),
-                   op + b * tq * H * d + kh * g * d, d, H * d);
+      const int64_t b = task / in.kv_heads, kh = task % in.kv_heads;
+      uint16_t* p = op_probs == nullptr ? nullptr : op_probs + (b * in.heads + kh * g) * in.tq * in.tk;
+      attend_group(in.group(b, kh, scale), op_out + b * in.tq * in.heads * in.d + kh * g * in.d, in.d,
+                   in.heads * in.d, p, in.tq * in.tk, in.tk);
     }
   });
-  return out;
+  return {out, probs};
+}
+
+at::Tensor decoder_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const c10::optional<at::Tensor>& mask, double scale) {
+  return std::get<0>(forward("decoder_attention", q, k, v, mask, scale, false));
+}
+
+std::tuple<at::Tensor, at::Tensor> decoder_attention_train(const at::Tensor& q, const at::Tensor& k,
+                                                           const at::Tensor& v, const c10::optional<at::Tensor>& mask,
+                                                           double scale) {
+  return forward("decoder_attention_train", q, k, v, mask, scale, true);
+}
+
+// grad [B, Tq, H, d] (of out), probs [B, H, Tq, Tk] (decoder_attention_train's) -> dq [B, H, Tq, d],
+// dk / dv [B, Hk, Tk, d]
+std::tuple<at::Tensor, at::Tensor, at::Tensor> decoder_attention_backward(
+    const at::Tensor& grad_in, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const c10::optional<at::Tensor>& mask, const at::Tensor& probs_in, double scale) {
+  const Inputs in = check_inputs("decoder_attention_backward", q, k, v, mask);
+  const at::Tensor grad = grad_in.contiguous(), probs = probs_in.contiguous();
+  TORCH_CHECK(grad.scalar_type() == at::kBFloat16 && probs.scalar_type() == at::kBFloat16 &&
+                  grad.sizes() == at::IntArrayRef({in.batch, in.tq, in.heads, in.d}) &&
+                  probs.sizes() == at::IntArrayRef({in.batch, in.heads, in.tq, in.tk}),
+              "decoder_attention_backward: grad ", grad.sizes(), " or probs ", probs.sizes(),
+              " disagree with the inputs");
+  at::Tensor dq = at::empty({in.batch, in.heads, in.tq, in.d}, in.q.options());
+  at::Tensor dk = at::empty({in.batch, in.kv_heads, in.tk, in.d}, in.q.options());
+  at::Tensor dv = at::empty_like(dk);
+  const int64_t g = in.heads / in.kv_heads;
+  const uint16_t* gp = Inputs::ptr(grad);
+  const uint16_t* pp = Inputs::ptr(probs);
+  uint16_t* dqp = reinterpret_cast<uint16_t*>(dq.data_ptr<at::BFloat16>());
+  uint16_t* dkp = reinterpret_cast<uint16_t*>(dk.data_ptr<at::BFloat16>());
+  uint16_t* dvp = reinterpret_cast<uint16_t*>(dv.data_ptr<at::BFloat16>());
+  at::parallel_for(0, in.batch * in.kv_heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / in.kv_heads, kh = task % in.kv_heads;
+      const int64_t kv_offset = (b * in.kv_heads + kh) * in.tk * in.d;
+      attend_group_backward(in.group(b, kh, scale), gp + b * in.tq * in.heads * in.d + kh * g * in.d, in.d,
+                            in.heads * in.d, pp + (b * in.heads + kh * g) * in.tq * in.tk, in.tq * in.tk, in.tk,
+                            dqp + (b * in.heads + kh * g) * in.tq * in.d, in.tq * in.d, in.d, dkp + kv_offset,
+                            dvp + kv_offset);
+    }
+  });
+  return {dq, dk, dv};
 }
 #else
 bool decoder_attention_supported() { return false; }
 
+constexpr const char* kNoBf16Build = "was built without AVX512-BF16 support (not x86-64 GCC >= 10 / clang)";
+
 at::Tensor decoder_attention(const at::Tensor&, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
                              double) {
-  TORCH_CHECK(false, "decoder_attention was built without AVX512-BF16 support (not x86-64 GCC >= 10 / clang)");
+  TORCH_CHECK(false, "decoder_attention ", kNoBf16Build);
+}
+
+std::tuple<at::Tensor, at::Tensor> decoder_attention_train(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                           const c10::optional<at::Tensor>&, double) {
+  TORCH_CHECK(false, "decoder_attention_train ", kNoBf16Build);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> decoder_attention_backward(const at::Tensor&, const at::Tensor&,
+                                                                          const at::Tensor&, const at::Tensor&,
+                                                                          const c10::optional<at::Tensor>&,
+                                                                          const at::Tensor&, double) {
+  TORCH_CHECK(false, "decoder_attention_backward ", kNoBf16Build);
 }
 #endif
 
@@ -472,6 +710,10 @@ TORCH_LIBRARY(reclora_ds_cpu_kernels, m) {
       "attention_pool_backward(Tensor g_out, Tensor pre, Tensor u, Tensor w, Tensor mask, Tensor h, Tensor s) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("decoder_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
+  m.def("decoder_attention_train(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "decoder_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor probs, float scale) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def("decoder_attention_supported() -> bool", decoder_attention_supported_op);
 }
 
@@ -480,4 +722,6 @@ TORCH_LIBRARY_IMPL(reclora_ds_cpu_kernels, CPU, m) {
   m.impl("attention_pool", attention_pool);
   m.impl("attention_pool_backward", attention_pool_backward);
   m.impl("decoder_attention", decoder_attention);
+  m.impl("decoder_attention_train", decoder_attention_train);
+  m.impl("decoder_attention_backward", decoder_attention_backward);
 }
