@@ -6,7 +6,8 @@ the same function as transformers' ``eager`` attention, computed by
 :func:`reclora_ds.models.ops.decoder_attention` instead of one op per step. Where nothing is registered for
 that op (a GPU, a CPU without the kernels) its PyTorch form runs, eager's ops one for one; on a CPU with
 AVX512-BF16 and bf16 activations the stage-2 recipe and the scoring runner register
-:mod:`reclora_ds.cpu.kernels`' kernel, forward and backward. Shapes and math: :func:`~reclora_ds.models.ops.decoder_attention`.
+:mod:`reclora_ds.cpu.kernels`' kernel, forward and backward. Shapes and math:
+:func:`reclora_ds.models.ops.decoder_attention`.
 
 Example::
 

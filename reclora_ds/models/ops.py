@@ -36,7 +36,8 @@ eager attention computes it (query head h reads key / value head ``h // (H / Hk)
     \\mathrm{out}_{b,i,h} = \\sum_j \\mathrm{softmax}_j\\big(s\\, q_{bhi} \\cdot k_{b,h',j} + M_{b,i,j}\\big)\\,
         v_{b,h',j}
 
-The models call :func:`gather_dot` and :func:`attention_pool`, which compute the PyTorch forms below on any
+The models call :func:`gather_dot` and :func:`attention_pool` (and the backbone, through
+:mod:`reclora_ds.models.attention`, :func:`decoder_attention`), which compute the PyTorch forms below on any
 device, with autograd. Another implementation of the same function can be registered for an op
 (:func:`register`); the op then hands it the arguments it :attr:`~Implementation.accepts`, and keeps the
 PyTorch form for the others. Nothing here knows which implementations exist: a recipe that wants one

@@ -21,7 +21,7 @@ in fewer passes over memory: the CRM's two for float32 CPU tensors, the LLM's at
 Results agree with the PyTorch forms to float rounding (the sums run in another order);
 ``tests/models/test_cpu_kernels.py`` checks values and gradients against float64 references and the
 attention against transformers' eager attention. What the CRM's kernels save per training step:
-docs/CRM_RESULTS.md section 4; what the attention kernel saves in scoring: docs/PLORA_BENCH.md.
+docs/CRM_RESULTS.md section 4; what the attention kernel saves in stage 2: docs/PLORA_BENCH.md.
 
 :func:`load` compiles the C++ source on first use (10-15 s, needs a C++ compiler) into
 ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) and loads it; later processes load the

@@ -380,6 +380,29 @@ void transpose_pairs(const uint16_t* m, int64_t m_st, int64_t n_rows, int64_t n_
     for (int64_t j = 0; j < n_cols; ++j) half[j * rows2 * 2 + n_rows] = 0;
 }
 
+// one past the last key any of rows [i0, i0 + rows) can see, and that rounded up to whole blocks of keys
+inline int64_t visible_in_block(const int64_t* limit, int64_t i0, int64_t rows) {
+  int64_t n = 0;
+  for (int64_t r = 0; r < rows; ++r) n = std::max(n, limit[i0 + r]);
+  return n;
+}
+inline int64_t whole_blocks(int64_t n) { return (n + kCols - 1) / kCols * kCols; }
+
+// the 4 row pointers of a block: rows i0 .. i0 + 3 of x (the last real row repeated past `rows`)
+inline void block_rows(const uint16_t* x, int64_t x_st, int64_t i0, int64_t rows, const uint32_t** out) {
+  for (int64_t r = 0; r < kRows; ++r)
+    out[r] = reinterpret_cast<const uint32_t*>(x + (i0 + std::min(r, rows - 1)) * x_st);
+}
+
+// rows of a 4 x 64 float block (row stride kCols) rounded to bf16 into dst rows (stride dst_st)
+AVX512BF16
+void store_block_bf16(const float* block, int64_t rows, uint16_t* dst, int64_t dst_st) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int t = 0; t < 4; ++t)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + r * dst_st + 16 * t),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(block + r * kCols + 16 * t)));
+}
+
 // Where a (batch, key head)'s tensors are: row i of query head h of the group at q + h * q_sh + i * q_st, and
 // so on; out / grad_out rows at o + i * o_st + h * o_sh; probs rows (training) at p + h * p_sh + i * p_st.
 struct Group {
@@ -397,7 +420,7 @@ struct Group {
 AVX512BF16
 void attend_group(const Group& g, uint16_t* out, int64_t o_sh, int64_t o_st, uint16_t* probs, int64_t p_sh,
                   int64_t p_st) {
-  const int64_t tk_pad = (g.tk + kCols - 1) / kCols * kCols;
+  const int64_t tk_pad = whole_blocks(g.tk);
   std::vector<uint32_t> kp(g.d / 2 * tk_pad), vp(tk_pad / 2 * g.d);
   pack_pairs_along_width(g.k, g.k_st, g.tk, g.d, tk_pad, kp.data());  // for S = Q K^T
   pack_pairs_along_rows(g.v, g.v_st, g.tk, g.d, tk_pad, vp.data());   // for O = P V
@@ -406,12 +429,9 @@ void attend_group(const Group& g, uint16_t* out, int64_t o_sh, int64_t o_st, uin
   for (int64_t h = 0; h < g.heads; ++h) {
     for (int64_t i0 = 0; i0 < g.tq; i0 += kRows) {
       const int64_t rows = std::min(kRows, g.tq - i0);
-      int64_t n = 0;
-      for (int64_t r = 0; r < rows; ++r) n = std::max(n, g.limit[i0 + r]);
-      const int64_t n_cols = (n + kCols - 1) / kCols * kCols;
+      const int64_t n = visible_in_block(g.limit, i0, rows), n_cols = whole_blocks(n);
       const uint32_t* qr[kRows];
-      for (int64_t r = 0; r < kRows; ++r)
-        qr[r] = reinterpret_cast<const uint32_t*>(g.q + h * g.q_sh + (i0 + std::min(r, rows - 1)) * g.q_st);
+      block_rows(g.q + h * g.q_sh, g.q_st, i0, rows, qr);
       for (int64_t j0 = 0; j0 < n_cols; j0 += kCols)  // S = Q K^T, 4 rows x 64 keys at a time
         block_4x64(qr[0], qr[1], qr[2], qr[3], 1, kp.data() + j0, tk_pad, g.d / 2, s.data() + j0, tk_pad);
       for (int64_t r = 0; r < rows; ++r) {
@@ -430,12 +450,7 @@ void attend_group(const Group& g, uint16_t* out, int64_t o_sh, int64_t o_st, uin
         alignas(64) float o[kRows * kCols];
         block_4x64(pw, pw + tk_pad / 2, pw + tk_pad, pw + 3 * tk_pad / 2, 1, vp.data() + c0, g.d, n_cols / 2, o,
                    kCols);
-        for (int64_t r = 0; r < rows; ++r) {
-          uint16_t* orow = out + (i0 + r) * o_st + h * o_sh + c0;
-          for (int t = 0; t < 4; ++t)
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(orow + 16 * t),
-                                (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(o + r * kCols + 16 * t)));
-        }
+        store_block_bf16(o, rows, out + i0 * o_st + h * o_sh + c0, o_st);
       }
     }
   }
@@ -473,7 +488,7 @@ AVX512BF16
 void attend_group_backward(const Group& g, const uint16_t* grad, int64_t o_sh, int64_t o_st, const uint16_t* probs,
                            int64_t p_sh, int64_t p_st, uint16_t* dq, int64_t dq_sh, int64_t dq_st, uint16_t* dk,
                            uint16_t* dv) {
-  const int64_t tk_pad = (g.tk + kCols - 1) / kCols * kCols, tq2 = (g.tq + 1) / 2, d = g.d;
+  const int64_t tk_pad = whole_blocks(g.tk), tq2 = (g.tq + 1) / 2, d = g.d;
   const int64_t tq_rows = (g.tq + kRows - 1) / kRows * kRows, tk_rows = (g.tk + kRows - 1) / kRows * kRows;
   std::vector<uint32_t> vt(d / 2 * tk_pad), kr(tk_pad / 2 * d);
   pack_pairs_along_width(g.v, g.v_st, g.tk, d, tk_pad, vt.data());  // for dP = dO V^T
@@ -489,12 +504,9 @@ void attend_group_backward(const Group& g, const uint16_t* grad, int64_t o_sh, i
     const uint16_t* ph = probs + h * p_sh;
     for (int64_t i0 = 0; i0 < g.tq; i0 += kRows) {
       const int64_t rows = std::min(kRows, g.tq - i0);
-      int64_t n = 0;
-      for (int64_t r = 0; r < rows; ++r) n = std::max(n, g.limit[i0 + r]);
-      const int64_t n_cols = (n + kCols - 1) / kCols * kCols;
+      const int64_t n = visible_in_block(g.limit, i0, rows), n_cols = whole_blocks(n);
       const uint32_t* gw[kRows];
-      for (int64_t r = 0; r < kRows; ++r)
-        gw[r] = reinterpret_cast<const uint32_t*>(go + (i0 + std::min(r, rows - 1)) * o_st);
+      block_rows(go, o_st, i0, rows, gw);
       for (int64_t j0 = 0; j0 < n_cols; j0 += kCols)  // dP = dO V^T
         block_4x64(gw[0], gw[1], gw[2], gw[3], 1, vt.data() + j0, tk_pad, d / 2, dp.data() + j0, tk_pad);
       for (int64_t r = 0; r < rows; ++r)
@@ -504,12 +516,7 @@ void attend_group_backward(const Group& g, const uint16_t* grad, int64_t o_sh, i
       for (int64_t c0 = 0; c0 < d; c0 += kCols) {  // dQ = dS K
         alignas(64) float o[kRows * kCols];
         block_4x64(dw, dw + tk_pad / 2, dw + tk_pad, dw + 3 * tk_pad / 2, 1, kr.data() + c0, d, n_cols / 2, o, kCols);
-        for (int64_t r = 0; r < rows; ++r) {
-          uint16_t* row = dq + h * dq_sh + (i0 + r) * dq_st + c0;
-          for (int t = 0; t < 4; ++t)
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + 16 * t),
-                                (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(o + r * kCols + 16 * t)));
-        }
+        store_block_bf16(o, rows, dq + h * dq_sh + i0 * dq_st + c0, dq_st);
       }
     }
     // dK += dS^T Q and dV += P^T dO, 4 keys x 64 columns at a time, summed over all query rows
