@@ -4,8 +4,8 @@
   soft-search scores) and ``attention_pool`` (DIN's activation unit), built once and registered as those
   ops' implementations for float32 CPU tensors. The models only call the ops: they run the PyTorch forms
   until a recipe registers the kernels.
-  The same library holds the LLM's attention for ``attn_implementation=eager_fused`` (bf16, forward and backward),
-  registered on its own as ``decoder_attention``'s implementation.
+  The same library holds the LLM's attention for ``eager_fused`` (bf16, forward and backward), registered
+  on its own as ``decoder_attention``'s implementation.
 - :mod:`reclora_ds.cpu.allocator`: glibc malloc thresholds so a CPU step reuses its freed temporaries.
 - :mod:`reclora_ds.cpu.shm_allreduce`: DeepSpeed's same-node shared-memory all-reduce as DDP's comm hook,
   and the unlinking of DeepSpeed's ``/dev/shm`` segments once every rank has mapped them.
@@ -17,8 +17,9 @@ switches one part on.
 Stage 1 (:mod:`reclora_ds.training.crm_recipe`) on the CPU switches on the allocator setting and, with
 ``cpu_kernels=true``, the kernels, and its DDP wrapper the shared-memory all-reduce. Scoring a stage-2 run
 (:func:`reclora_ds.training.scoring.score_table`, ``reclora-ds score``) on the CPU switches on the allocator
-setting and the attention kernel. Stage 2 (:mod:`reclora_ds.training.plora_recipe`) on the CPU switches on the
-attention kernel (used where the backbone scores with ``eager_fused``), unlinks DeepSpeed's segments and runs
+setting and, for an ``eager_fused`` backbone, the attention kernel. Stage 2
+(:mod:`reclora_ds.training.plora_recipe`) on the CPU switches on the attention kernel where the backbone
+trains or scores with ``eager_fused`` (its CPU default for training), unlinks DeepSpeed's segments and runs
 the frozen CRM in its PyTorch forms, as every other reader of a trained CRM does (CRM states, scoring): the
 CRM's forward is a negligible share of a stage-2 step (docs/RESULTS.md section 2), nothing is compiled for
 it, and the readers agree with each other bit for bit on any device.

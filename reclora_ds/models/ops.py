@@ -33,8 +33,8 @@ eager attention computes it (query head h reads key / value head ``h // (H / Hk)
 
 .. math::
 
-    \\mathrm{out}_{b,i,h} = \\sum_j \\mathrm{softmax}_j\\big(s\\, q_{bhi} \\cdot k_{b,h',j} + M_{b,i,j}\\big)\\,
-        v_{b,h',j}
+    \\mathrm{out}_{b,i,h} = \\sum_j \\mathrm{softmax}_j\\big(s\\, q_{bhi} \\cdot k_{b,h',j}
+        + M_{b,i,j}\\big)\\, v_{b,h',j}
 
 The models call :func:`gather_dot` and :func:`attention_pool` (and the backbone, through
 :mod:`reclora_ds.models.attention`, :func:`decoder_attention`), which compute the PyTorch forms below on any

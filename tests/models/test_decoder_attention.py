@@ -163,6 +163,20 @@ def test_enable_cpu_extras_registers_only_the_attention_kernel():
         assert set(ops.registered()) == {"decoder_attention"}
 
 
+def test_a_cpu_without_bf16_dot_products_keeps_eager_ops(monkeypatch, caplog):
+    """Where the CPU lacks AVX512-BF16 nothing is registered (a logged note) and the op runs eager's ops;
+    ``required`` makes that an error."""
+    cpu_kernels.load(required=True)
+    monkeypatch.setattr(cpu_kernels, "_cpu_has_bf16_dot", False)
+    q, k, v, mask = _inputs(2, 4, 2, 9, 64, torch.bfloat16)
+    with ops.implementations({}), caplog.at_level("INFO", logger=cpu_kernels.__name__):
+        assert not enable_cpu_extras(attention=True).attention
+        assert "AVX512-BF16" in caplog.text and ops.registered() == {}
+        assert torch.equal(ops.decoder_attention(q, k, v, mask, 0.125), _eager(q, k, v, mask, 0.125))
+        with pytest.raises(RuntimeError, match="AVX512-BF16"):
+            cpu_kernels.enable_attention(required=True)
+
+
 def test_a_llama_scores_with_eager_fused_as_with_eager(kernel):
     register()
     llama = tiny_llama(vocab_size=100, hidden=256, heads=4, kv_heads=2).to(torch.bfloat16)
