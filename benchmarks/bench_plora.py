@@ -681,17 +681,10 @@ _OLD = ("adapter.compute_dtype=params", "attn_implementation=sdpa", "train_attn_
 _ALL = ("dtype=auto", "length_group_size=8", "eval_batch_size=32")
 _SDPA = ("attn_implementation=sdpa", "train_attn_implementation=sdpa")
 _TRAIN_EAGER = ("attn_implementation=sdpa", "train_attn_implementation=eager")  # what auto picks on a CPU
-_EAGER_SMALL_EVAL = (
-    "dtype=auto",
-    "length_group_size=8",
-    "adapter.compute_dtype=activations",
-    "attn_implementation=eager",
-    "train_attn_implementation=eager",
-)
+_BF16_GROUPED = ("dtype=auto", "length_group_size=8", "adapter.compute_dtype=activations")
+_EAGER_SMALL_EVAL = (*_BF16_GROUPED, "attn_implementation=eager", "train_attn_implementation=eager")
 _FUSED_SMALL_EVAL = (
-    "dtype=auto",
-    "length_group_size=8",
-    "adapter.compute_dtype=activations",
+    *_BF16_GROUPED,
     "attn_implementation=eager_fused",
     "train_attn_implementation=eager_fused",
 )
@@ -830,28 +823,38 @@ def run_stage2_variant(args: argparse.Namespace, name: str, extra: tuple[str, ..
     metrics["dtype"] = json.loads((out / "adapter" / "rec_llm.json").read_text())["load"]["dtype"]
     import pyarrow.parquet as pq
 
-    predictions = pq.read_table(out / "predictions_test.parquet").to_pydict()
-    metrics["test_probs"] = dict(zip(predictions["sample_id"], predictions["p"], strict=True))
+    from reclora_ds.training.plora_recipe import PREDICTIONS_FILE
+
+    predictions = pq.read_table(out / PREDICTIONS_FILE.format(split="test")).to_pydict()
+    metrics["test_predictions"] = {
+        i: (label, p)
+        for i, label, p in zip(predictions["sample_id"], predictions["label"], predictions["p"], strict=True)
+    }
     return metrics
 
 
 def print_prediction_agreement(results: dict[str, dict]) -> None:
-    """For each ``...+fused`` variant run beside its base (the same training: only the scoring attention
-    differs): how far its p(yes) of the same test ids are from the base's, and both AUCs."""
+    """For each ``...+fused`` variant run beside its base (the same seed and samples; the attention differs):
+    how far its p(yes) of the same test ids are from the base's, both AUCs and their paired DeLong test."""
+    from reclora_ds.metrics import delong_paired_test
+
     for name, fused in results.items():
         base = results.get(name.removesuffix("+fused")) if name.endswith("+fused") else None
         if base is None:
             continue
-        ids = sorted(base["test_probs"])
-        if sorted(fused["test_probs"]) != ids:
+        ids = sorted(base["test_predictions"])
+        if sorted(fused["test_predictions"]) != ids:
             print(f"{name}: scored other test ids than its base; no comparison")
             continue
-        a = np.array([base["test_probs"][i] for i in ids])
-        b = np.array([fused["test_probs"][i] for i in ids])
+        labels = np.array([base["test_predictions"][i][0] for i in ids])
+        a = np.array([base["test_predictions"][i][1] for i in ids])
+        b = np.array([fused["test_predictions"][i][1] for i in ids])
+        test = delong_paired_test(labels, a, b)
         print(
-            f"{name} against {name.removesuffix('+fused')}, the same {len(ids)} test ids: p(yes) max |diff| "
+            f"{name} against {name.removesuffix('+fused')}, the same {test.n} test ids: p(yes) max |diff| "
             f"{np.abs(a - b).max():.4f}, mean |diff| {np.abs(a - b).mean():.4f} (spread of p: sd {a.std():.4f}), "
-            f"Pearson r {np.corrcoef(a, b)[0, 1]:.5f}; AUC {base['test']['auc']:.4f} / {fused['test']['auc']:.4f}"
+            f"Pearson r {np.corrcoef(a, b)[0, 1]:.5f}; AUC {test.auc_a:.4f} / {test.auc_b:.4f}, "
+            f"paired DeLong p {test.p_value:.2g}"
         )
 
 

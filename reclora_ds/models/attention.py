@@ -38,17 +38,10 @@ def eager_fused_attention(
     **_kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: query [B, H, Tq, d], key / value [B, Hk, Tk, d], the
-    additive mask [B, 1, Tq, >= Tk] -> ([B, Tq, H, d], no attention weights).
-
-    Attention dropout is not implemented (Llama-family backbones have none): a nonzero ``dropout`` raises.
-    """
-    if dropout:
-        raise NotImplementedError(
-            f"{EAGER_FUSED} attention has no attention dropout (the backbone asks for {dropout}); "
-            "use attn_implementation=eager"
-        )
+    additive mask [B, 1, Tq, >= Tk], the attention dropout (0 outside training) -> ([B, Tq, H, d], no
+    attention weights)."""
     mask = attention_mask[:, :, :, : key.shape[-2]] if attention_mask is not None else None
-    return ops.decoder_attention(query, key, value, mask, scaling), None
+    return ops.decoder_attention(query, key, value, mask, scaling, dropout), None
 
 
 def register() -> None:

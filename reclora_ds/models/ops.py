@@ -27,7 +27,7 @@ on (:class:`reclora_ds.models.crm.TargetAttention` with one hidden layer and no 
     s_{bj} = m_{bj}\\,\\big(w \\cdot \\mathrm{ReLU}(\\mathrm{pre}_{bj} + u_b) + c\\big), \\qquad
     \\mathrm{out}_b = \\sum_j s_{bj}\\, h_{bj}
 
-``decoder_attention(query, key, value, mask, scaling)`` [B, Tq, H, d], the LLM's attention as transformers'
+``decoder_attention(query, key, value, mask, scaling, dropout)`` [B, Tq, H, d], the LLM's attention as transformers'
 eager attention computes it (query head h reads key / value head ``h // (H / Hk)``; M the additive mask:
 0 where a query may see a key, the dtype's lowest value where it may not):
 
@@ -190,15 +190,17 @@ def decoder_attention(
     value: torch.Tensor,
     mask: torch.Tensor | None,
     scaling: float,
+    dropout: float = 0.0,
 ) -> torch.Tensor:
     """Softmax attention of a decoder layer: query [B, H, Tq, d], key and value [B, Hk, Tk, d], mask
-    [B or 1, 1, Tq, Tk] additive or None, scaling (the scores' factor) -> [B, Tq, H, d].
+    [B or 1, 1, Tq, Tk] additive or None, scaling (the scores' factor), dropout (the probability of
+    zeroing an attention probability; transformers passes 0 outside training) -> [B, Tq, H, d].
 
-    PyTorch form: transformers' eager attention without dropout, op for op (scores in the activations'
-    dtype, softmax in float32, probabilities back in the activations' dtype); differentiable in query, key
-    and value.
+    PyTorch form: transformers' eager attention, op for op (scores in the activations' dtype, softmax in
+    float32, probabilities back in the activations' dtype, then their dropout); differentiable in query,
+    key and value.
     """
-    args = (query, key, value, mask, scaling)
+    args = (query, key, value, mask, scaling, dropout)
     implementation = _chosen("decoder_attention", args, (query, key, value))
     if implementation is not None:
         return implementation.fn(*args)
@@ -211,6 +213,7 @@ def decoder_attention_pytorch(
     value: torch.Tensor,
     mask: torch.Tensor | None,
     scaling: float,
+    dropout: float = 0.0,
 ) -> torch.Tensor:
     """:func:`decoder_attention`'s PyTorch form, whatever is registered."""
     groups = query.shape[1] // key.shape[1]
@@ -220,6 +223,8 @@ def decoder_attention_pytorch(
     if mask is not None:
         scores = scores + mask
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    if dropout:
+        probs = F.dropout(probs, p=dropout, training=True)
     return torch.matmul(probs, value).transpose(1, 2).contiguous()  # [B, Tq, H, d]
 
 

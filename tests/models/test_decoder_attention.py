@@ -217,10 +217,18 @@ def test_a_llama_trains_with_eager_fused_as_with_eager(kernel):
     assert (fused - exact).norm() / exact.norm() <= 1.5 * eager_error + 1e-3
 
 
-def test_attention_dropout_is_refused():
-    q, k, v, mask = _inputs(1, 2, 1, 4, 64, torch.float32)
-    with pytest.raises(NotImplementedError, match="attn_implementation=eager"):
-        eager_fused_attention(_Layer(2), q, k, v, mask, 0.1, dropout=0.1)
+def test_attention_dropout_runs_eager_ops_with_the_kernel_registered(kernel):
+    """A backbone with attention dropout trains through eager's ops (the kernel has no dropout): the same
+    dropped probabilities as transformers' eager attention from the same random state."""
+    q, k, v, mask = _inputs(2, 4, 2, 11, 64, torch.bfloat16)
+    layer = _Layer(2)
+    layer.training = True
+    torch.manual_seed(7)
+    got, _ = eager_fused_attention(layer, q, k, v, mask, 0.125, dropout=0.3)
+    torch.manual_seed(7)
+    want, _ = eager_attention_forward(layer, q, k, v, mask, 0.125, dropout=0.3)
+    assert torch.equal(got, want)
+    assert not cpu_kernels.accepts_decoder_attention(q, k, v, mask, 0.125, 0.3)
 
 
 def test_config_accepts_eager_fused_and_names_the_key_of_a_bad_kernel():

@@ -122,9 +122,11 @@ def decoder_attention(
     value: torch.Tensor,
     mask: torch.Tensor | None,
     scaling: float,
+    _dropout: float = 0.0,
 ) -> torch.Tensor:
     """:func:`reclora_ds.models.ops.decoder_attention` through the kernel, forward and backward
-    (:class:`_DecoderAttention`); without a gradient to compute, the forward alone keeps no probabilities."""
+    (:class:`_DecoderAttention`); without a gradient to compute, the forward alone keeps no probabilities.
+    No attention dropout (:func:`accepts_decoder_attention` leaves a nonzero one to the PyTorch form)."""
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
         return _DecoderAttention.apply(query, key, value, mask, scaling)
     return getattr(torch.ops, LIBRARY).decoder_attention(query, key, value, mask, scaling)
@@ -141,10 +143,13 @@ def accepts_decoder_attention(
     value: torch.Tensor,
     mask: torch.Tensor | None,
     _scaling: float,
+    dropout: float = 0.0,
 ) -> bool:
     """True when the attention kernel can take these arguments: bf16 CPU tensors, head width a multiple of
-    64, query heads a multiple of key heads, a [B or 1, 1, Tq, Tk] mask (or none), and a CPU that has
-    AVX512-BF16."""
+    64, query heads a multiple of key heads, a [B or 1, 1, Tq, Tk] mask (or none), no attention dropout,
+    and a CPU that has AVX512-BF16."""
+    if dropout:
+        return False
     tensors = (query, key, value) if mask is None else (query, key, value, mask)
     if any(t.device.type != "cpu" or t.dtype != torch.bfloat16 or t.dim() != 4 for t in tensors):
         return False
@@ -165,8 +170,11 @@ _cpu_has_bf16_dot: bool | None = None
 
 
 def _attention_cpu_ok() -> bool:
+    """:func:`decoder_attention_supported`, asked of the library once it is loaded (False before)."""
     global _cpu_has_bf16_dot
     if _cpu_has_bf16_dot is None:
+        if not loaded():
+            return False
         _cpu_has_bf16_dot = decoder_attention_supported()
     return _cpu_has_bf16_dot
 
