@@ -726,6 +726,30 @@ STAGE2_VARIANTS: list[tuple[str, tuple[str, ...]]] = [
     ),
     ("bf16+group+adapter16+fused+eval4", (*_FUSED_SMALL_EVAL, "eval_batch_size=4")),
     ("lora bf16+group+fused+eval4", ("mode=lora", *_FUSED_SMALL_EVAL, "eval_batch_size=4")),
+    # eager_fused in micro-batches of 4 without accumulation (no [B, H, T, T] tensor to grow with the batch)
+    (
+        "bf16+group+adapter16+fused+eval4+micro4",
+        (*_FUSED_SMALL_EVAL, "eval_batch_size=4", "micro_batch_size=4"),
+    ),
+    (
+        "lora bf16+group+fused+eval4+micro4",
+        ("mode=lora", *_FUSED_SMALL_EVAL, "eval_batch_size=4", "micro_batch_size=4"),
+    ),
+    # and the backbone's RMSNorm as one op (norm_implementation=fused: the C++ kernel, forward and backward)
+    (
+        "bf16+group+adapter16+fused+eval4+micro4+norm",
+        (*_FUSED_SMALL_EVAL, "eval_batch_size=4", "micro_batch_size=4", "norm_implementation=fused"),
+    ),
+    (
+        "lora bf16+group+fused+eval4+micro4+norm",
+        (
+            "mode=lora",
+            *_FUSED_SMALL_EVAL,
+            "eval_batch_size=4",
+            "micro_batch_size=4",
+            "norm_implementation=fused",
+        ),
+    ),
 ]
 STAGE2_QUICK = (
     "bf16+group+eval32+adapter16",
@@ -789,6 +813,7 @@ def stage2_overrides(args: argparse.Namespace, out: Path) -> list[str]:
         f"backbone={args.backbone}", f"output_dir={out}", f"max_steps={steps}", "batch_size=8",
         "micro_batch_size=2", f"eval_max_samples={eval_n}", "eval_splits=[test]", "checkpoint_every=0",
         "log_every=1", "progress=false", "resume=false", "deepspeed_config=ds_configs/zero2_fp32.json",
+        "norm_implementation=transformers",  # the variants' baseline; "+norm" ones fuse the norms
     ]  # fmt: skip
 
 
@@ -938,6 +963,8 @@ def stage2_main(args: argparse.Namespace) -> None:
         ("bf16+group+eval32+adapter16+train_eager", "lora bf16+group+eval32+train_eager"),
         ("bf16+group+adapter16+eager+eval4", "lora bf16+group+eager+eval4"),
         ("bf16+group+adapter16+fused+eval4", "lora bf16+group+fused+eval4"),
+        ("bf16+group+adapter16+fused+eval4+micro4", "lora bf16+group+fused+eval4+micro4"),
+        ("bf16+group+adapter16+fused+eval4+micro4+norm", "lora bf16+group+fused+eval4+micro4+norm"),
     ):
         plora, lora = results.get(plora_name), results.get(lora_name)
         if plora and lora:

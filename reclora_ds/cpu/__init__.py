@@ -4,8 +4,9 @@
   soft-search scores) and ``attention_pool`` (DIN's activation unit), built once and registered as those
   ops' implementations for float32 CPU tensors. The models only call the ops: they run the PyTorch forms
   until a recipe registers the kernels.
-  The same library holds the LLM's attention for ``eager_fused`` (bf16, forward and backward), registered
-  on its own as ``decoder_attention``'s implementation.
+  The same library holds the LLM's attention for ``eager_fused`` and its RMSNorm for
+  ``norm_implementation=fused`` (bf16, forward and backward), each registered on its own as
+  ``decoder_attention``'s / ``rms_norm``'s implementation.
 - :mod:`reclora_ds.cpu.allocator`: glibc malloc thresholds so a CPU step reuses its freed temporaries.
 - :mod:`reclora_ds.cpu.shm_allreduce`: DeepSpeed's same-node shared-memory all-reduce as DDP's comm hook,
   and the unlinking of DeepSpeed's ``/dev/shm`` segments once every rank has mapped them.
@@ -17,9 +18,10 @@ switches one part on.
 Stage 1 (:mod:`reclora_ds.training.crm_recipe`) on the CPU switches on the allocator setting and, with
 ``cpu_kernels=true``, the kernels, and its DDP wrapper the shared-memory all-reduce. Scoring a stage-2 run
 (:func:`reclora_ds.training.scoring.score_table`, ``reclora-ds score``) on the CPU switches on the allocator
-setting and, for an ``eager_fused`` backbone, the attention kernel. Stage 2
-(:mod:`reclora_ds.training.plora_recipe`) on the CPU switches on the attention kernel where the backbone
-trains or scores with ``eager_fused`` (its CPU default for training), unlinks DeepSpeed's segments and runs
+setting and, for an ``eager_fused`` backbone, the attention kernel, for fused norms the RMSNorm kernel.
+Stage 2 (:mod:`reclora_ds.training.plora_recipe`) on the CPU switches on the attention kernel where the
+backbone trains or scores with ``eager_fused`` (its CPU default for training), the RMSNorm kernel where its
+norms are fused (the default), unlinks DeepSpeed's segments and runs
 the frozen CRM in its PyTorch forms, as every other reader of a trained CRM does (CRM states, scoring): the
 CRM's forward is a negligible share of a stage-2 step (docs/RESULTS.md section 2), nothing is compiled for
 it, and the readers agree with each other bit for bit on any device.
@@ -58,6 +60,8 @@ class CPUExtras:
     shm_allreduce: bool = False
     attention: bool = False
     """``decoder_attention`` (the backbone's ``eager_fused`` attention) uses the C++ kernel."""
+    rms_norm: bool = False
+    """``rms_norm`` (the backbone's RMSNorm under ``norm_implementation=fused``) uses the C++ kernel."""
 
 
 def enable_cpu_extras(
@@ -65,6 +69,7 @@ def enable_cpu_extras(
     kernels: bool | None = None,
     allocator: bool = False,
     attention: bool = False,
+    rms_norm: bool = False,
     ddp_model: DistributedDataParallel | None = None,
     allreduce: str = "auto",
     deepspeed_comm: bool = False,
@@ -80,6 +85,9 @@ def enable_cpu_extras(
         attention: True registers the C++ attention kernel as ``decoder_attention``'s implementation
             (:func:`reclora_ds.cpu.kernels.enable_attention`: where it cannot run, a logged note and
             eager attention's PyTorch ops).
+        rms_norm: True registers the C++ RMSNorm kernel as ``rms_norm``'s implementation
+            (:func:`reclora_ds.cpu.kernels.enable_rms_norm`; where it cannot run, a logged note and
+            transformers' PyTorch ops).
         ddp_model: a CPU DDP model whose gradients should all-reduce through shared memory, as
             ``allreduce`` says: ``shm`` (a RuntimeError when it cannot), ``auto`` (when it can, else
             gloo), ``gloo`` (nothing changes). A collective: every rank calls it.
@@ -109,6 +117,8 @@ def enable_cpu_extras(
         _allocator.keep_freed_memory()
     if attention:
         _kernels.enable_attention()
+    if rms_norm:
+        _kernels.enable_rms_norm()
     if prebuild_deepspeed_comm:
         shm_allreduce.load_op()
     shm = False
@@ -123,4 +133,5 @@ def enable_cpu_extras(
         allocator=_allocator.keeping_freed_memory(),
         shm_allreduce=shm,
         attention=_kernels.attention_enabled(),
+        rms_norm=_kernels.rms_norm_enabled(),
     )

@@ -36,8 +36,17 @@ eager attention computes it (query head h reads key / value head ``h // (H / Hk)
     \\mathrm{out}_{b,i,h} = \\sum_j \\mathrm{softmax}_j\\big(s\\, q_{bhi} \\cdot k_{b,h',j}
         + M_{b,i,j}\\big)\\, v_{b,h',j}
 
+``rms_norm(x, weight, eps)`` [..., D], the LLM's RMSNorm as transformers' ``LlamaRMSNorm`` computes it
+(in float32, the normalised value rounded back to x's dtype before the weight multiplies it):
+
+.. math::
+
+    \\mathrm{out}_{i} = w \\odot \\mathrm{round}\\big(x_i\\, /\\, \\sqrt{\\tfrac{1}{D} \\textstyle\\sum_j x_{ij}^2
+        + \\epsilon}\\big)
+
 The models call :func:`gather_dot` and :func:`attention_pool` (and the backbone, through
-:mod:`reclora_ds.models.attention`, :func:`decoder_attention`), which compute the PyTorch forms below on any
+:mod:`reclora_ds.models.attention` and :mod:`reclora_ds.models.norms`, :func:`decoder_attention` and
+:func:`rms_norm`), which compute the PyTorch forms below on any
 device, with autograd. Another implementation of the same function can be registered for an op
 (:func:`register`); the op then hands it the arguments it :attr:`~Implementation.accepts`, and keeps the
 PyTorch form for the others. Nothing here knows which implementations exist: a recipe that wants one
@@ -59,7 +68,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-OP_NAMES = ("gather_dot", "attention_pool", "decoder_attention")
+OP_NAMES = ("gather_dot", "attention_pool", "decoder_attention", "rms_norm")
 
 
 @dataclass(frozen=True)
@@ -228,9 +237,33 @@ def decoder_attention_pytorch(
     return torch.matmul(probs, value).transpose(1, 2).contiguous()  # [B, Tq, H, d]
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Root-mean-square normalisation of the last dim: x [..., D], weight [D] -> [..., D].
+
+    PyTorch form: transformers' ``LlamaRMSNorm.forward``, op for op (the mean of squares and the
+    normalisation in float32, the result rounded to x's dtype, then the weight); differentiable in x and
+    weight.
+    """
+    args = (x, weight, eps)
+    implementation = _chosen("rms_norm", args, (x, weight))
+    if implementation is not None:
+        return implementation.fn(*args)
+    return rms_norm_pytorch(*args)
+
+
+def rms_norm_pytorch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """:func:`rms_norm`'s PyTorch form, whatever is registered."""
+    input_dtype = x.dtype
+    hidden = x.to(torch.float32)
+    variance = hidden.pow(2).mean(-1, keepdim=True)
+    hidden = hidden * torch.rsqrt(variance + eps)
+    return weight * hidden.to(input_dtype)
+
+
 PYTORCH_FORMS = {
     "gather_dot": gather_dot_pytorch,
     "attention_pool": attention_pool_pytorch,
     "decoder_attention": decoder_attention_pytorch,
+    "rms_norm": rms_norm_pytorch,
 }
 """Each op's PyTorch form, by op name."""

@@ -11,6 +11,7 @@ SHORT_HISTORIES = ("recent", "retrieved")
 LONG_HISTORIES = ("auto", "recent", "retrieved")
 DTYPE_SETTINGS = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_KERNELS = ("sdpa", "eager", "eager_fused")
+NORM_IMPLEMENTATIONS = ("transformers", "fused")
 
 
 @dataclasses.dataclass
@@ -122,6 +123,11 @@ class PLoRATrainConfig(RecLLMConfig):
     ``eager_fused`` on a CPU (eager's function; a bf16 training step measured cheaper with eager than with
     sdpa, and cheaper again with eager_fused's C++ forward and backward: docs/PLORA_BENCH.md), else
     ``attn_implementation``. The kernels compute the same attention; the run switches between them."""
+    norm_implementation: str = "fused"
+    """The backbone's RMSNorm layers: ``transformers`` (its modules as they are) or ``fused``
+    (:mod:`reclora_ds.models.norms`: the same function as one op, which on a CPU with AVX512-BF16 and bf16
+    activations runs one C++ kernel per layer, forward and backward, instead of six ops with float32
+    copies: docs/PLORA_BENCH.md). Norms of other kinds than Llama's are left as they are."""
     max_length: int = 1024
     """Most tokens of prompt + answer; a longer prompt loses its start (counted in the log)."""
     checkpoint_every: int = 100
@@ -193,6 +199,10 @@ class PLoRATrainConfig(RecLLMConfig):
             raise ValueError(
                 f"train_attn_implementation must be auto or one of {ATTENTION_KERNELS}, "
                 f"got {self.train_attn_implementation!r}"
+            )
+        if self.norm_implementation not in NORM_IMPLEMENTATIONS:
+            raise ValueError(
+                f"norm_implementation must be one of {NORM_IMPLEMENTATIONS}, got {self.norm_implementation!r}"
             )
         self.eval_splits = tuple(self.eval_splits)
 

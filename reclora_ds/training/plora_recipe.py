@@ -555,9 +555,14 @@ class PLoRARecipe:
             # Under the deepspeed launcher (LOCAL_SIZE set) DeepSpeed's CPU comm maps a 66 MB shared-memory
             # segment per rank and never unlinks it: once every rank has mapped them all, drop our name. The
             # frozen CRM keeps its PyTorch forms, as every reader of a trained CRM does (reclora_ds.cpu); the
-            # backbone's eager_fused attention gets its CPU kernel.
+            # backbone's eager_fused attention and fused norms get their CPU kernels.
             fused = EAGER_FUSED in (self.cfg.attn_implementation, self.train_attention)
-            enable_cpu_extras(kernels=False, deepspeed_comm=True, attention=fused)
+            enable_cpu_extras(
+                kernels=False,
+                deepspeed_comm=True,
+                attention=fused,
+                rms_norm=self.cfg.norm_implementation == "fused",
+            )
 
     def _maybe_resume(self) -> bool:
         latest = self.ckpt_dir / LATEST_FILE

@@ -32,6 +32,7 @@ from reclora_ds.config import config_from_dict, config_to_dict
 from reclora_ds.data.prompts import AnswerTokens, resolve_answer_tokens
 from reclora_ds.files import SidecarError, read_sidecar, write_sidecar
 from reclora_ds.llm_loader import load_causal_lm, rank_device
+from reclora_ds.models.norms import fuse_rms_norms
 from reclora_ds.models.rec_llm import RecLLM
 from reclora_ds.training.plora_config import PLoRATrainConfig, model_config
 
@@ -54,7 +55,7 @@ def build_rec_llm(cfg: PLoRATrainConfig, dtype: str) -> tuple[RecLLM, Any, Any]:
     """The RecLLM of a stage-2 config, its tokenizer and the CRM checkpoint's description (or None).
 
     The LM is loaded on the CPU (an 8-bit one on this rank's GPU, where bitsandbytes puts it) with weights of
-    ``dtype``; mode ``plora`` loads the CRM of ``cfg.crm_path`` and sets ``adapter.crm_dim`` to its d_c.
+    ``dtype``, its RMSNorm layers fused when ``cfg.norm_implementation`` says so; mode ``plora`` loads the CRM of ``cfg.crm_path`` and sets ``adapter.crm_dim`` to its d_c.
     """
     device = rank_device() if cfg.load_in_8bit else None
     llm, tokenizer = load_causal_lm(
@@ -64,6 +65,8 @@ def build_rec_llm(cfg: PLoRATrainConfig, dtype: str) -> tuple[RecLLM, Any, Any]:
         load_in_8bit=cfg.load_in_8bit,
         attn_implementation=cfg.attn_implementation,
     )
+    if cfg.norm_implementation == "fused":
+        fuse_rms_norms(llm)
     config = model_config(cfg)
     crm, crm_info = None, None
     if config.mode == "plora":

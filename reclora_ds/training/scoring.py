@@ -257,7 +257,11 @@ def score_table(
     )
     model = scoring.model
     if device.type == "cpu":  # else each batch page-faults its temporaries back in (docs/PLORA_BENCH.md)
-        enable_cpu_extras(allocator=True, attention=scoring.cfg.attn_implementation == EAGER_FUSED)
+        enable_cpu_extras(
+            allocator=True,
+            attention=scoring.cfg.attn_implementation == EAGER_FUSED,
+            rms_norm=scoring.cfg.norm_implementation == "fused",
+        )
     _place(model, device, scoring.cfg.load_in_8bit)
     model.eval()
     ids, labels, probs = [], [], []

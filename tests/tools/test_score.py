@@ -179,8 +179,9 @@ def test_zero_shot_from_a_config_to_csv(plora_assets, tmp_path):
 
 
 def test_scoring_on_a_cpu_keeps_freed_memory_in_the_process(plora_assets, tmp_path, monkeypatch):
-    """The CPU scoring path asks for glibc's freed memory to be kept, and for the attention kernel when the
-    backbone scores with eager_fused (the quickstart's setting; what both buy: docs/PLORA_BENCH.md)."""
+    """The CPU scoring path asks for glibc's freed memory to be kept, for the attention kernel when the
+    backbone scores with eager_fused and for the RMSNorm kernel when its norms are fused (the quickstart's
+    settings; what they buy: docs/PLORA_BENCH.md)."""
     import reclora_ds.training.scoring as scoring_module
 
     calls = []
@@ -188,7 +189,8 @@ def test_scoring_on_a_cpu_keeps_freed_memory_in_the_process(plora_assets, tmp_pa
     argv = ["--mode", "zero_shot", "--config", str(QUICKSTART), "--split", "valid", "--max-samples", "4"]
     out = tmp_path / "s.parquet"
     assert main([*argv, "--device", "cpu", "--out", str(out), *settings(plora_assets)]) == 0
-    assert calls == [{"allocator": True, "attention": True}] and pq.read_table(out).num_rows == 4
+    assert calls == [{"allocator": True, "attention": True, "rms_norm": True}]
+    assert pq.read_table(out).num_rows == 4
 
 
 def test_bad_inputs_exit_2_naming_the_problem(plora_assets, tmp_path, capsys):

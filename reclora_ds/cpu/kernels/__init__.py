@@ -10,6 +10,9 @@ in fewer passes over memory: the CRM's two for float32 CPU tensors, the LLM's at
   ``no_grad``).
 - ``attention_pool`` runs its forward and its backward (:class:`_AttentionPool`) each in one pass over the
   [B, L, H] activations, instead of one op per step.
+- ``rms_norm`` (the backbone's RMSNorm under ``norm_implementation=fused``, :mod:`reclora_ds.models.norms`)
+  normalises a row in one pass with transformers' roundings, where ``LlamaRMSNorm`` runs six ops with
+  float32 copies; the backward (:class:`_RMSNorm`) likewise, for a frozen weight. bf16, AVX512-BF16.
 - ``decoder_attention`` (the backbone's attention under ``attn_implementation=eager_fused``) computes a
   (batch, key head)'s scores, softmax and weighted values in the core's caches with AVX512-BF16 dot products,
   rounding as eager attention's bf16 ops do, and skips the keys a query row cannot see (the causal future):
@@ -166,6 +169,30 @@ def accepts_decoder_attention(
     return shape_ok and _attention_cpu_ok()
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """:func:`reclora_ds.models.ops.rms_norm` through the kernel, forward and backward (:class:`_RMSNorm`; the
+    weight frozen, see :func:`accepts_rms_norm`); without a gradient to compute, the forward keeps nothing."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _RMSNorm.apply(x, weight, eps)
+    return getattr(torch.ops, LIBRARY).rms_norm(x, weight, eps)
+
+
+def accepts_rms_norm(x: torch.Tensor, weight: torch.Tensor, _eps: float) -> bool:
+    """True when the RMSNorm kernel can take these arguments: bf16 CPU tensors, a [D] weight that needs no
+    gradient (a frozen backbone's), x [..., D], and a CPU that has AVX512-BF16."""
+    return (
+        x.device.type == "cpu"
+        and weight.device.type == "cpu"
+        and x.dtype == torch.bfloat16
+        and weight.dtype == torch.bfloat16
+        and weight.dim() == 1
+        and x.dim() >= 1
+        and x.shape[-1] == weight.shape[0]
+        and not (torch.is_grad_enabled() and weight.requires_grad)
+        and _attention_cpu_ok()
+    )
+
+
 _cpu_has_bf16_dot: bool | None = None
 
 
@@ -189,6 +216,11 @@ ATTENTION_IMPLEMENTATIONS = {
     "decoder_attention": ops.Implementation(decoder_attention, accepts_decoder_attention),
 }
 """What :func:`enable_attention` registers: the LLM's attention (``attn_implementation=eager_fused``)."""
+
+NORM_IMPLEMENTATIONS = {
+    "rms_norm": ops.Implementation(rms_norm, accepts_rms_norm),
+}
+"""What :func:`enable_rms_norm` registers: the LLM's RMSNorm (``norm_implementation=fused``)."""
 
 
 def enable(required: bool = False) -> bool:
@@ -220,6 +252,27 @@ def enable_attention(required: bool = False) -> bool:
     for name, implementation in ATTENTION_IMPLEMENTATIONS.items():
         ops.register(name, implementation)
     return True
+
+
+def enable_rms_norm(required: bool = False) -> bool:
+    """:func:`load` the kernels and register the RMSNorm kernel as ``rms_norm``'s implementation; True when
+    the kernel will run (the library loaded and the CPU has AVX512-BF16). Where it cannot, the op keeps its
+    PyTorch form (transformers' ops): a logged note, or a RuntimeError when ``required``."""
+    if not load(required):
+        return False
+    if not _attention_cpu_ok():
+        if required:
+            raise RuntimeError("the CPU RMSNorm kernel needs AVX512-BF16, which this CPU lacks")
+        log.info("this CPU lacks AVX512-BF16: the fused RMSNorm runs transformers' PyTorch ops")
+        return False
+    for name, implementation in NORM_IMPLEMENTATIONS.items():
+        ops.register(name, implementation)
+    return True
+
+
+def rms_norm_enabled() -> bool:
+    """True when ``rms_norm`` uses the kernel."""
+    return ops.registered().get("rms_norm") is NORM_IMPLEMENTATIONS["rms_norm"]
 
 
 def attention_enabled() -> bool:
@@ -261,6 +314,24 @@ class _DecoderAttention(torch.autograd.Function):
             grad_out, query, key, value, mask, probs, ctx.scaling
         )
         return d_query, d_key, d_value, None, None
+
+
+class _RMSNorm(torch.autograd.Function):
+    """:func:`rms_norm` through the kernel; the forward keeps each row's ``r = 1 / sqrt(mean x^2 + eps)``
+    (float32), the backward follows autograd's chain through transformers' ops for a frozen weight:
+    ``g = bf16(grad w)``, ``dx = bf16(g r - x r^3 / D sum_j g_j x_j)``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):  # noqa: ANN001, ANN205 (autograd's)
+        out, r = getattr(torch.ops, LIBRARY).rms_norm_train(x, weight, eps)
+        ctx.save_for_backward(x, weight, r)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        x, weight, r = ctx.saved_tensors
+        return getattr(torch.ops, LIBRARY).rms_norm_backward(grad_out, x, weight, r), None, None
 
 
 class _AttentionPool(torch.autograd.Function):

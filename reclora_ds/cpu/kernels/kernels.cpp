@@ -29,6 +29,13 @@
 //       dq = dS k, dk = sum over the group's query heads of dS^T q, dv = sum of p^T dO; one (batch, key head)
 //       at a time in the core's caches.
 //
+//   rms_norm(x [..., D], w [D], eps) -> out [..., D]
+//       transformers' LlamaRMSNorm in bf16, with its roundings: r = 1 / sqrt(mean_j x_j^2 + eps) (fp32),
+//       out = bf16(w * bf16(x r)); one pass over a row instead of one op per step. Needs AVX512-BF16.
+//   rms_norm_train(x, w, eps) -> (out, r [rows] fp32)
+//   rms_norm_backward(grad, x, w, r) -> dx   (w frozen: no gradient for it)
+//       g = bf16(grad w), dx = bf16(g r - x r^3 / D * sum_j g_j x_j), autograd's chain through eager's ops.
+//
 // The CRM's kernels: float32, contiguous CPU tensors; one thread (the CRM runs one rank per core). Loaded by
 // torch.utils.cpp_extension from reclora_ds.cpu.kernels.load.
 #include <ATen/ATen.h>
@@ -256,60 +263,72 @@ inline uint16_t f32_to_bf16(float f) {
 }
 inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
-// exp(x) for x <= 0 (softmax's shifted scores): Cody-Waite reduction and Cephes' expf polynomial (about 1e-7
-// relative error, branch-free so the loops vectorise); 0 below -87.3, where exp leaves float's normal range.
-inline float exp_nonpositive(float x) {
-  const float xc = x < -87.3f ? -87.3f : x;
-  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
-  const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, 4);
-  return x < -87.3f ? 0.f : p * scale;
-}
-
 constexpr int64_t kRows = 4;   // query rows per block
 constexpr int64_t kCols = 64;  // key columns (of S) or output columns (of O) per block: 4 registers of 16 floats
 #define AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+
+// 16 lanes at a time: bf16 <-> float (vcvtneps2bf16 rounds to nearest even, as c10 does; it also flushes
+// denormals to zero, values below 1.2e-38 that no softmax or score here distinguishes from 0)
+AVX512BF16
+inline __m512 bf16x16_to_ps(__m256i h) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+AVX512BF16
+inline __m256i ps_to_bf16x16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
+AVX512BF16
+inline __m512 round_bf16_ps(__m512 x) { return bf16x16_to_ps(ps_to_bf16x16(x)); }
+inline __mmask16 first_lanes(int64_t left) {  // lanes [0, min(left, 16))
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
+}
+
+// exp(x) for x <= 0 (softmax's shifted scores) on 16 lanes: Cody-Waite reduction and Cephes' expf polynomial
+// (about 1e-7 relative error); 0 below -87.3, where exp leaves float's normal range.
+AVX512BF16
+inline __m512 exp_nonpositive_ps(__m512 x) {
+  const __m512 xc = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(xc, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.f));
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23);
+  const __m512 e = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ), e);
+}
 
 // softmax of one row of raw scores (fp32 accumulations), as eager attention rounds: bf16(S), bf16(* scale),
 // bf16(+ mask), fp32 softmax, bf16 probabilities written to p[0, n) and zeros to p[n, n_pad).
 AVX512BF16
 void softmax_row(float* s, const uint16_t* m, float scale, int64_t n, int64_t n_pad, uint16_t* p) {
-  float mx = -INFINITY;
-  if (m != nullptr) {
-#pragma omp simd reduction(max : mx)
-    for (int64_t j = 0; j < n; ++j) {
-      const float w = round_bf16(round_bf16(round_bf16(s[j]) * scale) + bf16_to_f32(m[j]));
-      s[j] = w;
-      mx = w > mx ? w : mx;
-    }
-  } else {
-#pragma omp simd reduction(max : mx)
-    for (int64_t j = 0; j < n; ++j) {
-      const float w = round_bf16(round_bf16(s[j]) * scale);
-      s[j] = w;
-      mx = w > mx ? w : mx;
-    }
+  const __m512 vscale = _mm512_set1_ps(scale);
+  __m512 vmax = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = first_lanes(n - j);
+    __m512 w = round_bf16_ps(_mm512_mul_ps(round_bf16_ps(_mm512_maskz_loadu_ps(k, s + j)), vscale));
+    if (m != nullptr) w = round_bf16_ps(_mm512_add_ps(w, bf16x16_to_ps(_mm256_maskz_loadu_epi16(k, m + j))));
+    _mm512_mask_storeu_ps(s + j, k, w);
+    vmax = _mm512_mask_max_ps(vmax, k, vmax, w);
   }
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < n; ++j) {
-    const float e = exp_nonpositive(s[j] - mx);
-    s[j] = e;
-    sum += e;
+  const __m512 vmx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+  __m512 vsum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = first_lanes(n - j);
+    const __m512 e = exp_nonpositive_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + j), vmx));
+    _mm512_mask_storeu_ps(s + j, k, e);
+    vsum = _mm512_mask_add_ps(vsum, k, vsum, e);
   }
-  const float inv = 1.f / sum;
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) p[j] = f32_to_bf16(s[j] * inv);
-  for (int64_t j = n; j < n_pad; ++j) p[j] = 0;
+  const __m512 vinv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(vsum));
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = first_lanes(n - j);
+    _mm256_mask_storeu_epi16(p + j, k, ps_to_bf16x16(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + j), vinv)));
+  }
+  std::fill(p + n, p + n_pad, static_cast<uint16_t>(0));
 }
 
 // c[r][0, 64) = sum_k2 a_r[k2 * a_step] . b[k2 * b_stride + (0..64)], bf16 pairs, fp32 sums: 4 rows x 64 columns
@@ -355,15 +374,35 @@ void pack_pairs_along_width(const uint16_t* x, int64_t x_st, int64_t n, int64_t 
   }
 }
 
-// pairs along the rows: out[j2 * d + c] = (x[2 j2, c], x[2 j2 + 1, c]); zero rows past n, up to n_pad rows
-void pack_pairs_along_rows(const uint16_t* x, int64_t x_st, int64_t n, int64_t d, int64_t n_pad, uint32_t* out) {
-  std::fill(out, out + n_pad / 2 * d, 0u);
-  uint16_t* half = reinterpret_cast<uint16_t*>(out);
-  for (int64_t j = 0; j < n; ++j) {
-    const uint16_t* row = x + j * x_st;
-    uint16_t* dst = half + (j / 2) * d * 2 + (j % 2);
-    for (int64_t c = 0; c < d; ++c) dst[2 * c] = row[c];
+// pairs along the rows, 32 columns at a time: out[j2 * out_cols + c] = (x[2 j2, c], x[2 j2 + 1, c]) for
+// c < cols, zero for c in [cols, out_cols) (a multiple of 32) and for rows past n, up to n_pad rows
+AVX512BF16
+void interleave_row_pairs(const uint16_t* x, int64_t x_st, int64_t n, int64_t cols, int64_t out_cols, int64_t n_pad,
+                          uint32_t* out) {
+  alignas(64) static constexpr uint16_t kLow[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
+                                                   8,  40, 9,  41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static constexpr uint16_t kHigh[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                                    24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i low = _mm512_load_si512(kLow), high = _mm512_load_si512(kHigh);
+  for (int64_t j2 = 0; j2 < n_pad / 2; ++j2) {
+    const uint16_t* r0 = 2 * j2 < n ? x + 2 * j2 * x_st : nullptr;
+    const uint16_t* r1 = 2 * j2 + 1 < n ? x + (2 * j2 + 1) * x_st : nullptr;
+    uint32_t* o = out + j2 * out_cols;
+    for (int64_t c = 0; c < out_cols; c += 32) {
+      const __mmask32 k = c >= cols ? 0u : cols - c >= 32 ? 0xFFFFFFFFu : (1u << (cols - c)) - 1u;
+      const __m512i a = r0 != nullptr ? _mm512_maskz_loadu_epi16(k, r0 + c) : _mm512_setzero_si512();
+      const __m512i b = r1 != nullptr ? _mm512_maskz_loadu_epi16(k, r1 + c) : _mm512_setzero_si512();
+      _mm512_storeu_si512(o + c, _mm512_permutex2var_epi16(a, low, b));
+      _mm512_storeu_si512(o + c + 16, _mm512_permutex2var_epi16(a, high, b));
+    }
   }
+}
+
+// pairs along the rows of an [n, d] matrix (d a multiple of 32): out[j2 * d + c] = (x[2 j2, c], x[2 j2 + 1, c]);
+// zero rows past n, up to n_pad rows
+AVX512BF16
+void pack_pairs_along_rows(const uint16_t* x, int64_t x_st, int64_t n, int64_t d, int64_t n_pad, uint32_t* out) {
+  interleave_row_pairs(x, x_st, n, d, d, n_pad, out);
 }
 
 // transposed pairs of an [n_rows, n_cols] bf16 matrix (row stride m_st): out[j * rows2 + i2] = (m[2 i2, j],
@@ -461,13 +500,21 @@ void attend_group(const Group& g, uint16_t* out, int64_t o_sh, int64_t o_st, uin
 // float32, back to bf16, then the scale's backward).
 AVX512BF16
 void softmax_backward_row(const float* dp, const uint16_t* p, float scale, int64_t n, int64_t n_pad, uint16_t* ds) {
-  float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-  for (int64_t j = 0; j < n; ++j) dot += round_bf16(dp[j]) * bf16_to_f32(p[j]);
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j)
-    ds[j] = f32_to_bf16(round_bf16(bf16_to_f32(p[j]) * (round_bf16(dp[j]) - dot)) * scale);
-  for (int64_t j = n; j < n_pad; ++j) ds[j] = 0;
+  __m512 vdot = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = first_lanes(n - j);
+    const __m512 pj = bf16x16_to_ps(_mm256_maskz_loadu_epi16(k, p + j));
+    vdot = _mm512_fmadd_ps(round_bf16_ps(_mm512_maskz_loadu_ps(k, dp + j)), pj, vdot);
+  }
+  const __m512 dot = _mm512_set1_ps(_mm512_reduce_add_ps(vdot)), vscale = _mm512_set1_ps(scale);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = first_lanes(n - j);
+    const __m512 pj = bf16x16_to_ps(_mm256_maskz_loadu_epi16(k, p + j));
+    const __m512 dpj = round_bf16_ps(_mm512_maskz_loadu_ps(k, dp + j));
+    const __m512 dsj = _mm512_mul_ps(round_bf16_ps(_mm512_mul_ps(pj, _mm512_sub_ps(dpj, dot))), vscale);
+    _mm256_mask_storeu_epi16(ds + j, k, ps_to_bf16x16(dsj));
+  }
+  std::fill(ds + n, ds + n_pad, static_cast<uint16_t>(0));
 }
 
 // c += the 4 x 64 block of a x b (block_4x64), for sums over the heads of a group
@@ -489,14 +536,14 @@ void attend_group_backward(const Group& g, const uint16_t* grad, int64_t o_sh, i
                            int64_t p_sh, int64_t p_st, uint16_t* dq, int64_t dq_sh, int64_t dq_st, uint16_t* dk,
                            uint16_t* dv) {
   const int64_t tk_pad = whole_blocks(g.tk), tq2 = (g.tq + 1) / 2, d = g.d;
-  const int64_t tq_rows = (g.tq + kRows - 1) / kRows * kRows, tk_rows = (g.tk + kRows - 1) / kRows * kRows;
+  const int64_t tq_rows = (g.tq + kRows - 1) / kRows * kRows;
   std::vector<uint32_t> vt(d / 2 * tk_pad), kr(tk_pad / 2 * d);
   pack_pairs_along_width(g.v, g.v_st, g.tk, d, tk_pad, vt.data());  // for dP = dO V^T
   pack_pairs_along_rows(g.k, g.k_st, g.tk, d, tk_pad, kr.data());   // for dQ = dS K
-  std::vector<uint32_t> qr(tq2 * d), gr(tq2 * d);                    // Q, dO in pairs along the queries
+  std::vector<uint32_t> qt(d * tq2), got(d * tq2);                   // Q^T, dO^T in pairs along the queries
   std::vector<uint16_t> ds(tq_rows * tk_pad, 0);                     // this head's dS, [tq rows][tk_pad]
-  std::vector<uint32_t> dst((tk_rows + kRows) * tq2, 0u), pt((tk_rows + kRows) * tq2, 0u);  // dS^T, P^T pairs
-  std::vector<float> dk_sum(tk_rows * d, 0.f), dv_sum(tk_rows * d, 0.f);
+  std::vector<uint32_t> dsp(tq2 * tk_pad), pp(tq2 * tk_pad);         // dS, P in pairs along the queries
+  std::vector<float> dkt_sum(d * tk_pad, 0.f), dvt_sum(d * tk_pad, 0.f);  // dK^T, dV^T [d][tk_pad]
   std::vector<float> dp(kRows * tk_pad);
   for (int64_t h = 0; h < g.heads; ++h) {
     const uint16_t* q = g.q + h * g.q_sh;
@@ -519,34 +566,36 @@ void attend_group_backward(const Group& g, const uint16_t* grad, int64_t o_sh, i
         store_block_bf16(o, rows, dq + h * dq_sh + i0 * dq_st + c0, dq_st);
       }
     }
-    // dK += dS^T Q and dV += P^T dO, 4 keys x 64 columns at a time, summed over all query rows
-    pack_pairs_along_rows(q, g.q_st, g.tq, d, 2 * tq2, qr.data());
-    pack_pairs_along_rows(go, o_st, g.tq, d, 2 * tq2, gr.data());
-    transpose_pairs(ds.data(), tk_pad, g.tq, g.tk, dst.data());
-    transpose_pairs(ph, p_st, g.tq, g.tk, pt.data());
-    for (int64_t j0 = 0; j0 < g.tk; j0 += kRows) {
-      const int64_t rows = std::min(kRows, g.tk - j0);
-      // query rows before the first that sees key j0 have P = dS = 0 on these keys (the causal past of j0)
+    // dK^T += Q^T dS and dV^T += dO^T P, 4 head-width rows x 64 keys at a time, summed over the query rows
+    transpose_pairs(q, g.q_st, g.tq, d, qt.data());
+    transpose_pairs(go, o_st, g.tq, d, got.data());
+    interleave_row_pairs(ds.data(), tk_pad, g.tq, tk_pad, tk_pad, 2 * tq2, dsp.data());
+    interleave_row_pairs(ph, p_st, g.tq, g.tk, tk_pad, 2 * tq2, pp.data());
+    for (int64_t j0 = 0; j0 < g.tk; j0 += kCols) {
+      // query rows before the first that sees key j0 have P = dS = 0 on these keys (their causal past)
       int64_t first = 0;
       while (first < g.tq && g.limit[first] <= j0) ++first;
       const int64_t pair0 = first / 2, depth = tq2 - pair0;
       if (depth <= 0) continue;
-      const uint32_t* sa[kRows];
-      const uint32_t* pa[kRows];
-      for (int64_t r = 0; r < kRows; ++r) {
-        sa[r] = dst.data() + (j0 + r) * tq2 + pair0;  // rows past tk are zero
-        pa[r] = pt.data() + (j0 + r) * tq2 + pair0;
-      }
-      for (int64_t c0 = 0; c0 < d; c0 += kCols) {
-        add_block_4x64(sa, qr.data() + pair0 * d + c0, d, depth, dk_sum.data() + j0 * d + c0, d, rows);
-        add_block_4x64(pa, gr.data() + pair0 * d + c0, d, depth, dv_sum.data() + j0 * d + c0, d, rows);
+      for (int64_t c0 = 0; c0 < d; c0 += kRows) {
+        const uint32_t* qa[kRows];
+        const uint32_t* ga[kRows];
+        for (int64_t r = 0; r < kRows; ++r) {
+          qa[r] = qt.data() + (c0 + r) * tq2 + pair0;
+          ga[r] = got.data() + (c0 + r) * tq2 + pair0;
+        }
+        add_block_4x64(qa, dsp.data() + pair0 * tk_pad + j0, tk_pad, depth, dkt_sum.data() + c0 * tk_pad + j0,
+                       tk_pad, kRows);
+        add_block_4x64(ga, pp.data() + pair0 * tk_pad + j0, tk_pad, depth, dvt_sum.data() + c0 * tk_pad + j0,
+                       tk_pad, kRows);
       }
     }
   }
-  for (int64_t x = 0; x < g.tk * d; ++x) {
-    dk[x] = f32_to_bf16(dk_sum[x]);
-    dv[x] = f32_to_bf16(dv_sum[x]);
-  }
+  for (int64_t j = 0; j < g.tk; ++j)
+    for (int64_t c = 0; c < d; ++c) {
+      dk[j * d + c] = f32_to_bf16(dkt_sum[c * tk_pad + j]);
+      dv[j * d + c] = f32_to_bf16(dvt_sum[c * tk_pad + j]);
+    }
 }
 
 // For each query row: one past the last key whose mask is above bf16's lowest (transformers' masked value);
@@ -683,6 +732,88 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decoder_attention_backward(
   });
   return {dq, dk, dv};
 }
+
+// rms_norm: rows of width d; r (when not null) receives each row's 1 / sqrt(mean x^2 + eps)
+AVX512BF16
+void rms_norm_rows(const uint16_t* x, const uint16_t* w, int64_t rows, int64_t d, float eps, uint16_t* out,
+                   float* r_out) {
+  const float inv_d = 1.f / static_cast<float>(d);  // mean = sum * (1 / D), as ATen's mean
+  for (int64_t i = 0; i < rows; ++i) {
+    const uint16_t* xr = x + i * d;
+    uint16_t* o = out + i * d;
+    float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
+    for (int64_t j = 0; j < d; ++j) {
+      const float v = bf16_to_f32(xr[j]);
+      squares += v * v;
+    }
+    const float r = 1.f / std::sqrt(squares * inv_d + eps);
+    if (r_out != nullptr) r_out[i] = r;
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) o[j] = f32_to_bf16(bf16_to_f32(w[j]) * round_bf16(bf16_to_f32(xr[j]) * r));
+  }
+}
+
+AVX512BF16
+void rms_norm_backward_rows(const uint16_t* grad, const uint16_t* x, const uint16_t* w, const float* r_in,
+                            int64_t rows, int64_t d, uint16_t* dx) {
+  const float inv_d = 1.f / static_cast<float>(d);
+  for (int64_t i = 0; i < rows; ++i) {
+    const uint16_t* gr = grad + i * d;
+    const uint16_t* xr = x + i * d;
+    uint16_t* o = dx + i * d;
+    const float r = r_in[i];
+    float dot = 0.f;  // sum_j g_j x_j, g = bf16(grad w) (the gradient of bf16(x r))
+#pragma omp simd reduction(+ : dot)
+    for (int64_t j = 0; j < d; ++j) dot += round_bf16(bf16_to_f32(gr[j]) * bf16_to_f32(w[j])) * bf16_to_f32(xr[j]);
+    const float c = -dot * r * r * r * inv_d;  // d(x r)/dx through r: -x r^3 / D * sum_j g_j x_j
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j)
+      o[j] = f32_to_bf16(round_bf16(bf16_to_f32(gr[j]) * bf16_to_f32(w[j])) * r + c * bf16_to_f32(xr[j]));
+  }
+}
+
+at::Tensor check_norm_input(const char* op, const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(decoder_attention_supported(), op, " needs a CPU with AVX512-BF16");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && w.dim() == 1 &&
+                  x.dim() >= 1 && x.size(-1) == w.size(0),
+              op, ": expects bf16 x [..., D] and weight [D]; got ", x.sizes(), " ", x.scalar_type(), " and ",
+              w.sizes(), " ", w.scalar_type());
+  return x.contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const char* op, const at::Tensor& x_in, const at::Tensor& w_in,
+                                                    double eps, bool with_r) {
+  const at::Tensor x = check_norm_input(op, x_in, w_in), w = w_in.contiguous();
+  const int64_t d = x.size(-1), rows = d == 0 ? 0 : x.numel() / d;
+  at::Tensor out = at::empty_like(x);
+  at::Tensor r = with_r ? at::empty({rows}, x.options().dtype(at::kFloat)) : at::Tensor();
+  rms_norm_rows(Inputs::ptr(x), Inputs::ptr(w), rows, d, static_cast<float>(eps),
+                reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), with_r ? r.data_ptr<float>() : nullptr);
+  return {out, r};
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  return std::get<0>(rms_norm_forward("rms_norm", x, w, eps, false));
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_train(const at::Tensor& x, const at::Tensor& w, double eps) {
+  return rms_norm_forward("rms_norm_train", x, w, eps, true);
+}
+
+at::Tensor rms_norm_backward(const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& w_in,
+                             const at::Tensor& r_in) {
+  const at::Tensor x = check_norm_input("rms_norm_backward", x_in, w_in), w = w_in.contiguous();
+  const at::Tensor grad = grad_in.contiguous(), r = r_in.contiguous();
+  const int64_t d = x.size(-1), rows = d == 0 ? 0 : x.numel() / d;
+  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == at::kBFloat16 && r.scalar_type() == at::kFloat &&
+                  r.numel() == rows,
+              "rms_norm_backward: grad ", grad.sizes(), " or r ", r.sizes(), " disagree with x ", x.sizes());
+  at::Tensor dx = at::empty_like(x);
+  rms_norm_backward_rows(Inputs::ptr(grad), Inputs::ptr(x), Inputs::ptr(w), r.data_ptr<float>(), rows, d,
+                         reinterpret_cast<uint16_t*>(dx.data_ptr<at::BFloat16>()));
+  return dx;
+}
 #else
 bool decoder_attention_supported() { return false; }
 
@@ -704,6 +835,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decoder_attention_backward(const 
                                                                           const at::Tensor&, double) {
   TORCH_CHECK(false, "decoder_attention_backward ", kNoBf16Build);
 }
+
+at::Tensor rms_norm(const at::Tensor&, const at::Tensor&, double) { TORCH_CHECK(false, "rms_norm ", kNoBf16Build); }
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_train(const at::Tensor&, const at::Tensor&, double) {
+  TORCH_CHECK(false, "rms_norm_train ", kNoBf16Build);
+}
+
+at::Tensor rms_norm_backward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&) {
+  TORCH_CHECK(false, "rms_norm_backward ", kNoBf16Build);
+}
 #endif
 
 bool decoder_attention_supported_op() { return decoder_attention_supported(); }
@@ -722,6 +863,9 @@ TORCH_LIBRARY(reclora_ds_cpu_kernels, m) {
       "decoder_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor probs, float scale) "
       "-> (Tensor, Tensor, Tensor)");
   m.def("decoder_attention_supported() -> bool", decoder_attention_supported_op);
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("rms_norm_train(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor weight, Tensor r) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(reclora_ds_cpu_kernels, CPU, m) {
@@ -731,4 +875,7 @@ TORCH_LIBRARY_IMPL(reclora_ds_cpu_kernels, CPU, m) {
   m.impl("decoder_attention", decoder_attention);
   m.impl("decoder_attention_train", decoder_attention_train);
   m.impl("decoder_attention_backward", decoder_attention_backward);
+  m.impl("rms_norm", rms_norm);
+  m.impl("rms_norm_train", rms_norm_train);
+  m.impl("rms_norm_backward", rms_norm_backward);
 }
