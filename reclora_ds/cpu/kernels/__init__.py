@@ -166,7 +166,7 @@ def accepts_decoder_attention(
     )
     if mask is not None:
         shape_ok = shape_ok and mask.shape[0] in (1, batch) and mask.shape[1:] == (1, queries, key.shape[2])
-    return shape_ok and _attention_cpu_ok()
+    return shape_ok and _cpu_has_bf16_kernels()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -189,15 +189,16 @@ def accepts_rms_norm(x: torch.Tensor, weight: torch.Tensor, _eps: float) -> bool
         and x.dim() >= 1
         and x.shape[-1] == weight.shape[0]
         and not (torch.is_grad_enabled() and weight.requires_grad)
-        and _attention_cpu_ok()
+        and _cpu_has_bf16_kernels()
     )
 
 
 _cpu_has_bf16_dot: bool | None = None
 
 
-def _attention_cpu_ok() -> bool:
-    """:func:`decoder_attention_supported`, asked of the library once it is loaded (False before)."""
+def _cpu_has_bf16_kernels() -> bool:
+    """:func:`decoder_attention_supported` (the attention and RMSNorm kernels both need AVX512-BF16), asked
+    of the library once it is loaded (False before)."""
     global _cpu_has_bf16_dot
     if _cpu_has_bf16_dot is None:
         if not loaded():
@@ -242,30 +243,28 @@ def enable_attention(required: bool = False) -> bool:
     Where it cannot, the op keeps its PyTorch form (eager attention's ops): a logged note, or a
     RuntimeError when ``required``.
     """
-    if not load(required):
-        return False
-    if not _attention_cpu_ok():
-        if required:
-            raise RuntimeError("the CPU attention kernel needs AVX512-BF16, which this CPU lacks")
-        log.info("this CPU lacks AVX512-BF16: eager_fused attention runs eager attention's PyTorch ops")
-        return False
-    for name, implementation in ATTENTION_IMPLEMENTATIONS.items():
-        ops.register(name, implementation)
-    return True
+    return _enable_bf16_kernel(ATTENTION_IMPLEMENTATIONS, "attention", "eager attention's", required)
 
 
 def enable_rms_norm(required: bool = False) -> bool:
     """:func:`load` the kernels and register the RMSNorm kernel as ``rms_norm``'s implementation; True when
     the kernel will run (the library loaded and the CPU has AVX512-BF16). Where it cannot, the op keeps its
     PyTorch form (transformers' ops): a logged note, or a RuntimeError when ``required``."""
+    return _enable_bf16_kernel(NORM_IMPLEMENTATIONS, "RMSNorm", "transformers' RMSNorm", required)
+
+
+def _enable_bf16_kernel(
+    implementations: dict[str, ops.Implementation], kernel: str, fallback: str, required: bool
+) -> bool:
+    """Register ``implementations`` (bf16 kernels) where the library loads and the CPU has AVX512-BF16."""
     if not load(required):
         return False
-    if not _attention_cpu_ok():
+    if not _cpu_has_bf16_kernels():
         if required:
-            raise RuntimeError("the CPU RMSNorm kernel needs AVX512-BF16, which this CPU lacks")
-        log.info("this CPU lacks AVX512-BF16: the fused RMSNorm runs transformers' PyTorch ops")
+            raise RuntimeError(f"the CPU {kernel} kernel needs AVX512-BF16, which this CPU lacks")
+        log.info("this CPU lacks AVX512-BF16: the ops run %s PyTorch ops", fallback)
         return False
-    for name, implementation in NORM_IMPLEMENTATIONS.items():
+    for name, implementation in implementations.items():
         ops.register(name, implementation)
     return True
 
