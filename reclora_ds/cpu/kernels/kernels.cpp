@@ -733,6 +733,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decoder_attention_backward(
   return {dq, dk, dv};
 }
 
+constexpr int64_t kNormRowsPerTask = 64;  // rows of rms_norm per task of a parallel run
+
 // rms_norm: rows of width d; r (when not null) receives each row's 1 / sqrt(mean x^2 + eps)
 AVX512BF16
 void rms_norm_rows(const uint16_t* x, const uint16_t* w, int64_t rows, int64_t d, float eps, uint16_t* out,
@@ -788,8 +790,13 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const char* op, const at::Te
   const int64_t d = x.size(-1), rows = d == 0 ? 0 : x.numel() / d;
   at::Tensor out = at::empty_like(x);
   at::Tensor r = with_r ? at::empty({rows}, x.options().dtype(at::kFloat)) : at::Tensor();
-  rms_norm_rows(Inputs::ptr(x), Inputs::ptr(w), rows, d, static_cast<float>(eps),
-                reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), with_r ? r.data_ptr<float>() : nullptr);
+  const uint16_t *xp = Inputs::ptr(x), *wp = Inputs::ptr(w);
+  uint16_t* op_out = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  float* rp = with_r ? r.data_ptr<float>() : nullptr;
+  at::parallel_for(0, rows, kNormRowsPerTask, [&](int64_t begin, int64_t end) {
+    rms_norm_rows(xp + begin * d, wp, end - begin, d, static_cast<float>(eps), op_out + begin * d,
+                  rp == nullptr ? nullptr : rp + begin);
+  });
   return {out, r};
 }
 
@@ -810,8 +817,12 @@ at::Tensor rms_norm_backward(const at::Tensor& grad_in, const at::Tensor& x_in, 
                   r.numel() == rows,
               "rms_norm_backward: grad ", grad.sizes(), " or r ", r.sizes(), " disagree with x ", x.sizes());
   at::Tensor dx = at::empty_like(x);
-  rms_norm_backward_rows(Inputs::ptr(grad), Inputs::ptr(x), Inputs::ptr(w), r.data_ptr<float>(), rows, d,
-                         reinterpret_cast<uint16_t*>(dx.data_ptr<at::BFloat16>()));
+  const uint16_t *gp = Inputs::ptr(grad), *xp = Inputs::ptr(x), *wp = Inputs::ptr(w);
+  const float* rp = r.data_ptr<float>();
+  uint16_t* dxp = reinterpret_cast<uint16_t*>(dx.data_ptr<at::BFloat16>());
+  at::parallel_for(0, rows, kNormRowsPerTask, [&](int64_t begin, int64_t end) {
+    rms_norm_backward_rows(gp + begin * d, xp + begin * d, wp, rp + begin, end - begin, d, dxp + begin * d);
+  });
   return dx;
 }
 #else
