@@ -138,16 +138,20 @@ def _chosen(
     return implementation if implementation.accepts(*args) else None
 
 
+def _run(name: str, args: tuple, differentiated: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Op ``name`` on ``args``: the registered implementation where it takes them (:func:`_chosen`), else its
+    PyTorch form."""
+    implementation = _chosen(name, args, differentiated)
+    return (implementation.fn if implementation is not None else PYTORCH_FORMS[name])(*args)
+
+
 def gather_dot(table: torch.Tensor, ids: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     """``<table[ids[b, l]], query[b]>``: table [V, E], ids [B, L] int64, query [B, E] -> [B, L].
 
     PyTorch form: the rows gathered by ``embedding`` ([B, L, E]), then ``vecdot`` with the query;
     differentiable in ``table`` and ``query``. Ids outside ``[0, V)`` raise.
     """
-    implementation = _chosen("gather_dot", (table, ids, query), (table, query))
-    if implementation is not None:
-        return implementation.fn(table, ids, query)
-    return gather_dot_pytorch(table, ids, query)
+    return _run("gather_dot", (table, ids, query), (table, query))
 
 
 def gather_dot_pytorch(table: torch.Tensor, ids: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
@@ -172,10 +176,7 @@ def attention_pool(
     contributes an exact 0.
     """
     args = (pre, target_term, weight, bias, mask, behaviours)
-    implementation = _chosen("attention_pool", args, (pre, target_term, weight, bias, behaviours))
-    if implementation is not None:
-        return implementation.fn(*args)
-    return attention_pool_pytorch(*args)
+    return _run("attention_pool", args, (pre, target_term, weight, bias, behaviours))
 
 
 def attention_pool_pytorch(
@@ -210,10 +211,7 @@ def decoder_attention(
     key and value.
     """
     args = (query, key, value, mask, scaling, dropout)
-    implementation = _chosen("decoder_attention", args, (query, key, value))
-    if implementation is not None:
-        return implementation.fn(*args)
-    return decoder_attention_pytorch(*args)
+    return _run("decoder_attention", args, (query, key, value))
 
 
 def decoder_attention_pytorch(
@@ -245,10 +243,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     weight.
     """
     args = (x, weight, eps)
-    implementation = _chosen("rms_norm", args, (x, weight))
-    if implementation is not None:
-        return implementation.fn(*args)
-    return rms_norm_pytorch(*args)
+    return _run("rms_norm", args, (x, weight))
 
 
 def rms_norm_pytorch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

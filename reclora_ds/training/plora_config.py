@@ -127,7 +127,8 @@ class PLoRATrainConfig(RecLLMConfig):
     """The backbone's RMSNorm layers: ``transformers`` (its modules as they are) or ``fused``
     (:mod:`reclora_ds.models.norms`: the same function as one op, which on a CPU with AVX512-BF16 and bf16
     activations runs one C++ kernel per layer, forward and backward, instead of six ops with float32
-    copies: docs/PLORA_BENCH.md). Norms of other kinds than Llama's are left as they are."""
+    copies: docs/PLORA_BENCH.md). Norms of other kinds than Llama's are left as they are. Recorded with the
+    exported adapter, so scoring rebuilds the backbone the same way."""
     max_length: int = 1024
     """Most tokens of prompt + answer; a longer prompt loses its start (counted in the log)."""
     checkpoint_every: int = 100

@@ -12,7 +12,8 @@ An exported adapter folder (``<run>/adapter``) holds the adapter tensors and ``r
     step                 optimizer steps the adapter was trained for
     rec_llm              the model's RecLLMConfig (mode, adapter, LoRA settings, ...)
     load                 where and how the frozen parts were loaded: backbone, crm_path, dtype,
-                         load_in_8bit, attn_implementation
+                         load_in_8bit, attn_implementation, norm_implementation (absent in records
+                         written before it existed: the default, fused)
     crm                  the CRM checkpoint's description (crm.json), or null
     answer_tokens        {"yes": [...], "no": [...]} token ids of the answers
     dataset              the processed dataset's name
@@ -43,7 +44,7 @@ REC_LLM_FORMAT = "reclora_ds.rec_llm"
 REC_LLM_FORMAT_VERSION = (
     2  # 2: the model config is RecLLMConfig (its adapter under "adapter"), paths in "load"
 )
-LOAD_KEYS = ("backbone", "crm_path", "load_in_8bit", "attn_implementation")
+LOAD_KEYS = ("backbone", "crm_path", "load_in_8bit", "attn_implementation", "norm_implementation")
 
 
 class RecLLMFileError(ValueError):

@@ -28,12 +28,14 @@ from reclora_ds.data.processed import ProcessedDataset
 from reclora_ds.data.prompts import PromptEncoder, resolve_answer_tokens
 from reclora_ds.distributed import free_port
 from reclora_ds.llm_loader import load_causal_lm
+from reclora_ds.models.norms import RMSNorm
 from reclora_ds.models.rec_llm import RecLLM, RecLLMConfig
 from reclora_ds.training.adapter_io import load_plora_adapter, read_plora_adapter_config
 from reclora_ds.training.checkpoint import load_crm
 from reclora_ds.training.plora_config import PLoRATrainConfig
 from reclora_ds.training.plora_data import PLoRABatchLoader
 from reclora_ds.training.plora_recipe import run_plora_training
+from reclora_ds.training.rec_llm_io import load_rec_llm, read_description, write_description
 from reclora_ds.training.scoring import OUTPUT_COLUMNS
 from tests.launch import LAUNCH_VARS, clean_env
 
@@ -191,6 +193,30 @@ def test_scoring_on_a_cpu_keeps_freed_memory_in_the_process(plora_assets, tmp_pa
     assert main([*argv, "--device", "cpu", "--out", str(out), *settings(plora_assets)]) == 0
     assert calls == [{"allocator": True, "attention": True, "rms_norm": True}]
     assert pq.read_table(out).num_rows == 4
+
+
+def test_the_adapter_records_how_the_norms_were_loaded_and_scoring_follows_it(trained_run, tmp_path):
+    """rec_llm.json records norm_implementation (the run's: the default, fused); the rebuilt model has the
+    fused norms, and a record that says ``transformers`` rebuilds transformers' modules (an old record
+    without the key gets the default)."""
+    out, _ = trained_run
+    adapter = out / "adapter"
+    description = read_description(adapter)
+    assert description["load"]["norm_implementation"] == "fused"
+
+    def fused_norms(folder: Path) -> int:
+        model, _, _ = load_rec_llm(folder)
+        return sum(isinstance(m, RMSNorm) for m in model.llm.modules())
+
+    assert fused_norms(adapter) > 0
+    copy = tmp_path / "adapter"
+    shutil.copytree(adapter, copy)
+    description["load"]["norm_implementation"] = "transformers"
+    write_description(copy, description)
+    assert fused_norms(copy) == 0
+    del description["load"]["norm_implementation"]
+    write_description(copy, description)
+    assert fused_norms(copy) > 0
 
 
 def test_bad_inputs_exit_2_naming_the_problem(plora_assets, tmp_path, capsys):

@@ -520,10 +520,10 @@ void softmax_backward_row(const float* dp, const uint16_t* p, float scale, int64
 // c += the 4 x 64 block of a x b (block_4x64), for sums over the heads of a group
 AVX512BF16
 void add_block_4x64(const uint32_t* const* a, const uint32_t* b, int64_t b_stride, int64_t depth, float* c,
-                    int64_t c_stride, int64_t rows) {
+                    int64_t c_stride) {
   alignas(64) float t[kRows * kCols];
   block_4x64(a[0], a[1], a[2], a[3], 1, b, b_stride, depth, t, kCols);
-  for (int64_t r = 0; r < rows; ++r)
+  for (int64_t r = 0; r < kRows; ++r)
 #pragma omp simd
     for (int64_t x = 0; x < kCols; ++x) c[r * c_stride + x] += t[r * kCols + x];
 }
@@ -585,9 +585,9 @@ void attend_group_backward(const Group& g, const uint16_t* grad, int64_t o_sh, i
           ga[r] = got.data() + (c0 + r) * tq2 + pair0;
         }
         add_block_4x64(qa, dsp.data() + pair0 * tk_pad + j0, tk_pad, depth, dkt_sum.data() + c0 * tk_pad + j0,
-                       tk_pad, kRows);
+                       tk_pad);
         add_block_4x64(ga, pp.data() + pair0 * tk_pad + j0, tk_pad, depth, dvt_sum.data() + c0 * tk_pad + j0,
-                       tk_pad, kRows);
+                       tk_pad);
       }
     }
   }
