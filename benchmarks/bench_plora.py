@@ -99,6 +99,7 @@ from reclora_ds.batch import IGNORE_INDEX
 from reclora_ds.models.inject import inject_plora, route_gate_inputs
 from reclora_ds.models.plora import PLoRAConfig, PLoRAGate, PLoRALinear
 from reclora_ds.models.rec_llm import answer_loss, last_logits
+from reclora_ds.package_data import find_ds_config
 from reclora_ds.training.plora_recipe import TRAIN_PHASES
 
 TARGET_MODULES = ("q_proj", "v_proj")
@@ -673,6 +674,7 @@ def component_times(variants: list[Variant], batch: Batch, device: torch.device,
 # ------------------------------------------------------------------------------------------- stage 2
 
 STAGE2_CONFIG = "launch/configs/plora_quickstart.yaml"
+STAGE2_DS_CONFIG = "ds_configs/zero2_fp32.json"  # the quickstart's
 STAGE2_RANKS = 2  # the default of --ranks (the quickstart runs 2 ranks on the 2 cores)
 PROBE_SHAPE = (1024, 576, 1536)  # M, K, N: a SmolLM2 MLP projection of 1024 tokens
 # (name, overrides): one speed-up switched on at a time, then all of them, then LoRA with all of them
@@ -688,6 +690,7 @@ _FUSED_SMALL_EVAL = (
     "attn_implementation=eager_fused",
     "train_attn_implementation=eager_fused",
 )
+_MICRO4_NORM = (*_FUSED_SMALL_EVAL, "eval_batch_size=4", "micro_batch_size=4", "norm_implementation=fused")
 STAGE2_VARIANTS: list[tuple[str, tuple[str, ...]]] = [
     ("fp32", ("dtype=float32", "length_group_size=0", "eval_batch_size=8", *_OLD)),
     ("bf16", ("dtype=auto", "length_group_size=0", "eval_batch_size=8", *_OLD)),
@@ -750,6 +753,17 @@ STAGE2_VARIANTS: list[tuple[str, tuple[str, ...]]] = [
             "norm_implementation=fused",
         ),
     ),
+    # and the shipped ZeRO-2 config's reduction bucket of 5e6 gradients instead of 5e7: DeepSpeed allocates
+    # two bucket buffers per micro-step; 20 MB ones are reused from the heap, 200 MB ones are mapped afresh
+    # (page faults on every first write), and the whole adapter's reduction waits for the end of the backward
+    (
+        "bf16+group+adapter16+fused+eval4+micro4+norm+bucket",
+        (*_MICRO4_NORM, f"deepspeed_config={STAGE2_DS_CONFIG}"),
+    ),
+    (
+        "lora bf16+group+fused+eval4+micro4+norm+bucket",
+        ("mode=lora", *_MICRO4_NORM, f"deepspeed_config={STAGE2_DS_CONFIG}"),
+    ),
 ]
 STAGE2_QUICK = (
     "bf16+group+eval32+adapter16",
@@ -805,6 +819,19 @@ class ModelShape:
         return 2 * forward if train else forward
 
 
+BASELINE_REDUCE_BUCKET = 50_000_000  # the shipped ZeRO-2 configs' reduce_bucket_size until they took 5e6
+
+
+def baseline_ds_config(folder: Path) -> Path:
+    """The quickstart's DeepSpeed config with the variants' baseline reduction bucket (``+bucket`` variants
+    run the shipped config itself): written into ``folder``."""
+    config = json.loads(find_ds_config(STAGE2_DS_CONFIG).read_text())
+    config["zero_optimization"]["reduce_bucket_size"] = BASELINE_REDUCE_BUCKET
+    path = folder / f"zero2_fp32_bucket{BASELINE_REDUCE_BUCKET}.json"
+    path.write_text(json.dumps(config, indent=2))
+    return path
+
+
 def stage2_overrides(args: argparse.Namespace, out: Path) -> list[str]:
     runs = Path(args.runs)
     steps, eval_n = (2, 32) if args.quick else (args.steps, args.eval_samples)
@@ -812,7 +839,8 @@ def stage2_overrides(args: argparse.Namespace, out: Path) -> list[str]:
         f"data_dir={runs / 'prepare'}", f"retrieval_dir={runs / 'retrieval'}", f"crm_path={runs / 'sim'}",
         f"backbone={args.backbone}", f"output_dir={out}", f"max_steps={steps}", "batch_size=8",
         "micro_batch_size=2", f"eval_max_samples={eval_n}", "eval_splits=[test]", "checkpoint_every=0",
-        "log_every=1", "progress=false", "resume=false", "deepspeed_config=ds_configs/zero2_fp32.json",
+        "log_every=1", "progress=false", "resume=false",
+        f"deepspeed_config={out.parent / f'zero2_fp32_bucket{BASELINE_REDUCE_BUCKET}.json'}",  # "+bucket": shipped
         "norm_implementation=transformers",  # the variants' baseline; "+norm" ones fuse the norms
     ]  # fmt: skip
 
@@ -910,6 +938,7 @@ def stage2_main(args: argparse.Namespace) -> None:
     )
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench_stage2_") as tmp:
+        baseline_ds_config(Path(tmp))
         for name, extra in STAGE2_VARIANTS:
             if name in names:
                 results[name] = run_stage2_variant(args, name, extra, Path(tmp))
@@ -965,6 +994,10 @@ def stage2_main(args: argparse.Namespace) -> None:
         ("bf16+group+adapter16+fused+eval4", "lora bf16+group+fused+eval4"),
         ("bf16+group+adapter16+fused+eval4+micro4", "lora bf16+group+fused+eval4+micro4"),
         ("bf16+group+adapter16+fused+eval4+micro4+norm", "lora bf16+group+fused+eval4+micro4+norm"),
+        (
+            "bf16+group+adapter16+fused+eval4+micro4+norm+bucket",
+            "lora bf16+group+fused+eval4+micro4+norm+bucket",
+        ),
     ):
         plora, lora = results.get(plora_name), results.get(lora_name)
         if plora and lora:

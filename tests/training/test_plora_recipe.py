@@ -28,6 +28,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import LlamaForCausalLM
 
 from reclora_ds.config import load_config
+from reclora_ds.cpu.allocator import MMAP_THRESHOLD
 from reclora_ds.data.processed import ProcessedDataset
 from reclora_ds.data.prompts import PromptEncoder, TextView
 from reclora_ds.data.text import text_views
@@ -100,6 +101,16 @@ def test_ds_configs_leave_batch_sizes_to_the_recipe(path):
         resolve_ds_config(raw, PLoRATrainConfig(batch_size=12, micro_batch_size=4), world_size=2)
     with pytest.raises(ValueError, match="train_batch_size=32 but the stage config gives 64"):
         resolve_ds_config({**raw, "train_batch_size": 32}, cfg, world_size=2)
+
+
+@pytest.mark.parametrize("name", ["zero2_bf16.json", "zero2_fp16.json", "zero2_fp32.json"])
+def test_ds_configs_reduction_buckets_stay_under_glibcs_largest_mmap_threshold(name):
+    """ZeRO-2 with overlap_comm allocates two buffers of ``reduce_bucket_size`` gradients (fp32 at most) at
+    every micro-step. Above glibc's largest mmap threshold (32 MiB) each is mapped afresh and every page
+    faults on its first write; below it, the freed buffers come back from the heap (docs/PLORA_BENCH.md)."""
+    zero = json.loads((ROOT / "ds_configs" / name).read_text())["zero_optimization"]
+    assert zero["contiguous_gradients"] and zero["overlap_comm"]
+    assert zero["reduce_bucket_size"] * torch.finfo(torch.float32).bits // 8 <= MMAP_THRESHOLD
 
 
 # ----------------------------------------------------------------------------------------------------------
