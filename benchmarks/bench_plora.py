@@ -823,13 +823,15 @@ BASELINE_REDUCE_BUCKET = 50_000_000  # the shipped ZeRO-2 configs' reduce_bucket
 
 
 def baseline_ds_config(folder: Path) -> Path:
-    """The quickstart's DeepSpeed config with the variants' baseline reduction bucket (``+bucket`` variants
-    run the shipped config itself): written into ``folder``."""
+    """Where the variants' DeepSpeed config lies in the bench's ``folder``: the quickstart's with the baseline
+    reduction bucket (``+bucket`` variants run the shipped config itself)."""
+    return folder / f"zero2_fp32_bucket{BASELINE_REDUCE_BUCKET}.json"
+
+
+def write_baseline_ds_config(folder: Path) -> None:
     config = json.loads(find_ds_config(STAGE2_DS_CONFIG).read_text())
     config["zero_optimization"]["reduce_bucket_size"] = BASELINE_REDUCE_BUCKET
-    path = folder / f"zero2_fp32_bucket{BASELINE_REDUCE_BUCKET}.json"
-    path.write_text(json.dumps(config, indent=2))
-    return path
+    baseline_ds_config(folder).write_text(json.dumps(config, indent=2))
 
 
 def stage2_overrides(args: argparse.Namespace, out: Path) -> list[str]:
@@ -840,7 +842,7 @@ def stage2_overrides(args: argparse.Namespace, out: Path) -> list[str]:
         f"backbone={args.backbone}", f"output_dir={out}", f"max_steps={steps}", "batch_size=8",
         "micro_batch_size=2", f"eval_max_samples={eval_n}", "eval_splits=[test]", "checkpoint_every=0",
         "log_every=1", "progress=false", "resume=false",
-        f"deepspeed_config={out.parent / f'zero2_fp32_bucket{BASELINE_REDUCE_BUCKET}.json'}",  # "+bucket": shipped
+        f"deepspeed_config={baseline_ds_config(out.parent)}",  # "+bucket" variants: the shipped one
         "norm_implementation=transformers",  # the variants' baseline; "+norm" ones fuse the norms
     ]  # fmt: skip
 
@@ -938,7 +940,7 @@ def stage2_main(args: argparse.Namespace) -> None:
     )
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench_stage2_") as tmp:
-        baseline_ds_config(Path(tmp))
+        write_baseline_ds_config(Path(tmp))
         for name, extra in STAGE2_VARIANTS:
             if name in names:
                 results[name] = run_stage2_variant(args, name, extra, Path(tmp))
