@@ -764,6 +764,15 @@ STAGE2_VARIANTS: list[tuple[str, tuple[str, ...]]] = [
         "lora bf16+group+fused+eval4+micro4+norm+bucket",
         ("mode=lora", *_MICRO4_NORM, f"deepspeed_config={STAGE2_DS_CONFIG}"),
     ),
+    # and ZeRO-2's gradient sums through DeepSpeed's shared-memory kernel instead of gloo's TCP
+    (
+        "bf16+group+adapter16+fused+eval4+micro4+norm+bucket+shm",
+        (*_MICRO4_NORM, f"deepspeed_config={STAGE2_DS_CONFIG}", "cpu_allreduce=shm"),
+    ),
+    (
+        "lora bf16+group+fused+eval4+micro4+norm+bucket+shm",
+        ("mode=lora", *_MICRO4_NORM, f"deepspeed_config={STAGE2_DS_CONFIG}", "cpu_allreduce=shm"),
+    ),
 ]
 STAGE2_QUICK = (
     "bf16+group+eval32+adapter16",
@@ -844,6 +853,7 @@ def stage2_overrides(args: argparse.Namespace, out: Path) -> list[str]:
         "log_every=1", "progress=false", "resume=false",
         f"deepspeed_config={baseline_ds_config(out.parent)}",  # "+bucket" variants: the shipped one
         "norm_implementation=transformers",  # the variants' baseline; "+norm" ones fuse the norms
+        "cpu_allreduce=gloo",  # the variants' baseline; "+shm" ones sum in shared memory
     ]  # fmt: skip
 
 
@@ -999,6 +1009,10 @@ def stage2_main(args: argparse.Namespace) -> None:
         (
             "bf16+group+adapter16+fused+eval4+micro4+norm+bucket",
             "lora bf16+group+fused+eval4+micro4+norm+bucket",
+        ),
+        (
+            "bf16+group+adapter16+fused+eval4+micro4+norm+bucket+shm",
+            "lora bf16+group+fused+eval4+micro4+norm+bucket+shm",
         ),
     ):
         plora, lora = results.get(plora_name), results.get(lora_name)

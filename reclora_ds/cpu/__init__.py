@@ -52,7 +52,8 @@ class CPUExtras:
     Attributes:
         kernels: the CRM's ops use the C++ kernels.
         allocator: glibc keeps freed memory in the process.
-        shm_allreduce: the DDP model given to the call all-reduces through shared memory.
+        shm_allreduce: the gradients all-reduce through shared memory (the DDP model given to the call,
+            or DeepSpeed's communication with ``deepspeed_comm``).
     """
 
     kernels: bool
@@ -91,9 +92,11 @@ def enable_cpu_extras(
         ddp_model: a CPU DDP model whose gradients should all-reduce through shared memory, as
             ``allreduce`` says: ``shm`` (a RuntimeError when it cannot), ``auto`` (when it can, else
             gloo), ``gloo`` (nothing changes). A collective: every rank calls it.
-        deepspeed_comm: ``deepspeed.initialize`` has run with DeepSpeed's CPU communication: once every
-            rank has mapped the others' shared-memory segments (a barrier, so a collective), unlink this
-            rank's segment name.
+        deepspeed_comm: ``deepspeed.initialize`` has run with DeepSpeed's CPU communication: route its
+            sums through shared memory as ``allreduce`` says
+            (:func:`reclora_ds.cpu.shm_allreduce.route_deepspeed_all_reduce`: ZeRO's gradient reductions),
+            then, once every rank has mapped the others' shared-memory segments (a barrier, so a
+            collective), unlink this rank's segment name.
         prebuild_deepspeed_comm: load (building it on first use) DeepSpeed's shm comm op now, under
             :func:`reclora_ds.cpu.build_lock.guarded_build`; call it before ``deepspeed.initialize`` on the
             CPU, which loads the op itself without that guard (a killed builder's stale lock would make it
@@ -126,6 +129,10 @@ def enable_cpu_extras(
         shm = shm_allreduce.enable_shm_allreduce(ddp_model, required=allreduce == "shm")
     if deepspeed_comm:
         info = dist_utils.dist_info()
+        if allreduce != "gloo":
+            from deepspeed import comm as ds_comm
+
+            shm = shm_allreduce.route_deepspeed_all_reduce(ds_comm.comm.cdb, required=allreduce == "shm")
         dist_utils.barrier()  # every rank has mapped every segment
         shm_allreduce.unlink_own_segment(info.rank)
     return CPUExtras(

@@ -137,3 +137,72 @@ def enable_shm_allreduce(
         "DDP all-reduces through DeepSpeed's shared-memory kernel (%d ranks on this node)", info.world_size
     )
     return True
+
+
+# The shm kernel's ISA level each dtype needs (DeepSpeed's TorchBackend.inference_all_reduce: bf16 / fp16
+# use avx512bw, fp32 avx2); a tensor of another dtype keeps gloo.
+SHM_DTYPE_LEVELS = {torch.float32: FP32_KERNEL_LEVEL, torch.bfloat16: 2, torch.float16: 2}
+
+
+def route_deepspeed_all_reduce(backend: Any, required: bool = False) -> bool:
+    """Make DeepSpeed's CPU communication backend sum through shared memory; True when it does.
+
+    ZeRO-2 averages its gradient buckets with ``deepspeed.comm.all_reduce``, which DeepSpeed's
+    ``TorchBackend`` hands to ``torch.distributed`` (gloo: TCP between two processes of one machine,
+    its receive buffers page-faulting at every step, docs/PLORA_BENCH.md). The same backend has already
+    mapped its shared-memory segments (under the deepspeed launcher) but uses them for inference
+    only. This replaces the backend's ``all_reduce`` with one that sends a synchronous SUM of a
+    contiguous CPU tensor over every rank, of a dtype the kernel handles on this CPU, to
+    ``torch.ops.deepspeed.inference_all_reduce_``; everything else (MAX / MIN, async work, a sub-group,
+    other dtypes) still goes to gloo. Which path a call takes depends only on what every rank passes
+    alike, so the ranks stay in step. On two ranks the kernel computes the same sum as gloo, elementwise
+    ``a + b`` (bf16 / fp16 in float32, rounded once), so training is bitwise the same
+    (``tests/training/test_plora_recipe.py``).
+
+    A collective: call it on every rank after ``deepspeed.initialize`` and before the segments are
+    unlinked (:func:`unlink_own_segment`): the segment of this rank is the proof that DeepSpeed mapped
+    them (it does only when ``LOCAL_SIZE`` equals the world size), and the ranks agree on it before any
+    of them changes path. ``required`` turns "cannot" into a RuntimeError that gives the reason.
+    """
+    info = dist_utils.dist_info()
+    reason = None
+    op = getattr(backend, "shm_comm_op", None)
+    if info.world_size < 2:
+        reason = "a single process has nothing to all-reduce"
+    elif op is None:
+        reason = "DeepSpeed did not load its shm comm op"
+    elif not segment_path(info.rank).exists():
+        reason = f"DeepSpeed did not map its shared memory ({segment_path(info.rank)} is missing; LOCAL_SIZE unset?)"
+    ready = torch.tensor([int(reason is None)])
+    if info.world_size > 1:
+        dist.all_reduce(ready, op=dist.ReduceOp.MIN)
+    if not ready.item():
+        reason = reason or "another rank cannot use DeepSpeed's shared memory (see its log)"
+        if required:
+            raise RuntimeError(f"shm all-reduce requested but unavailable: {reason}")
+        log.info("ZeRO's reductions go through gloo: %s", reason)
+        return False
+    level = op.vector_kernel_level()
+    world_size = info.world_size
+    gloo_all_reduce = backend.all_reduce
+
+    def all_reduce(
+        tensor: torch.Tensor, op: Any = dist.ReduceOp.SUM, group: Any = None, async_op: bool = False
+    ) -> Any:
+        if (
+            not async_op
+            and backend._reduce_op(op) == dist.ReduceOp.SUM
+            and tensor.device.type == "cpu"
+            and tensor.is_contiguous()
+            and level >= SHM_DTYPE_LEVELS.get(tensor.dtype, level + 1)
+            and dist.get_world_size(group) == world_size
+        ):
+            torch.ops.deepspeed.inference_all_reduce_(tensor)
+            return None
+        return gloo_all_reduce(tensor, op, group, async_op)
+
+    backend.all_reduce = all_reduce
+    log.info(
+        "ZeRO's reductions go through DeepSpeed's shared-memory kernel (%d ranks on this node)", world_size
+    )
+    return True

@@ -6,6 +6,7 @@ import dataclasses
 from typing import ClassVar
 
 from reclora_ds.models.rec_llm import RecLLMConfig
+from reclora_ds.training.crm_config import CPU_ALLREDUCES
 
 SHORT_HISTORIES = ("recent", "retrieved")
 LONG_HISTORIES = ("auto", "recent", "retrieved")
@@ -141,6 +142,11 @@ class PLoRATrainConfig(RecLLMConfig):
     """Continue from ``checkpoints/latest`` in output_dir when it exists."""
     num_threads: int = 0
     """torch intra-op threads per process; 0 keeps torch's default (OMP_NUM_THREADS)."""
+    cpu_allreduce: str = "auto"
+    """How ZeRO-2 sums gradients between CPU ranks: ``shm`` (DeepSpeed's shared-memory kernel, all ranks on
+    one node under the deepspeed launcher), ``gloo`` (TCP), or ``auto`` (``shm`` when it can be used, else
+    ``gloo``). The same sums either way on two ranks; measured in docs/PLORA_BENCH.md. See
+    ``reclora_ds.cpu.shm_allreduce.route_deepspeed_all_reduce``."""
     progress: bool = True
     """tqdm progress bars on rank 0."""
 
@@ -190,6 +196,8 @@ class PLoRATrainConfig(RecLLMConfig):
             s not in ("valid", "test", "train", "fewshot") for s in self.eval_splits
         ):
             raise ValueError(f"eval_splits must name splits (valid, test, ...), got {list(self.eval_splits)}")
+        if self.cpu_allreduce not in CPU_ALLREDUCES:
+            raise ValueError(f"cpu_allreduce must be one of {CPU_ALLREDUCES}, got {self.cpu_allreduce!r}")
         if self.dtype not in DTYPE_SETTINGS:
             raise ValueError(f"dtype must be one of {DTYPE_SETTINGS}, got {self.dtype!r}")
         if self.attn_implementation not in ATTENTION_KERNELS:

@@ -560,6 +560,7 @@ class PLoRARecipe:
             enable_cpu_extras(
                 kernels=False,
                 deepspeed_comm=True,
+                allreduce=self.cfg.cpu_allreduce,
                 attention=fused,
                 rms_norm=self.cfg.norm_implementation == "fused",
             )

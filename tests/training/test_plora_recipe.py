@@ -384,6 +384,48 @@ def test_deepspeed_zero2_two_ranks_through_the_entry_point(plora_assets, tmp_pat
     assert len(entropy) == 8 and all(0 < h <= math.log(4) + 1e-6 for h in entropy)
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_zero2_sums_through_shared_memory_train_exactly_as_through_gloo(plora_assets, tmp_path):
+    """cpu_allreduce=shm sums ZeRO-2's gradient buckets in DeepSpeed's shared-memory kernel, gloo over TCP:
+    on two ranks the same float sums, so the same losses, adapter and predictions, bit for bit."""
+    said = "ZeRO's reductions go through DeepSpeed's shared-memory kernel"
+    runs = {}
+    for allreduce in ("gloo", "shm"):
+        out = tmp_path / allreduce
+        extra = [
+            "max_steps=3",
+            "batch_size=8",
+            "micro_batch_size=2",  # x 2 ranks x 2 accumulation steps
+            "eval_max_samples=16",
+            "eval_splits=[test]",
+            "checkpoint_every=0",
+            "log_every=1",
+            "short_history_length=3",
+            f"cpu_allreduce={allreduce}",
+        ]
+        run = subprocess.run(
+            deepspeed_command(overrides(plora_assets, out, *extra)),
+            env=clean_env(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        log = run.stdout + run.stderr
+        assert run.returncode == 0, log[-4000:]
+        assert (said in log) == (allreduce == "shm"), log[-4000:]
+        metrics = json.loads((out / "metrics.json").read_text())
+        adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+        predictions = pq.read_table(out / "predictions_test.parquet").to_pydict()
+        runs[allreduce] = metrics, adapter, predictions
+    (gloo, gloo_adapter, gloo_pred), (shm, shm_adapter, shm_pred) = runs["gloo"], runs["shm"]
+    assert len(gloo["train_loss"]) == 3 and gloo["train_loss"] == shm["train_loss"]
+    assert gloo_adapter.keys() == shm_adapter.keys()
+    for name, tensor in gloo_adapter.items():
+        assert torch.equal(tensor, shm_adapter[name]), name
+    assert gloo_pred == shm_pred
+
+
 # ----------------------------------------------------------------------------------------------------------
 # kill -9, resume
 # ----------------------------------------------------------------------------------------------------------
