@@ -312,7 +312,11 @@ def _remove_own_flag() -> None:
 def _sweep_dead_flags(root: Path) -> None:
     """Remove the flags of processes that no longer run (left by killed jobs), and emptied job folders."""
     for folder in root.glob("*") if root.is_dir() else ():
-        for flag in folder.glob("rank*.*"):
+        try:
+            flags = list(folder.glob("rank*.*"))
+        except FileNotFoundError:  # another job's last rank removed its folder after it was listed
+            continue
+        for flag in flags:
             pid = flag.name.rpartition(".")[2]
             if pid.isdigit() and not _start_time(int(pid)):
                 flag.unlink(missing_ok=True)
