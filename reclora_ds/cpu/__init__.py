@@ -8,8 +8,9 @@
   ``norm_implementation=fused`` (bf16, forward and backward), each registered on its own as
   ``decoder_attention``'s / ``rms_norm``'s implementation.
 - :mod:`reclora_ds.cpu.allocator`: glibc malloc thresholds so a CPU step reuses its freed temporaries.
-- :mod:`reclora_ds.cpu.shm_allreduce`: DeepSpeed's same-node shared-memory all-reduce as DDP's comm hook,
-  and the unlinking of DeepSpeed's ``/dev/shm`` segments once every rank has mapped them.
+- :mod:`reclora_ds.cpu.shm_allreduce`: DeepSpeed's same-node shared-memory all-reduce as DDP's comm hook
+  and under ZeRO-2's gradient reductions, and the unlinking of DeepSpeed's ``/dev/shm`` segments once every
+  rank has mapped them.
 - :mod:`reclora_ds.cpu.build_lock`: every JIT build or load of an extension above runs under a guard that
   clears a killed builder's stale lock and reports any wait longer than a few seconds.
 
@@ -21,7 +22,8 @@ Stage 1 (:mod:`reclora_ds.training.crm_recipe`) on the CPU switches on the alloc
 setting and, for an ``eager_fused`` backbone, the attention kernel, for fused norms the RMSNorm kernel.
 Stage 2 (:mod:`reclora_ds.training.plora_recipe`) on the CPU switches on the attention kernel where the
 backbone trains or scores with ``eager_fused`` (its CPU default for training), the RMSNorm kernel where its
-norms are fused (the default), unlinks DeepSpeed's segments and runs
+norms are fused (the default), sends ZeRO-2's gradient sums through DeepSpeed's shared-memory kernel
+(``cpu_allreduce``), unlinks DeepSpeed's segments and runs
 the frozen CRM in its PyTorch forms, as every other reader of a trained CRM does (CRM states, scoring): the
 CRM's forward is a negligible share of a stage-2 step (docs/RESULTS.md section 2), nothing is compiled for
 it, and the readers agree with each other bit for bit on any device.

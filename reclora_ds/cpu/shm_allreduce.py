@@ -1,4 +1,5 @@
-"""Shared-memory gradient all-reduce for CPU DDP on one node: DeepSpeed's shm kernel as a DDP comm hook.
+"""Shared-memory gradient all-reduce on one node: DeepSpeed's shm kernel as a DDP comm hook (stage 1) and
+under ZeRO-2's reductions (stage 2, :func:`route_deepspeed_all_reduce`).
 
 DDP on CPU all-reduces every bucket of gradients through gloo, which goes over TCP even between two
 processes of one machine. DeepSpeed ships a same-node all-reduce over POSIX shared memory
@@ -157,7 +158,8 @@ def route_deepspeed_all_reduce(backend: Any, required: bool = False) -> bool:
     other dtypes) still goes to gloo. Which path a call takes depends only on what every rank passes
     alike, so the ranks stay in step. On two ranks the kernel computes the same sum as gloo, elementwise
     ``a + b`` (bf16 / fp16 in float32, rounded once), so training is bitwise the same
-    (``tests/training/test_plora_recipe.py``).
+    (``tests/training/test_plora_recipe.py``). What it saves: docs/PLORA_BENCH.md, "ZeRO-2's gradient sums
+    through shared memory".
 
     A collective: call it on every rank after ``deepspeed.initialize`` and before the segments are
     unlinked (:func:`unlink_own_segment`): the segment of this rank is the proof that DeepSpeed mapped
