@@ -78,6 +78,26 @@ def load_op() -> Any | None:
     return op
 
 
+def every_rank_can(reason: str | None, required: bool, fallback: str) -> bool:
+    """True when no rank has a ``reason`` not to use shared memory; a collective (a MIN over the ranks).
+
+    The ranks agree before any of them touches shared memory, so a rank that cannot (a failed build, no
+    mapped segments) never leaves the others waiting on it. Otherwise ``required`` raises a RuntimeError
+    that gives this rank's reason (or says another rank had one), and without it the ``fallback`` note
+    is logged with the reason and False returned.
+    """
+    ready = torch.tensor([int(reason is None)])
+    if dist_utils.dist_info().world_size > 1:
+        dist.all_reduce(ready, op=dist.ReduceOp.MIN)
+    if ready.item():
+        return True
+    reason = reason or "another rank cannot use DeepSpeed's shared memory (see its log)"
+    if required:
+        raise RuntimeError(f"shm all-reduce requested but unavailable: {reason}")
+    log.info("%s: %s", fallback, reason)
+    return False
+
+
 # No ``from __future__ import annotations`` in this module: DDP checks the hook's annotations as objects.
 def shm_allreduce_hook(world_size: int, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP comm hook: average the bucket over the ranks in shared memory (divide, then sum, as DDP's
@@ -111,14 +131,9 @@ def enable_shm_allreduce(
             f"world size {info.world_size})"
         )
     op = load_op() if reason is None else None
-    ready = torch.tensor([int(op is not None)])
-    if info.world_size > 1:
-        dist.all_reduce(ready, op=dist.ReduceOp.MIN)
-    if not ready.item():
-        reason = reason or "DeepSpeed's shm all-reduce could not be loaded on every rank (see the warnings)"
-        if required:
-            raise RuntimeError(f"shm all-reduce requested but unavailable: {reason}")
-        log.info("DDP all-reduces through gloo: %s", reason)
+    if op is None:
+        reason = reason or "DeepSpeed's shm all-reduce could not be loaded (see the warnings)"
+    if not every_rank_can(reason, required, "DDP all-reduces through gloo"):
         return False
     # DeepSpeed's initialize() maps the other ranks' segments only when LOCAL_SIZE is set; it is set for
     # that call alone, so the process's environment is left as the launcher made it.
@@ -175,14 +190,7 @@ def route_deepspeed_all_reduce(backend: Any, required: bool = False) -> bool:
         reason = "DeepSpeed did not load its shm comm op"
     elif not segment_path(info.rank).exists():
         reason = f"DeepSpeed did not map its shared memory ({segment_path(info.rank)} is missing; LOCAL_SIZE unset?)"
-    ready = torch.tensor([int(reason is None)])
-    if info.world_size > 1:
-        dist.all_reduce(ready, op=dist.ReduceOp.MIN)
-    if not ready.item():
-        reason = reason or "another rank cannot use DeepSpeed's shared memory (see its log)"
-        if required:
-            raise RuntimeError(f"shm all-reduce requested but unavailable: {reason}")
-        log.info("ZeRO's reductions go through gloo: %s", reason)
+    if not every_rank_can(reason, required, "ZeRO's reductions go through gloo"):
         return False
     level = op.vector_kernel_level()
     world_size = info.world_size
