@@ -145,4 +145,5 @@ if __name__ == "__main__":
     parser.add_argument("--worker", type=Path, required=True)
     parser.add_argument("mode", choices=["local", "nolocal"])
     args = parser.parse_args()
-    worker(args.worker, args.mode)
+    # through exit_process: a gloo group's threads can abort a normal interpreter exit (reclora_ds.distributed)
+    D.run_and_exit(lambda: worker(args.worker, args.mode))
