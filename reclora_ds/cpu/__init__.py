@@ -134,7 +134,8 @@ def enable_cpu_extras(
         if allreduce != "gloo":
             from deepspeed import comm as ds_comm
 
-            shm = shm_allreduce.route_deepspeed_all_reduce(ds_comm.comm.cdb, required=allreduce == "shm")
+            backend = getattr(ds_comm.comm, "cdb", None)  # None: a DeepSpeed without it; the route says why
+            shm = shm_allreduce.route_deepspeed_all_reduce(backend, required=allreduce == "shm")
         dist_utils.barrier()  # every rank has mapped every segment
         shm_allreduce.unlink_own_segment(info.rank)
     return CPUExtras(

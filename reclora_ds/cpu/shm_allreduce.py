@@ -186,8 +186,12 @@ def route_deepspeed_all_reduce(backend: Any, required: bool = False) -> bool:
     op = getattr(backend, "shm_comm_op", None)
     if info.world_size < 2:
         reason = "a single process has nothing to all-reduce"
+    elif backend is None:
+        reason = "DeepSpeed's communication backend (deepspeed.comm.comm.cdb) is not there"
     elif op is None:
         reason = "DeepSpeed did not load its shm comm op"
+    elif not callable(getattr(backend, "_reduce_op", None)):
+        reason = "this DeepSpeed's communication backend has no _reduce_op (a newer DeepSpeed?)"
     elif not segment_path(info.rank).exists():
         reason = f"DeepSpeed did not map its shared memory ({segment_path(info.rank)} is missing; LOCAL_SIZE unset?)"
     if not every_rank_can(reason, required, "ZeRO's reductions go through gloo"):
