@@ -183,12 +183,12 @@ def route_deepspeed_all_reduce(backend: Any, required: bool = False) -> bool:
     """
     info = dist_utils.dist_info()
     reason = None
-    op = getattr(backend, "shm_comm_op", None)
+    shm_op = getattr(backend, "shm_comm_op", None)
     if info.world_size < 2:
         reason = "a single process has nothing to all-reduce"
     elif backend is None:
         reason = "DeepSpeed's communication backend (deepspeed.comm.comm.cdb) is not there"
-    elif op is None:
+    elif shm_op is None:
         reason = "DeepSpeed did not load its shm comm op"
     elif not callable(getattr(backend, "_reduce_op", None)):
         reason = "this DeepSpeed's communication backend has no _reduce_op (a newer DeepSpeed?)"
@@ -196,7 +196,7 @@ def route_deepspeed_all_reduce(backend: Any, required: bool = False) -> bool:
         reason = f"DeepSpeed did not map its shared memory ({segment_path(info.rank)} is missing; LOCAL_SIZE unset?)"
     if not every_rank_can(reason, required, "ZeRO's reductions go through gloo"):
         return False
-    level = op.vector_kernel_level()
+    level = shm_op.vector_kernel_level()  # a DeepSpeed op: fixed for the process
     world_size = info.world_size
     gloo_all_reduce = backend.all_reduce
 
