@@ -773,6 +773,22 @@ STAGE2_VARIANTS: list[tuple[str, tuple[str, ...]]] = [
         "lora bf16+group+fused+eval4+micro4+norm+bucket+shm",
         ("mode=lora", *_MICRO4_NORM, f"deepspeed_config={STAGE2_DS_CONFIG}", "cpu_allreduce=shm"),
     ),
+    # and each rank's malloc preloaded (reclora_ds.cpu.malloc_preload) instead of glibc's: mimalloc (the pip
+    # wheel, what plora.cpu_allocator=auto takes) or jemalloc (the system's libjemalloc, where installed)
+    *(
+        (
+            f"{mode}bf16+group+{adapter}fused+eval4+micro4+norm+bucket+shm+{malloc}",
+            (
+                *lora,
+                *_MICRO4_NORM,
+                f"deepspeed_config={STAGE2_DS_CONFIG}",
+                "cpu_allreduce=shm",
+                f"cpu_allocator={malloc}",
+            ),
+        )
+        for malloc in ("mimalloc", "jemalloc")
+        for mode, adapter, lora in (("", "adapter16+", ()), ("lora ", "", ("mode=lora",)))
+    ),
 ]
 STAGE2_QUICK = (
     "bf16+group+eval32+adapter16",
@@ -854,16 +870,21 @@ def stage2_overrides(args: argparse.Namespace, out: Path) -> list[str]:
         f"deepspeed_config={baseline_ds_config(out.parent)}",  # "+bucket" variants: the shipped one
         "norm_implementation=transformers",  # the variants' baseline; "+norm" ones fuse the norms
         "cpu_allreduce=gloo",  # the variants' baseline; "+shm" ones sum in shared memory
+        "cpu_allocator=system",  # the variants' baseline; "+mimalloc" / "+jemalloc" ones preload theirs
     ]  # fmt: skip
 
 
 def stage2_worker(overrides: list[str]) -> None:
     """One rank of one variant: the stage-2 recipe as ``launch/train_plora.py`` runs it."""
     from reclora_ds.config import load_config
+    from reclora_ds.cpu.malloc_preload import ensure_allocator
     from reclora_ds.training.plora_config import PLoRATrainConfig
+
+    cfg = load_config(PLoRATrainConfig, STAGE2_CONFIG, overrides, "plora")
+    ensure_allocator(cfg.cpu_allocator, "plora.cpu_allocator")  # may run this rank again, preloaded
     from reclora_ds.training.plora_recipe import run_plora_training
 
-    run_plora_training(load_config(PLoRATrainConfig, STAGE2_CONFIG, overrides, "plora"))
+    run_plora_training(cfg)
 
 
 def run_stage2_variant(args: argparse.Namespace, name: str, extra: tuple[str, ...], root: Path) -> dict:
@@ -1013,6 +1034,13 @@ def stage2_main(args: argparse.Namespace) -> None:
         (
             "bf16+group+adapter16+fused+eval4+micro4+norm+bucket+shm",
             "lora bf16+group+fused+eval4+micro4+norm+bucket+shm",
+        ),
+        *(
+            (
+                f"bf16+group+adapter16+fused+eval4+micro4+norm+bucket+shm+{malloc}",
+                f"lora bf16+group+fused+eval4+micro4+norm+bucket+shm+{malloc}",
+            )
+            for malloc in ("mimalloc", "jemalloc")
         ),
     ):
         plora, lora = results.get(plora_name), results.get(lora_name)

@@ -14,7 +14,10 @@ from __future__ import annotations
 import argparse
 import logging
 
+import torch
+
 from reclora_ds.config import check_output_location, load_config, run_command, run_folder_check
+from reclora_ds.cpu.malloc_preload import ensure_allocator
 from reclora_ds.distributed import is_main_process, run_and_exit
 from reclora_ds.package_data import resolve_launch_config
 from reclora_ds.training.plora_config import PLoRATrainConfig
@@ -39,6 +42,8 @@ def _main(argv: list[str] | None = None) -> int:
         source=str(config_path or "<command line>"),
         protected=(config_path,),
     )
+    if argv is None:  # this process's own command line: it may run itself again with a faster malloc
+        ensure_allocator(cfg.cpu_allocator, "plora.cpu_allocator", cuda=torch.cuda.is_available())
     from reclora_ds.training.plora_recipe import run_plora_training  # heavy: after the checks
 
     run_plora_training(cfg)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
+from reclora_ds.cpu.malloc_preload import ALLOCATORS as CPU_ALLOCATORS
 from reclora_ds.models.rec_llm import RecLLMConfig
 from reclora_ds.training.crm_config import CPU_ALLREDUCES
 
@@ -147,6 +148,13 @@ class PLoRATrainConfig(RecLLMConfig):
     one node under the deepspeed launcher), ``gloo`` (TCP), or ``auto`` (``shm`` when it can be used, else
     ``gloo``). The same sums either way on two ranks; measured in docs/PLORA_BENCH.md. See
     ``reclora_ds.cpu.shm_allreduce.route_deepspeed_all_reduce``."""
+    cpu_allocator: str = "auto"
+    """The ``malloc`` of each stage-2 process on a CPU: ``mimalloc``, ``jemalloc`` (preloaded: the command
+    runs itself again with ``LD_PRELOAD``, same pid), ``system`` (the C library's), or ``auto`` (mimalloc
+    where installed, as on Linux with this package, else jemalloc where the system has it, else the
+    system's; on a CUDA machine ``auto`` keeps the system's). The same results; glibc's costs a CPU step
+    about 10% (docs/PLORA_BENCH.md, "A faster malloc"). Applied by the ``train_plora`` command's process;
+    see ``reclora_ds.cpu.malloc_preload``."""
     progress: bool = True
     """tqdm progress bars on rank 0."""
 
@@ -198,6 +206,8 @@ class PLoRATrainConfig(RecLLMConfig):
             raise ValueError(f"eval_splits must name splits (valid, test, ...), got {list(self.eval_splits)}")
         if self.cpu_allreduce not in CPU_ALLREDUCES:
             raise ValueError(f"cpu_allreduce must be one of {CPU_ALLREDUCES}, got {self.cpu_allreduce!r}")
+        if self.cpu_allocator not in CPU_ALLOCATORS:
+            raise ValueError(f"cpu_allocator must be one of {CPU_ALLOCATORS}, got {self.cpu_allocator!r}")
         if self.dtype not in DTYPE_SETTINGS:
             raise ValueError(f"dtype must be one of {DTYPE_SETTINGS}, got {self.dtype!r}")
         if self.attn_implementation not in ATTENTION_KERNELS:

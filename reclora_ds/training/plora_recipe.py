@@ -81,6 +81,7 @@ from tqdm.auto import tqdm
 from reclora_ds import distributed as dist_utils
 from reclora_ds.config import config_to_dict, save_config
 from reclora_ds.cpu import enable_cpu_extras
+from reclora_ds.cpu.malloc_preload import loaded_allocator
 from reclora_ds.data.loader import uniform_sample_ids
 from reclora_ds.data.processed import ProcessedDataset
 from reclora_ds.data.prompts import PromptEncoder
@@ -449,7 +450,7 @@ class PLoRARecipe:
         n_trainable = sum(p.numel() for p in self.trainable.values())
         log.info(
             "mode %s on %s: %s trainable parameters, %d rank(s), global batch %d = %d micro x %d ranks x %d "
-            "accumulation, %d steps/epoch (%d in all), %s, attention %s (training) / %s (scoring)",
+            "accumulation, %d steps/epoch (%d in all), %s, attention %s (training) / %s (scoring), malloc %s",
             cfg.mode,
             self.device,
             f"{n_trainable:,}",
@@ -463,6 +464,7 @@ class PLoRARecipe:
             dtype,
             self.train_attention,
             cfg.attn_implementation,
+            loaded_allocator(),
         )
         dist_utils.barrier()
 
@@ -915,6 +917,7 @@ class PLoRARecipe:
             **final,
             "perf": self._perf,
             "truncated_prompts": self.encoder.truncated,
+            "malloc": loaded_allocator(),  # this rank's (plora.cpu_allocator)
         }
         if self.is_main:
             write_text_atomic(self.out / "metrics.json", json.dumps(result, indent=2) + "\n")

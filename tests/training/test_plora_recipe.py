@@ -384,15 +384,12 @@ def test_deepspeed_zero2_two_ranks_through_the_entry_point(plora_assets, tmp_pat
     assert len(entropy) == 8 and all(0 < h <= math.log(4) + 1e-6 for h in entropy)
 
 
-@pytest.mark.distributed
-@pytest.mark.slow
-def test_zero2_sums_through_shared_memory_train_exactly_as_through_gloo(plora_assets, tmp_path):
-    """cpu_allreduce=shm sums ZeRO-2's gradient buckets in DeepSpeed's shared-memory kernel, gloo over TCP:
-    on two ranks the same float sums, so the same losses, adapter and predictions, bit for bit."""
-    said = "ZeRO's reductions go through DeepSpeed's shared-memory kernel"
-    runs = {}
-    for allreduce in ("gloo", "shm"):
-        out = tmp_path / allreduce
+def train_once_per_setting(plora_assets, tmp_path, key: str, values: tuple[str, str]) -> dict[str, str]:
+    """The entry point on two ranks once per value of ``key`` (3 steps, 16 test ids); asserts that both runs
+    trained and scored bit for bit alike (losses, adapter tensors, predictions); returns each run's log."""
+    runs, logs = {}, {}
+    for value in values:
+        out = tmp_path / value
         extra = [
             "max_steps=3",
             "batch_size=8",
@@ -402,7 +399,7 @@ def test_zero2_sums_through_shared_memory_train_exactly_as_through_gloo(plora_as
             "checkpoint_every=0",
             "log_every=1",
             "short_history_length=3",
-            f"cpu_allreduce={allreduce}",
+            f"{key}={value}",
         ]
         run = subprocess.run(
             deepspeed_command(overrides(plora_assets, out, *extra)),
@@ -411,19 +408,42 @@ def test_zero2_sums_through_shared_memory_train_exactly_as_through_gloo(plora_as
             text=True,
             timeout=600,
         )
-        log = run.stdout + run.stderr
-        assert run.returncode == 0, log[-4000:]
-        assert (said in log) == (allreduce == "shm"), log[-4000:]
+        logs[value] = run.stdout + run.stderr
+        assert run.returncode == 0, logs[value][-4000:]
         metrics = json.loads((out / "metrics.json").read_text())
         adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
         predictions = pq.read_table(out / "predictions_test.parquet").to_pydict()
-        runs[allreduce] = metrics, adapter, predictions
-    (gloo, gloo_adapter, gloo_pred), (shm, shm_adapter, shm_pred) = runs["gloo"], runs["shm"]
-    assert len(gloo["train_loss"]) == 3 and gloo["train_loss"] == shm["train_loss"]
-    assert gloo_adapter.keys() == shm_adapter.keys()
-    for name, tensor in gloo_adapter.items():
-        assert torch.equal(tensor, shm_adapter[name]), name
-    assert gloo_pred == shm_pred
+        runs[value] = metrics, adapter, predictions
+    (first, first_adapter, first_pred), (second, second_adapter, second_pred) = (runs[v] for v in values)
+    assert len(first["train_loss"]) == 3 and first["train_loss"] == second["train_loss"]
+    assert first_adapter.keys() == second_adapter.keys()
+    for name, tensor in first_adapter.items():
+        assert torch.equal(tensor, second_adapter[name]), name
+    assert first_pred == second_pred
+    return logs
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_zero2_sums_through_shared_memory_train_exactly_as_through_gloo(plora_assets, tmp_path):
+    """cpu_allreduce=shm sums ZeRO-2's gradient buckets in DeepSpeed's shared-memory kernel, gloo over TCP:
+    on two ranks the same float sums, so the same losses, adapter and predictions, bit for bit."""
+    said = "ZeRO's reductions go through DeepSpeed's shared-memory kernel"
+    logs = train_once_per_setting(plora_assets, tmp_path, "cpu_allreduce", ("gloo", "shm"))
+    assert said not in logs["gloo"], logs["gloo"][-4000:]
+    assert said in logs["shm"], logs["shm"][-4000:]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_ranks_under_a_preloaded_malloc_train_exactly_as_under_the_system_one(plora_assets, tmp_path):
+    """cpu_allocator=mimalloc: each rank runs itself again with mimalloc preloaded (the log and metrics.json
+    say which malloc ran). The same arithmetic on other addresses: the same losses, adapter and predictions,
+    bit for bit (a kernel that read memory it never wrote would differ between the two allocators)."""
+    logs = train_once_per_setting(plora_assets, tmp_path, "cpu_allocator", ("system", "mimalloc"))
+    for value, log in logs.items():
+        assert f"malloc {value}" in log, log[-4000:]
+        assert json.loads((tmp_path / value / "metrics.json").read_text())["malloc"] == value
 
 
 # ----------------------------------------------------------------------------------------------------------

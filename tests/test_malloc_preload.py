@@ -1,0 +1,158 @@
+"""reclora_ds.cpu.malloc_preload: which malloc a process runs, and re-running a command with one preloaded."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from reclora_ds.cpu import malloc_preload
+from reclora_ds.cpu.malloc_preload import (
+    ensure_allocator,
+    library_path,
+    loaded_allocator,
+    preload_environment,
+)
+
+linux_only = pytest.mark.skipif(sys.platform != "linux", reason="LD_PRELOAD and /proc/self/maps are Linux's")
+MIMALLOC = library_path("mimalloc") if sys.platform == "linux" else None
+needs_mimalloc = pytest.mark.skipif(MIMALLOC is None, reason="the cmeel-mimalloc wheel is not installed")
+
+# Prints one JSON line per pass through ensure_allocator: before it (a re-executed process prints again) and
+# after it; the command line's extra arguments must survive the re-execution.
+PROBE = textwrap.dedent(
+    """
+    import json, os, sys
+    from reclora_ds.cpu.malloc_preload import ensure_allocator, loaded_allocator
+    print(json.dumps({"at": "before", "pid": os.getpid(), "malloc": loaded_allocator()}), flush=True)
+    got = ensure_allocator(sys.argv[1], "plora.cpu_allocator")
+    print(json.dumps({"at": "after", "pid": os.getpid(), "argv": sys.argv[1:], "got": got,
+                      "malloc": loaded_allocator(), "purge": os.environ.get("MIMALLOC_PURGE_DELAY")}))
+    """
+)
+
+
+def probe(tmp_path, choice: str, **env: str) -> list[dict]:
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    base = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", malloc_preload.REEXECUTED)}
+    run = subprocess.run(
+        [sys.executable, "-u", str(script), choice, "--an-argument", "with space"],
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return [json.loads(line) for line in run.stdout.splitlines()]
+
+
+def test_loaded_allocator_reads_the_mapped_libraries():
+    system = "7f00-7f01 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n"
+    assert loaded_allocator(system) == "system"
+    assert (
+        loaded_allocator(system + "7f02-7f03 r-xp 0 08:01 2 /venv/cmeel.prefix/lib/libmimalloc.so.3\n")
+        == "mimalloc"
+    )
+    assert loaded_allocator(system + "7f02-7f03 r-xp 0 08:01 2 /usr/lib/libjemalloc.so.2\n") == "jemalloc"
+    assert (
+        loaded_allocator(system + "7f02-7f03 r-xp 0 08:01 2 /usr/lib/libtcmalloc_minimal.so.4\n")
+        == "tcmalloc"
+    )
+
+
+def test_preload_environment_puts_the_library_first_and_keeps_the_users_options():
+    env = preload_environment("mimalloc", "/x/libmimalloc.so.3", {"LD_PRELOAD": "/y/libfoo.so", "A": "1"})
+    assert env == {"LD_PRELOAD": "/x/libmimalloc.so.3 /y/libfoo.so", "A": "1", "MIMALLOC_PURGE_DELAY": "-1"}
+    mine = preload_environment("jemalloc", "libjemalloc.so.2", {"MALLOC_CONF": "narenas:1"})
+    assert mine == {"LD_PRELOAD": "libjemalloc.so.2", "MALLOC_CONF": "narenas:1"}
+
+
+@linux_only
+@needs_mimalloc
+@pytest.mark.parametrize("choice", ["mimalloc", "auto"])
+def test_a_command_runs_itself_again_with_mimalloc_preloaded(tmp_path, choice):
+    lines = probe(tmp_path, choice)
+    assert [line["at"] for line in lines] == ["before", "before", "after"]  # one re-execution, then on
+    assert [line["malloc"] for line in lines] == ["system", "mimalloc", "mimalloc"]
+    assert len({line["pid"] for line in lines}) == 1  # os.execve: the launcher's process, still
+    assert lines[-1]["argv"] == [choice, "--an-argument", "with space"]
+    assert lines[-1]["got"] == "mimalloc" and lines[-1]["purge"] == "-1"
+
+
+@linux_only
+@needs_mimalloc
+def test_the_users_own_mimalloc_option_is_kept(tmp_path):
+    assert probe(tmp_path, "mimalloc", MIMALLOC_PURGE_DELAY="10")[-1]["purge"] == "10"
+
+
+@linux_only
+def test_system_leaves_the_process_as_it_started(tmp_path):
+    lines = probe(tmp_path, "system")
+    assert [(line["at"], line["malloc"]) for line in lines] == [("before", "system"), ("after", "system")]
+    assert lines[-1]["got"] == "system"
+
+
+@linux_only
+@needs_mimalloc
+def test_an_allocator_the_user_preloaded_is_reported_or_refused_by_name(tmp_path):
+    lines = probe(tmp_path, "auto", LD_PRELOAD=MIMALLOC)
+    assert [(line["at"], line.get("got")) for line in lines] == [
+        ("before", None),
+        ("after", "mimalloc"),
+    ]
+    script = tmp_path / "probe.py"
+    env = {**os.environ, "LD_PRELOAD": MIMALLOC}
+    run = subprocess.run(
+        [sys.executable, str(script), "jemalloc"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode != 0
+    assert "plora.cpu_allocator=jemalloc: this process already runs mimalloc" in run.stderr
+
+
+def no_exec(*args):
+    raise AssertionError(f"os.execve called: {args}")
+
+
+def test_an_explicit_choice_that_cannot_be_had_names_the_key(monkeypatch):
+    monkeypatch.setattr(malloc_preload.os, "execve", no_exec)
+    monkeypatch.setattr(malloc_preload, "loaded_allocator", lambda: "system")
+    monkeypatch.setattr(malloc_preload.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(malloc_preload, "library_path", lambda name: None)
+    with pytest.raises(ValueError, match=r"plora.cpu_allocator=jemalloc: no libjemalloc on this system"):
+        ensure_allocator("jemalloc", "plora.cpu_allocator")
+    with pytest.raises(
+        ValueError, match=r"plora.cpu_allocator=mimalloc: the cmeel-mimalloc wheel is not installed"
+    ):
+        ensure_allocator("mimalloc", "plora.cpu_allocator")
+    assert ensure_allocator("auto", "plora.cpu_allocator") == "system"  # auto: the system's, said in the log
+    with pytest.raises(ValueError, match=r"plora.cpu_allocator must be one of"):
+        ensure_allocator("tcmalloc", "plora.cpu_allocator")
+    monkeypatch.setattr(malloc_preload.platform, "system", lambda: "Darwin")
+    with pytest.raises(
+        ValueError, match=r"plora.cpu_allocator=mimalloc: preloading an allocator needs Linux"
+    ):
+        ensure_allocator("mimalloc", "plora.cpu_allocator")
+
+
+def test_a_library_the_loader_refused_is_not_tried_twice(monkeypatch):
+    """The re-executed process still runs the system's malloc (the loader ignored LD_PRELOAD): an explicit
+    choice fails with the reason, auto goes on with the system's; neither executes a third time."""
+    monkeypatch.setattr(malloc_preload.os, "execve", no_exec)
+    monkeypatch.setattr(malloc_preload, "loaded_allocator", lambda: "system")
+    monkeypatch.setattr(malloc_preload.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(malloc_preload, "library_path", lambda name: "/gone/libmimalloc.so.3")
+    monkeypatch.setenv(malloc_preload.REEXECUTED, "1")
+    with pytest.raises(ValueError, match=r"plora.cpu_allocator=mimalloc: the dynamic loader did not preload"):
+        ensure_allocator("mimalloc", "plora.cpu_allocator")
+    assert ensure_allocator("auto", "plora.cpu_allocator") == "system"
+
+
+def test_auto_on_a_gpu_keeps_the_system_malloc(monkeypatch):
+    monkeypatch.setattr(malloc_preload.os, "execve", no_exec)
+    monkeypatch.setattr(malloc_preload, "loaded_allocator", lambda: "system")
+    assert ensure_allocator("auto", "plora.cpu_allocator", cuda=True) == "system"
