@@ -773,7 +773,7 @@ STAGE2_VARIANTS: list[tuple[str, tuple[str, ...]]] = [
         "lora bf16+group+fused+eval4+micro4+norm+bucket+shm",
         ("mode=lora", *_MICRO4_NORM, f"deepspeed_config={STAGE2_DS_CONFIG}", "cpu_allreduce=shm"),
     ),
-    # and each rank's malloc preloaded (reclora_ds.cpu.malloc_preload) instead of glibc's: mimalloc (the pip
+    # and each rank's malloc preloaded (reclora_ds.malloc_preload) instead of glibc's: mimalloc (the pip
     # wheel, what plora.cpu_allocator=auto takes) or jemalloc (the system's libjemalloc, where installed)
     *(
         (
@@ -877,7 +877,7 @@ def stage2_overrides(args: argparse.Namespace, out: Path) -> list[str]:
 def stage2_worker(overrides: list[str]) -> None:
     """One rank of one variant: the stage-2 recipe as ``launch/train_plora.py`` runs it."""
     from reclora_ds.config import load_config
-    from reclora_ds.cpu.malloc_preload import ensure_allocator
+    from reclora_ds.malloc_preload import ensure_allocator
     from reclora_ds.training.plora_config import PLoRATrainConfig
 
     cfg = load_config(PLoRATrainConfig, STAGE2_CONFIG, overrides, "plora")

@@ -29,8 +29,10 @@ ALLOWED: dict[str, set[str]] = {
     "backbone": {"files"},
     "llm_loader": {"backbone", "models"},  # registers the models' attention function with transformers
     "cpu": {"distributed", "models"},  # fills the models' ops seam; only recipes and scoring import it
+    "malloc_preload": set(),  # a process's malloc: run by a command's entry, read by the stage-2 recipe
     "retrieval": FOUNDATION | {"data", "backbone", "llm_loader"},
-    "training": FOUNDATION | {"data", "models", "metrics", "cpu", "backbone", "llm_loader", "retrieval"},
+    "training": FOUNDATION
+    | {"data", "models", "metrics", "cpu", "backbone", "llm_loader", "retrieval", "malloc_preload"},
     "pipeline": FOUNDATION | {"data", "models", "metrics", "comparison", "training", "retrieval", "backbone"},
     "experiments": FOUNDATION | {"data", "metrics", "training", "pipeline"},
     "commands": FOUNDATION
@@ -46,6 +48,7 @@ ALLOWED: dict[str, set[str]] = {
         "pipeline",
         "download",
         "experiments",
+        "malloc_preload",
     },
     "cli": FOUNDATION | {"data", "pipeline", "commands"},
     "__main__": {"cli"},

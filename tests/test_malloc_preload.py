@@ -1,4 +1,4 @@
-"""reclora_ds.cpu.malloc_preload: which malloc a process runs, and re-running a command with one preloaded."""
+"""reclora_ds.malloc_preload: which malloc a process runs, and re-running a command with one preloaded."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import textwrap
 
 import pytest
 
-from reclora_ds.cpu import malloc_preload
-from reclora_ds.cpu.malloc_preload import (
+from reclora_ds import malloc_preload
+from reclora_ds.malloc_preload import (
     ensure_allocator,
     library_path,
     loaded_allocator,
@@ -27,7 +27,7 @@ needs_mimalloc = pytest.mark.skipif(MIMALLOC is None, reason="the cmeel-mimalloc
 PROBE = textwrap.dedent(
     """
     import json, os, sys
-    from reclora_ds.cpu.malloc_preload import ensure_allocator, loaded_allocator
+    from reclora_ds.malloc_preload import ensure_allocator, loaded_allocator
     print(json.dumps({"at": "before", "pid": os.getpid(), "malloc": loaded_allocator()}), flush=True)
     got = ensure_allocator(sys.argv[1], "plora.cpu_allocator")
     print(json.dumps({"at": "after", "pid": os.getpid(), "argv": sys.argv[1:], "got": got,

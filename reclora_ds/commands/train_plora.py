@@ -17,8 +17,8 @@ import logging
 import torch
 
 from reclora_ds.config import check_output_location, load_config, run_command, run_folder_check
-from reclora_ds.cpu.malloc_preload import ensure_allocator
 from reclora_ds.distributed import is_main_process, run_and_exit
+from reclora_ds.malloc_preload import ensure_allocator
 from reclora_ds.package_data import resolve_launch_config
 from reclora_ds.training.plora_config import PLoRATrainConfig
 

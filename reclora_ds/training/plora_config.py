@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from reclora_ds.cpu.malloc_preload import ALLOCATORS as CPU_ALLOCATORS
+from reclora_ds.malloc_preload import ALLOCATORS as CPU_ALLOCATORS
 from reclora_ds.models.rec_llm import RecLLMConfig
 from reclora_ds.training.crm_config import CPU_ALLREDUCES
 
@@ -154,7 +154,7 @@ class PLoRATrainConfig(RecLLMConfig):
     where installed, as on Linux with this package, else jemalloc where the system has it, else the
     system's; on a CUDA machine ``auto`` keeps the system's). The same results; glibc's costs a CPU step
     about 10% (docs/PLORA_BENCH.md, "A faster malloc"). Applied by the ``train_plora`` command's process;
-    see ``reclora_ds.cpu.malloc_preload``."""
+    see ``reclora_ds.malloc_preload``."""
     progress: bool = True
     """tqdm progress bars on rank 0."""
 

@@ -81,7 +81,6 @@ from tqdm.auto import tqdm
 from reclora_ds import distributed as dist_utils
 from reclora_ds.config import config_to_dict, save_config
 from reclora_ds.cpu import enable_cpu_extras
-from reclora_ds.cpu.malloc_preload import loaded_allocator
 from reclora_ds.data.loader import uniform_sample_ids
 from reclora_ds.data.processed import ProcessedDataset
 from reclora_ds.data.prompts import PromptEncoder
@@ -94,6 +93,7 @@ from reclora_ds.files import (
     write_text_atomic,
 )
 from reclora_ds.llm_loader import bitsandbytes_problem, native_bf16, resolve_dtype
+from reclora_ds.malloc_preload import loaded_allocator
 from reclora_ds.metrics import (
     Predictions,
     evaluate_predictions,
