@@ -877,10 +877,11 @@ def stage2_overrides(args: argparse.Namespace, out: Path) -> list[str]:
 def stage2_worker(overrides: list[str]) -> None:
     """One rank of one variant: the stage-2 recipe as ``launch/train_plora.py`` runs it."""
     from reclora_ds.config import load_config
-    from reclora_ds.malloc_preload import ensure_allocator
+    from reclora_ds.malloc_preload import declare_process_entry, ensure_allocator
     from reclora_ds.training.plora_config import PLoRATrainConfig
 
     cfg = load_config(PLoRATrainConfig, STAGE2_CONFIG, overrides, "plora")
+    declare_process_entry()  # a rank started by the deepspeed launcher on this file
     ensure_allocator(cfg.cpu_allocator, "plora.cpu_allocator")  # may run this rank again, preloaded
     from reclora_ds.training.plora_recipe import run_plora_training
 

@@ -7,6 +7,8 @@ the usage.
 
 from reclora_ds.commands.train_plora import main
 from reclora_ds.distributed import run_and_exit
+from reclora_ds.malloc_preload import declare_process_entry
 
 if __name__ == "__main__":
+    declare_process_entry()  # this process's command line is this command's: it may run again preloaded
     run_and_exit(main)  # not sys.exit: see reclora_ds.distributed.run_and_exit

@@ -127,7 +127,9 @@ def run() -> NoReturn:
     :func:`reclora_ds.distributed.run_and_exit`, as every entry point ends (a command such as
     ``train_plora`` may have made a process group; a plain process exits normally)."""
     from reclora_ds.distributed import run_and_exit
+    from reclora_ds.malloc_preload import declare_process_entry
 
+    declare_process_entry()  # a command run here (train_plora, score) may run this process again, preloaded
     run_and_exit(main)
 
 

@@ -2,15 +2,17 @@
 
 A stage-2 training step on a CPU allocates and frees thousands of tensors whose sizes change with every
 micro-batch's prompt length. glibc's ``malloc`` serves them with a search of its free lists
-(``_int_malloc``: about 5% of a rank's CPU in ``perf``) and gives large blocks back to the kernel, so the
-next step page-faults them in again (about 9,000 faults per training sample). An allocator with size-class
-pages that keeps its freed memory does neither; measured in docs/PLORA_BENCH.md ("A faster malloc").
+(``_int_malloc``) and gives large blocks back to the kernel, so the next step page-faults them in again. An
+allocator with size-class pages that keeps its freed memory does neither; what that buys is measured in
+docs/PLORA_BENCH.md ("A faster malloc").
 
 ``malloc`` is replaced only by a library loaded before the C library's is first used: ``LD_PRELOAD`` at
 process start. :func:`ensure_allocator` therefore executes the process's own command line
 (``sys.orig_argv``) again, once, with the library preloaded and told to keep freed memory
-(:data:`KEEP_FREED`), before any heavy work. ``os.execv`` keeps the process id, its open files and its
-environment, so a launcher that watches its ranks (deepspeed, torchrun, SLURM) sees the same process.
+(:data:`KEEP_FREED`), before any heavy work. ``os.execve`` keeps the process id and its open files, so a
+launcher that watches its ranks (deepspeed, torchrun, SLURM) sees the same process. Only a process whose
+entry point called :func:`declare_process_entry` is executed again: a command's ``main`` called inside
+another program (a test, a notebook) leaves that program as it is.
 
 Choices (``plora.cpu_allocator``):
 
@@ -46,6 +48,13 @@ KEEP_FREED = {
 }
 MAPPED_ALLOCATOR = re.compile(r"/lib(mimalloc|jemalloc|tcmalloc)[._-]")  # a library path in /proc/self/maps
 REEXECUTED = "RECLORA_DS_ALLOCATOR_REEXEC"  # set in the re-executed process: never a second time
+
+
+_process_entry = False  # declare_process_entry() was called: this process's command line is a command's
+
+
+class AllocatorError(ValueError):
+    """A ``cpu_allocator`` choice that cannot be had here; the message names the key and the reason."""
 
 
 def library_path(name: str) -> str | None:
@@ -94,6 +103,14 @@ def preload_environment(name: str, library: str, env: Mapping[str, str]) -> dict
     return out
 
 
+def declare_process_entry() -> None:
+    """Say that this process's command line runs a command (an entry point's ``__main__`` calls this), so
+    :func:`ensure_allocator` may execute it again. A command's ``main`` called inside another program (a
+    test, a notebook) never re-executes that program."""
+    global _process_entry
+    _process_entry = True
+
+
 def _unavailable(name: str) -> str:
     if name == "mimalloc":
         return "the cmeel-mimalloc wheel is not installed (pip install cmeel-mimalloc)"
@@ -108,41 +125,49 @@ def ensure_allocator(choice: str, key: str, cuda: bool = False) -> str:
 
     May not return: where a library has to be preloaded, the process's command line is executed again
     with it (the same pid), and the new process reaches this call again and returns. Call it from a
-    command's entry, before heavy work, and only where the command line is this process's own.
+    command, before heavy work; it re-executes only a process whose entry point called
+    :func:`declare_process_entry` (elsewhere ``auto`` keeps the running ``malloc``, an explicit choice is
+    an error).
 
     Raises:
-        ValueError: naming ``key``, where an explicit choice cannot be had (not Linux, not installed,
+        AllocatorError: naming ``key``, where an explicit choice cannot be had (not Linux, not installed,
             another allocator preloaded by the user, or the loader refused the library).
     """
     if choice not in ALLOCATORS:
-        raise ValueError(f"{key} must be one of {ALLOCATORS}, got {choice!r}")
+        raise AllocatorError(f"{key} must be one of {ALLOCATORS}, got {choice!r}")
     running = loaded_allocator()
     if choice == "system" or running == choice or (choice == "auto" and cuda):
         return running
     if running != "system":  # preloaded by the user
         if choice == "auto":
             return running
-        raise ValueError(
+        raise AllocatorError(
             f"{key}={choice}: this process already runs {running} "
             f"(LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r}); set {key}=auto or drop it from LD_PRELOAD"
         )
     if platform.system() != "Linux":
         if choice == "auto":
             return "system"
-        raise ValueError(f"{key}={choice}: preloading an allocator needs Linux (LD_PRELOAD)")
+        raise AllocatorError(f"{key}={choice}: preloading an allocator needs Linux (LD_PRELOAD)")
     wanted = [choice] if choice != "auto" else list(PRELOADABLE)
     found = [(name, library_path(name)) for name in wanted]
     found = [(name, library) for name, library in found if library]
     if not found:
         if choice != "auto":
-            raise ValueError(f"{key}={choice}: {_unavailable(choice)}")
+            raise AllocatorError(f"{key}={choice}: {_unavailable(choice)}")
         log.info("malloc: the system's (%s)", "; ".join(_unavailable(n) for n in PRELOADABLE))
         return "system"
     name, library = found[0]
+    if not _process_entry:
+        reason = "this command runs inside another program (no entry point declared it), which is not re-run"
+        if choice != "auto":
+            raise AllocatorError(f"{key}={choice}: {reason}")
+        log.info("malloc: %s: %s", running, reason)
+        return running
     if os.environ.get(REEXECUTED):
         reason = f"the dynamic loader did not preload {library} (LD_PRELOAD={os.environ.get('LD_PRELOAD')!r})"
         if choice != "auto":
-            raise ValueError(f"{key}={choice}: {reason}")
+            raise AllocatorError(f"{key}={choice}: {reason}")
         log.warning("malloc: the system's: %s", reason)
         return "system"
     env = preload_environment(name, library, os.environ)

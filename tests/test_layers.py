@@ -50,7 +50,7 @@ ALLOWED: dict[str, set[str]] = {
         "experiments",
         "malloc_preload",
     },
-    "cli": FOUNDATION | {"data", "pipeline", "commands"},
+    "cli": FOUNDATION | {"data", "pipeline", "commands", "malloc_preload"},
     "__main__": {"cli"},
     "config_docs": FOUNDATION | {"data", "training", "retrieval", "pipeline"},
 }

@@ -17,6 +17,7 @@ from reclora_ds.malloc_preload import (
     loaded_allocator,
     preload_environment,
 )
+from tests.launch import ROOT
 
 linux_only = pytest.mark.skipif(sys.platform != "linux", reason="LD_PRELOAD and /proc/self/maps are Linux's")
 MIMALLOC = library_path("mimalloc") if sys.platform == "linux" else None
@@ -27,7 +28,8 @@ needs_mimalloc = pytest.mark.skipif(MIMALLOC is None, reason="the cmeel-mimalloc
 PROBE = textwrap.dedent(
     """
     import json, os, sys
-    from reclora_ds.malloc_preload import ensure_allocator, loaded_allocator
+    from reclora_ds.malloc_preload import declare_process_entry, ensure_allocator, loaded_allocator
+    declare_process_entry()
     print(json.dumps({"at": "before", "pid": os.getpid(), "malloc": loaded_allocator()}), flush=True)
     got = ensure_allocator(sys.argv[1], "plora.cpu_allocator")
     print(json.dumps({"at": "after", "pid": os.getpid(), "argv": sys.argv[1:], "got": got,
@@ -146,10 +148,44 @@ def test_a_library_the_loader_refused_is_not_tried_twice(monkeypatch):
     monkeypatch.setattr(malloc_preload, "loaded_allocator", lambda: "system")
     monkeypatch.setattr(malloc_preload.platform, "system", lambda: "Linux")
     monkeypatch.setattr(malloc_preload, "library_path", lambda name: "/gone/libmimalloc.so.3")
+    monkeypatch.setattr(malloc_preload, "_process_entry", True)
     monkeypatch.setenv(malloc_preload.REEXECUTED, "1")
     with pytest.raises(ValueError, match=r"plora.cpu_allocator=mimalloc: the dynamic loader did not preload"):
         ensure_allocator("mimalloc", "plora.cpu_allocator")
     assert ensure_allocator("auto", "plora.cpu_allocator") == "system"
+
+
+def test_a_command_called_inside_another_program_never_runs_that_program_again(monkeypatch):
+    """No entry point declared this process a command's (pytest here): auto keeps the running malloc, an
+    explicit choice says why it cannot be had."""
+    monkeypatch.setattr(malloc_preload.os, "execve", no_exec)
+    monkeypatch.setattr(malloc_preload, "loaded_allocator", lambda: "system")
+    monkeypatch.setattr(malloc_preload.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(malloc_preload, "library_path", lambda name: "/some/libmimalloc.so.3")
+    monkeypatch.setattr(malloc_preload, "_process_entry", False)
+    assert ensure_allocator("auto", "plora.cpu_allocator") == "system"
+    with pytest.raises(ValueError, match=r"plora.cpu_allocator=mimalloc: this command runs inside another"):
+        ensure_allocator("mimalloc", "plora.cpu_allocator")
+
+
+@linux_only
+@needs_mimalloc
+def test_the_stage2_command_reports_an_allocator_it_cannot_have_as_a_user_error(tmp_path):
+    """Through ``python -m reclora_ds.commands.train_plora``: exit 2 and one ``error:`` line naming the key,
+    before any heavy work (no output folder made)."""
+    env = {**os.environ, "LD_PRELOAD": MIMALLOC}
+    env.pop(malloc_preload.REEXECUTED, None)
+    out = tmp_path / "run"
+    run = subprocess.run(
+        [
+            sys.executable, "-m", "reclora_ds.commands.train_plora",
+            "--config", "launch/configs/plora_quickstart.yaml", f"output_dir={out}", "cpu_allocator=jemalloc",
+        ],
+        env=env, capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "error: plora.cpu_allocator=jemalloc: this process already runs mimalloc" in run.stderr
+    assert "Traceback" not in run.stderr and not out.exists()
 
 
 def test_auto_on_a_gpu_keeps_the_system_malloc(monkeypatch):

@@ -19,10 +19,13 @@ import argparse
 import logging
 import time
 
+import torch
+
 from reclora_ds.backbone import BackboneError
 from reclora_ds.config import ConfigError, load_config, report_user_error, run_command
 from reclora_ds.data.processed import ALL_SPLITS
 from reclora_ds.distributed import destroy, init_distributed, is_main_process, run_and_exit
+from reclora_ds.malloc_preload import AllocatorError, declare_process_entry, ensure_allocator
 from reclora_ds.models.rec_llm import MODES
 from reclora_ds.package_data import resolve_launch_config
 from reclora_ds.training.adapter_io import AdapterConfigMismatchError, AdapterKeyError
@@ -32,11 +35,13 @@ from reclora_ds.training.scoring import (
     ScoringError,
     check_output_path,
     load_scoring_model,
+    read_run_config,
     score_split,
 )
 
 BAD_INPUT = (
     ScoringError,
+    AllocatorError,
     ConfigError,
     BackboneError,
     CheckpointError,
@@ -91,6 +96,10 @@ def _main(argv: list[str] | None = None) -> int:
                 args.overrides,
                 section=PLoRATrainConfig.CONFIG_SECTION,
             )
+        # the process may run itself again here, with a faster malloc (before any heavy work)
+        settings = config if config is not None else read_run_config(args.run, args.overrides)
+        cuda = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
+        ensure_allocator(settings.cpu_allocator, "plora.cpu_allocator", cuda=cuda)
         init_distributed()
         scoring = load_scoring_model(args.run, config, mode=args.mode, overrides=args.overrides)
         path = score_split(
@@ -121,4 +130,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    declare_process_entry()  # this process's command line is this command's: it may run again preloaded
     run_and_exit(main)  # not sys.exit: see reclora_ds.distributed.run_and_exit

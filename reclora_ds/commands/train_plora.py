@@ -18,7 +18,7 @@ import torch
 
 from reclora_ds.config import check_output_location, load_config, run_command, run_folder_check
 from reclora_ds.distributed import is_main_process, run_and_exit
-from reclora_ds.malloc_preload import ensure_allocator
+from reclora_ds.malloc_preload import declare_process_entry, ensure_allocator
 from reclora_ds.package_data import resolve_launch_config
 from reclora_ds.training.plora_config import PLoRATrainConfig
 
@@ -42,8 +42,8 @@ def _main(argv: list[str] | None = None) -> int:
         source=str(config_path or "<command line>"),
         protected=(config_path,),
     )
-    if argv is None:  # this process's own command line: it may run itself again with a faster malloc
-        ensure_allocator(cfg.cpu_allocator, "plora.cpu_allocator", cuda=torch.cuda.is_available())
+    # the process may run itself again here, with a faster malloc (before the heavy imports)
+    ensure_allocator(cfg.cpu_allocator, "plora.cpu_allocator", cuda=torch.cuda.is_available())
     from reclora_ds.training.plora_recipe import run_plora_training  # heavy: after the checks
 
     run_plora_training(cfg)
@@ -56,4 +56,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    declare_process_entry()  # this process's command line is this command's: it may run again preloaded
     run_and_exit(main)  # not sys.exit: see reclora_ds.distributed.run_and_exit

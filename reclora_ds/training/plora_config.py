@@ -152,9 +152,9 @@ class PLoRATrainConfig(RecLLMConfig):
     """The ``malloc`` of each stage-2 process on a CPU: ``mimalloc``, ``jemalloc`` (preloaded: the command
     runs itself again with ``LD_PRELOAD``, same pid), ``system`` (the C library's), or ``auto`` (mimalloc
     where installed, as on Linux with this package, else jemalloc where the system has it, else the
-    system's; on a CUDA machine ``auto`` keeps the system's). The same results; glibc's costs a CPU step
-    about 10% (docs/PLORA_BENCH.md, "A faster malloc"). Applied by the ``train_plora`` command's process;
-    see ``reclora_ds.malloc_preload``."""
+    system's; on a CUDA machine ``auto`` keeps the system's). The same results, bit for bit; what it buys:
+    docs/PLORA_BENCH.md, "A faster malloc". Applied by the ``train_plora`` and ``score``
+    commands' processes; see ``reclora_ds.malloc_preload``."""
     progress: bool = True
     """tqdm progress bars on rank 0."""
 
