@@ -150,14 +150,14 @@ def ensure_allocator(choice: str, key: str, cuda: bool = False) -> str:
             return "system"
         raise AllocatorError(f"{key}={choice}: preloading an allocator needs Linux (LD_PRELOAD)")
     wanted = [choice] if choice != "auto" else list(PRELOADABLE)
-    found = [(name, library_path(name)) for name in wanted]
-    found = [(name, library) for name, library in found if library]
-    if not found:
+    # the first one installed; the later ones are not looked up (jemalloc's lookup runs ldconfig)
+    found = next(((name, library) for name in wanted if (library := library_path(name))), None)
+    if found is None:
         if choice != "auto":
             raise AllocatorError(f"{key}={choice}: {_unavailable(choice)}")
         log.info("malloc: the system's (%s)", "; ".join(_unavailable(n) for n in PRELOADABLE))
         return "system"
-    name, library = found[0]
+    name, library = found
     if not _process_entry:
         reason = "this command runs inside another program (no entry point declared it), which is not re-run"
         if choice != "auto":

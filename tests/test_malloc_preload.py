@@ -32,7 +32,9 @@ PROBE = textwrap.dedent(
     declare_process_entry()
     print(json.dumps({"at": "before", "pid": os.getpid(), "malloc": loaded_allocator()}), flush=True)
     got = ensure_allocator(sys.argv[1], "plora.cpu_allocator")
-    print(json.dumps({"at": "after", "pid": os.getpid(), "argv": sys.argv[1:], "got": got,
+    with open("/proc/self/maps") as maps:  # the independent look: is the library mapped at all?
+        mapped = any("/libmimalloc.so" in line for line in maps)
+    print(json.dumps({"at": "after", "pid": os.getpid(), "argv": sys.argv[1:], "got": got, "mapped": mapped,
                       "malloc": loaded_allocator(), "purge": os.environ.get("MIMALLOC_PURGE_DELAY")}))
     """
 )
@@ -83,7 +85,7 @@ def test_a_command_runs_itself_again_with_mimalloc_preloaded(tmp_path, choice):
     assert [line["malloc"] for line in lines] == ["system", "mimalloc", "mimalloc"]
     assert len({line["pid"] for line in lines}) == 1  # os.execve: the launcher's process, still
     assert lines[-1]["argv"] == [choice, "--an-argument", "with space"]
-    assert lines[-1]["got"] == "mimalloc" and lines[-1]["purge"] == "-1"
+    assert lines[-1]["got"] == "mimalloc" and lines[-1]["mapped"] and lines[-1]["purge"] == "-1"
 
 
 @linux_only
@@ -96,7 +98,7 @@ def test_the_users_own_mimalloc_option_is_kept(tmp_path):
 def test_system_leaves_the_process_as_it_started(tmp_path):
     lines = probe(tmp_path, "system")
     assert [(line["at"], line["malloc"]) for line in lines] == [("before", "system"), ("after", "system")]
-    assert lines[-1]["got"] == "system"
+    assert lines[-1]["got"] == "system" and not lines[-1]["mapped"]
 
 
 @linux_only
@@ -192,3 +194,25 @@ def test_auto_on_a_gpu_keeps_the_system_malloc(monkeypatch):
     monkeypatch.setattr(malloc_preload.os, "execve", no_exec)
     monkeypatch.setattr(malloc_preload, "loaded_allocator", lambda: "system")
     assert ensure_allocator("auto", "plora.cpu_allocator", cuda=True) == "system"
+
+
+def test_auto_looks_up_jemalloc_only_where_mimalloc_is_missing(monkeypatch):
+    """jemalloc's lookup runs ldconfig: a rank that has mimalloc does not pay for it at start."""
+    asked = []
+
+    def lookup(name):
+        asked.append(name)
+        return {"mimalloc": "/some/libmimalloc.so.3", "jemalloc": "libjemalloc.so.2"}[name] if has else None
+
+    monkeypatch.setattr(malloc_preload.os, "execve", no_exec)
+    monkeypatch.setattr(malloc_preload, "loaded_allocator", lambda: "system")
+    monkeypatch.setattr(malloc_preload.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(malloc_preload, "library_path", lookup)
+    monkeypatch.setattr(malloc_preload, "_process_entry", False)  # in-process: nothing is executed
+    has = True
+    ensure_allocator("auto", "plora.cpu_allocator")
+    assert asked == ["mimalloc"]
+    asked.clear()
+    has = False
+    assert ensure_allocator("auto", "plora.cpu_allocator") == "system"
+    assert asked == ["mimalloc", "jemalloc"]

@@ -29,7 +29,6 @@ def test_sweep_removes_dead_flags_keeps_live_ones_and_survives_a_folder_removed_
 
     monkeypatch.setattr(Path, "glob", racing_glob)
     D._sweep_dead_flags(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        alive.name
-    ]  # the dead job's folder emptied, removed
+    # the dead job's folder emptied and removed, the live job's flag kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name]
     assert [p.name for p in alive.iterdir()] == [f"rank0.{os.getpid()}"]
