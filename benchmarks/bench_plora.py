@@ -685,11 +685,8 @@ _SDPA = ("attn_implementation=sdpa", "train_attn_implementation=sdpa")
 _TRAIN_EAGER = ("attn_implementation=sdpa", "train_attn_implementation=eager")  # what auto picks on a CPU
 _BF16_GROUPED = ("dtype=auto", "length_group_size=8", "adapter.compute_dtype=activations")
 _EAGER_SMALL_EVAL = (*_BF16_GROUPED, "attn_implementation=eager", "train_attn_implementation=eager")
-_FUSED_SMALL_EVAL = (
-    *_BF16_GROUPED,
-    "attn_implementation=eager_fused",
-    "train_attn_implementation=eager_fused",
-)
+_FUSED_DOT = ("attn_implementation=eager_fused", "cpu_attention_form=dot")  # "+attnmm": form matmul
+_FUSED_SMALL_EVAL = (*_BF16_GROUPED, *_FUSED_DOT, "train_attn_implementation=eager_fused")
 _MICRO4_NORM = (*_FUSED_SMALL_EVAL, "eval_batch_size=4", "micro_batch_size=4", "norm_implementation=fused")
 STAGE2_VARIANTS: list[tuple[str, tuple[str, ...]]] = [
     ("fp32", ("dtype=float32", "length_group_size=0", "eval_batch_size=8", *_OLD)),
@@ -721,11 +718,11 @@ STAGE2_VARIANTS: list[tuple[str, tuple[str, ...]]] = [
     # alone (the same training as the variant without "+fused"), then for training too (the quickstart's)
     (
         "bf16+group+adapter16+eager+eval4+fused",
-        (*_EAGER_SMALL_EVAL, "eval_batch_size=4", "attn_implementation=eager_fused"),
+        (*_EAGER_SMALL_EVAL, "eval_batch_size=4", *_FUSED_DOT),
     ),
     (
         "lora bf16+group+eager+eval4+fused",
-        ("mode=lora", *_EAGER_SMALL_EVAL, "eval_batch_size=4", "attn_implementation=eager_fused"),
+        ("mode=lora", *_EAGER_SMALL_EVAL, "eval_batch_size=4", *_FUSED_DOT),
     ),
     ("bf16+group+adapter16+fused+eval4", (*_FUSED_SMALL_EVAL, "eval_batch_size=4")),
     ("lora bf16+group+fused+eval4", ("mode=lora", *_FUSED_SMALL_EVAL, "eval_batch_size=4")),
@@ -787,6 +784,22 @@ STAGE2_VARIANTS: list[tuple[str, tuple[str, ...]]] = [
             ),
         )
         for malloc in ("mimalloc", "jemalloc")
+        for mode, adapter, lora in (("", "adapter16+", ()), ("lora ", "", ("mode=lora",)))
+    ),
+    # and the attention kernel's products as bf16 matrix multiplications (oneDNN: AMX tiles where the CPU
+    # has them) instead of AVX512-BF16 dot products (plora.cpu_attention_form=matmul; auto takes it on AMX)
+    *(
+        (
+            f"{mode}bf16+group+{adapter}fused+eval4+micro4+norm+bucket+shm+mimalloc+attnmm",
+            (
+                *lora,
+                *_MICRO4_NORM,
+                f"deepspeed_config={STAGE2_DS_CONFIG}",
+                "cpu_allreduce=shm",
+                "cpu_allocator=mimalloc",
+                "cpu_attention_form=matmul",
+            ),
+        )
         for mode, adapter, lora in (("", "adapter16+", ()), ("lora ", "", ("mode=lora",)))
     ),
 ]
@@ -1042,6 +1055,10 @@ def stage2_main(args: argparse.Namespace) -> None:
                 f"lora bf16+group+fused+eval4+micro4+norm+bucket+shm+{malloc}",
             )
             for malloc in ("mimalloc", "jemalloc")
+        ),
+        (
+            "bf16+group+adapter16+fused+eval4+micro4+norm+bucket+shm+mimalloc+attnmm",
+            "lora bf16+group+fused+eval4+micro4+norm+bucket+shm+mimalloc+attnmm",
         ),
     ):
         plora, lora = results.get(plora_name), results.get(lora_name)

@@ -539,6 +539,7 @@ USER_ERROR_CLASSES: tuple[tuple[str, str], ...] = (
     ("reclora_ds.training.crm_states", "DatasetMismatchError"),
     ("reclora_ds.commands.export_user_lora", "ExportError"),
     ("reclora_ds.malloc_preload", "AllocatorError"),
+    ("reclora_ds.training.plora_recipe", "AttentionFormError"),
 )
 # Operating-system errors about a path the user gave (a missing or unreadable file, a folder for a file).
 PATH_ERRORS: tuple[type[OSError], ...] = (

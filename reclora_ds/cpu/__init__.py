@@ -63,6 +63,8 @@ class CPUExtras:
     shm_allreduce: bool = False
     attention: bool = False
     """``decoder_attention`` (the backbone's ``eager_fused`` attention) uses the C++ kernel."""
+    attention_form: str | None = None
+    """Its form (``dot`` / ``matmul``: :data:`reclora_ds.cpu.kernels.ATTENTION_FORMS`); None without it."""
     rms_norm: bool = False
     """``rms_norm`` (the backbone's RMSNorm under ``norm_implementation=fused``) uses the C++ kernel."""
 
@@ -72,6 +74,7 @@ def enable_cpu_extras(
     kernels: bool | None = None,
     allocator: bool = False,
     attention: bool = False,
+    attention_form: str = "auto",
     rms_norm: bool = False,
     ddp_model: DistributedDataParallel | None = None,
     allreduce: str = "auto",
@@ -88,6 +91,8 @@ def enable_cpu_extras(
         attention: True registers the C++ attention kernel as ``decoder_attention``'s implementation
             (:func:`reclora_ds.cpu.kernels.enable_attention`: where it cannot run, a logged note and
             eager attention's PyTorch ops).
+        attention_form: the attention kernel's form (:data:`reclora_ds.cpu.kernels.ATTENTION_FORMS`), or
+            ``auto``; an explicit form makes a kernel that cannot run a RuntimeError.
         rms_norm: True registers the C++ RMSNorm kernel as ``rms_norm``'s implementation
             (:func:`reclora_ds.cpu.kernels.enable_rms_norm`; where it cannot run, a logged note and
             transformers' PyTorch ops).
@@ -121,7 +126,7 @@ def enable_cpu_extras(
     if allocator:
         _allocator.keep_freed_memory()
     if attention:
-        _kernels.enable_attention()
+        _kernels.enable_attention(required=attention_form != "auto", form=attention_form)
     if rms_norm:
         _kernels.enable_rms_norm()
     if prebuild_deepspeed_comm:
@@ -143,5 +148,6 @@ def enable_cpu_extras(
         allocator=_allocator.keeping_freed_memory(),
         shm_allreduce=shm,
         attention=_kernels.attention_enabled(),
+        attention_form=_kernels.attention_form(),
         rms_norm=_kernels.rms_norm_enabled(),
     )

@@ -9,6 +9,9 @@ from reclora_ds.malloc_preload import ALLOCATORS as CPU_ALLOCATORS
 from reclora_ds.models.rec_llm import RecLLMConfig
 from reclora_ds.training.crm_config import CPU_ALLREDUCES
 
+CPU_ATTENTION_FORMS = ("auto", "dot", "matmul")
+"""``cpu_attention_form``'s choices (``reclora_ds.cpu.kernels.ATTENTION_FORM_CHOICES``)."""
+
 SHORT_HISTORIES = ("recent", "retrieved")
 LONG_HISTORIES = ("auto", "recent", "retrieved")
 DTYPE_SETTINGS = ("auto", "float32", "bfloat16", "float16")
@@ -125,6 +128,15 @@ class PLoRATrainConfig(RecLLMConfig):
     ``eager_fused`` on a CPU (eager's function; a bf16 training step measured cheaper with eager than with
     sdpa, and cheaper again with eager_fused's C++ forward and backward: docs/PLORA_BENCH.md), else
     ``attn_implementation``. The kernels compute the same attention; the run switches between them."""
+    cpu_attention_form: str = "auto"
+    """How ``eager_fused``'s C++ kernel computes the attention on a CPU (the same function, rounded the same
+    way; it differs in the order of the float sums): ``dot`` (AVX512-BF16 dot products in the core's
+    caches, skipping the causal future; for scoring no [B, H, T, T] tensor), ``matmul`` (the four products
+    as batched bf16 matrix multiplications over every key, which oneDNN runs on AMX tiles where the CPU has
+    them, and the softmax and its backward as row passes), or ``auto`` (``matmul`` on a CPU with AMX-BF16,
+    else ``dot``). Measured in docs/PLORA_BENCH.md, "The attention's products on AMX". An explicit form
+    the run cannot use (no ``eager_fused`` attention, a GPU, a CPU without AVX512-BF16) is an error; see
+    ``reclora_ds.cpu.kernels.enable_attention``."""
     norm_implementation: str = "fused"
     """The backbone's RMSNorm layers: ``transformers`` (its modules as they are) or ``fused``
     (:mod:`reclora_ds.models.norms`: the same function as one op, which on a CPU with AVX512-BF16 and bf16
@@ -218,6 +230,10 @@ class PLoRATrainConfig(RecLLMConfig):
             raise ValueError(
                 f"train_attn_implementation must be auto or one of {ATTENTION_KERNELS}, "
                 f"got {self.train_attn_implementation!r}"
+            )
+        if self.cpu_attention_form not in CPU_ATTENTION_FORMS:
+            raise ValueError(
+                f"cpu_attention_form must be one of {CPU_ATTENTION_FORMS}, got {self.cpu_attention_form!r}"
             )
         if self.norm_implementation not in NORM_IMPLEMENTATIONS:
             raise ValueError(

@@ -80,7 +80,7 @@ from tqdm.auto import tqdm
 
 from reclora_ds import distributed as dist_utils
 from reclora_ds.config import config_to_dict, save_config
-from reclora_ds.cpu import enable_cpu_extras
+from reclora_ds.cpu import CPUExtras, enable_cpu_extras
 from reclora_ds.data.loader import uniform_sample_ids
 from reclora_ds.data.processed import ProcessedDataset
 from reclora_ds.data.prompts import PromptEncoder
@@ -344,6 +344,40 @@ def train_attention(cfg: PLoRATrainConfig, device: torch.device) -> str:
     return EAGER_FUSED if device.type == "cpu" else cfg.attn_implementation
 
 
+class AttentionFormError(ValueError):
+    """``plora.cpu_attention_form`` names a form this run cannot use; the message names the key and why."""
+
+
+def check_attention_form(cfg: PLoRATrainConfig, device: torch.device, attentions: tuple[str, ...]) -> None:
+    """Fail early (:class:`AttentionFormError`) where ``cpu_attention_form`` is explicit and no CPU kernel
+    will run: a GPU, or none of ``attentions`` (the kernels the run uses) is ``eager_fused``."""
+    form = cfg.cpu_attention_form
+    if form == "auto":
+        return
+    if device.type != "cpu":
+        raise AttentionFormError(f"plora.cpu_attention_form={form}: a {device.type} run has no CPU kernel")
+    if EAGER_FUSED not in attentions:
+        raise AttentionFormError(
+            f"plora.cpu_attention_form={form}: the form is {EAGER_FUSED}'s, and this run's attention is "
+            f"{' / '.join(sorted(set(attentions)))}"
+        )
+
+
+def enable_backbone_kernels(cfg: PLoRATrainConfig, attentions: tuple[str, ...]) -> CPUExtras:
+    """Switch on the backbone's CPU kernels in this process: the attention kernel in ``cpu_attention_form``
+    where one of ``attentions`` is ``eager_fused``, the RMSNorm kernel under ``norm_implementation=fused``.
+    An explicit form whose kernel cannot run here: :class:`AttentionFormError` with the reason."""
+    fused = EAGER_FUSED in attentions
+    try:
+        return enable_cpu_extras(
+            attention=fused,
+            attention_form=cfg.cpu_attention_form,
+            rms_norm=cfg.norm_implementation == "fused",
+        )
+    except RuntimeError as exc:  # only an explicit form makes the kernel required
+        raise AttentionFormError(f"plora.cpu_attention_form={cfg.cpu_attention_form}: {exc}") from exc
+
+
 def set_attention(model: nn.Module, implementation: str) -> None:
     """Make the backbone inside ``model`` run ``implementation`` (``sdpa`` / ``eager`` / ``eager_fused``)
     from its next forward.
@@ -401,6 +435,7 @@ class PLoRARecipe:
         self.resumed_from: int | None = None
         self._saved_step = -1
         self._perf: dict[str, float] = {}
+        self.attention_form: str | None = None  # the CPU attention kernel's form, None where none runs
 
     # ------------------------------------------------------------------------------------------------------
     # setup
@@ -424,6 +459,7 @@ class PLoRARecipe:
         self.model, self.tokenizer, self.crm_info = build_rec_llm(cfg, dtype)
         self.dtype = dtype
         self.train_attention = train_attention(cfg, self._device())
+        check_attention_form(cfg, self._device(), (self.train_attention, cfg.attn_implementation))
         torch.manual_seed(cfg.seed + self.info.rank)  # dropout masks differ between ranks
 
         self.dataset = ProcessedDataset(cfg.data_dir)
@@ -437,6 +473,9 @@ class PLoRARecipe:
             self.device = self._device()
             if not cfg.load_in_8bit:  # an 8-bit model is placed on its GPU when it is loaded
                 self.model.to(self.device)
+            if self.device.type == "cpu":  # scoring alone: the backbone's kernels, as _build_engine's
+                attentions = (self.train_attention, cfg.attn_implementation)
+                self.attention_form = enable_backbone_kernels(cfg, attentions).attention_form
         resumed = self._maybe_resume()
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -450,7 +489,8 @@ class PLoRARecipe:
         n_trainable = sum(p.numel() for p in self.trainable.values())
         log.info(
             "mode %s on %s: %s trainable parameters, %d rank(s), global batch %d = %d micro x %d ranks x %d "
-            "accumulation, %d steps/epoch (%d in all), %s, attention %s (training) / %s (scoring), malloc %s",
+            "accumulation, %d steps/epoch (%d in all), %s, attention %s (training) / %s (scoring), CPU attention "
+            "kernel %s, malloc %s",
             cfg.mode,
             self.device,
             f"{n_trainable:,}",
@@ -464,6 +504,7 @@ class PLoRARecipe:
             dtype,
             self.train_attention,
             cfg.attn_implementation,
+            self.attention_form or "none",
             loaded_allocator(),
         )
         dist_utils.barrier()
@@ -558,14 +599,9 @@ class PLoRARecipe:
             # segment per rank and never unlinks it: once every rank has mapped them all, drop our name. The
             # frozen CRM keeps its PyTorch forms, as every reader of a trained CRM does (reclora_ds.cpu); the
             # backbone's eager_fused attention and fused norms get their CPU kernels.
-            fused = EAGER_FUSED in (self.cfg.attn_implementation, self.train_attention)
-            enable_cpu_extras(
-                kernels=False,
-                deepspeed_comm=True,
-                allreduce=self.cfg.cpu_allreduce,
-                attention=fused,
-                rms_norm=self.cfg.norm_implementation == "fused",
-            )
+            enable_cpu_extras(kernels=False, deepspeed_comm=True, allreduce=self.cfg.cpu_allreduce)
+            extras = enable_backbone_kernels(self.cfg, (self.train_attention, self.cfg.attn_implementation))
+            self.attention_form = extras.attention_form
 
     def _maybe_resume(self) -> bool:
         latest = self.ckpt_dir / LATEST_FILE
@@ -918,6 +954,7 @@ class PLoRARecipe:
             "perf": self._perf,
             "truncated_prompts": self.encoder.truncated,
             "malloc": loaded_allocator(),  # this rank's (plora.cpu_allocator)
+            "cpu_attention_form": self.attention_form,  # plora.cpu_attention_form, resolved; None: no kernel
         }
         if self.is_main:
             write_text_atomic(self.out / "metrics.json", json.dumps(result, indent=2) + "\n")

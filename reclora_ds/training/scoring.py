@@ -56,11 +56,17 @@ from reclora_ds.data.processed import ALL_SPLITS, ProcessedDataset
 from reclora_ds.data.prompts import PromptEncoder
 from reclora_ds.files import atomic_file
 from reclora_ds.llm_loader import rank_device
-from reclora_ds.models.attention import EAGER_FUSED
 from reclora_ds.models.rec_llm import RecLLM
 from reclora_ds.training.plora_config import PLoRATrainConfig
 from reclora_ds.training.plora_data import PLoRABatchLoader, history_settings
-from reclora_ds.training.plora_recipe import ADAPTER_DIR, find_ds_config, stage2_dtype, to_device
+from reclora_ds.training.plora_recipe import (
+    ADAPTER_DIR,
+    check_attention_form,
+    enable_backbone_kernels,
+    find_ds_config,
+    stage2_dtype,
+    to_device,
+)
 from reclora_ds.training.rec_llm_io import RecLLMFileError, build_rec_llm, load_rec_llm
 
 log = logging.getLogger(__name__)
@@ -240,6 +246,7 @@ def score_table(
         )
     info = dist_utils.dist_info()
     device = torch.device(device) if device is not None else rank_device()
+    check_attention_form(cfg, device, (cfg.attn_implementation,))
     samples = dataset.read_split(split, ["sample_id", "user_index", "item_index", "label"])
     subset = None
     if max_samples and max_samples < samples.num_rows:
@@ -257,11 +264,8 @@ def score_table(
     )
     model = scoring.model
     if device.type == "cpu":  # else each batch page-faults its temporaries back in (docs/PLORA_BENCH.md)
-        enable_cpu_extras(
-            allocator=True,
-            attention=scoring.cfg.attn_implementation == EAGER_FUSED,
-            rms_norm=scoring.cfg.norm_implementation == "fused",
-        )
+        enable_cpu_extras(allocator=True)
+        enable_backbone_kernels(scoring.cfg, (scoring.cfg.attn_implementation,))
     _place(model, device, scoring.cfg.load_in_8bit)
     model.eval()
     ids, labels, probs = [], [], []

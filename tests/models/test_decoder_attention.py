@@ -1,6 +1,7 @@
 """The backbone's attention as one op (``attn_implementation=eager_fused``): its PyTorch form against
-transformers' eager attention (bit for bit), the C++ kernel (forward and backward) against eager attention
-and a float64 reference, and a tiny Llama scoring and training with it.
+transformers' eager attention (bit for bit), the C++ kernel in both its forms (``dot``, ``matmul``;
+forward and backward) against eager attention and a float64 reference, and a tiny Llama scoring and
+training with it; which form runs, and the errors of an explicit ``plora.cpu_attention_form``.
 
 The kernel tests need a CPU with AVX512-BF16 (this project's machines have it) and are skipped elsewhere.
 """
@@ -11,12 +12,18 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
+from reclora_ds.config import user_error_types
 from reclora_ds.cpu import enable_cpu_extras
 from reclora_ds.cpu import kernels as cpu_kernels
 from reclora_ds.models import ops
 from reclora_ds.models.attention import EAGER_FUSED, eager_fused_attention, register
-from reclora_ds.training.plora_config import PLoRATrainConfig
-from reclora_ds.training.plora_recipe import set_attention
+from reclora_ds.training.plora_config import CPU_ATTENTION_FORMS, PLoRATrainConfig
+from reclora_ds.training.plora_recipe import (
+    AttentionFormError,
+    check_attention_form,
+    enable_backbone_kernels,
+    set_attention,
+)
 from tests.tiny_llm import tiny_llama
 
 BF16_EPS = 2.0**-8  # bf16's spacing at 1: one rounding of a value near 1
@@ -47,11 +54,24 @@ def _eager(q, k, v, mask, scaling):
     return eager_attention_forward(_Layer(q.shape[1] // k.shape[1]), q, k, v, mask, scaling)[0]
 
 
-@pytest.fixture
-def kernel():
+def _skip_without_bf16_kernels() -> None:
     if not cpu_kernels.load(required=True) or not cpu_kernels.decoder_attention_supported():
         pytest.skip("this CPU lacks AVX512-BF16")
-    with ops.implementations(cpu_kernels.ATTENTION_IMPLEMENTATIONS):
+
+
+@pytest.fixture(params=sorted(cpu_kernels.ATTENTION_FORMS))
+def kernel(request):
+    """The attention kernel registered, in each form."""
+    _skip_without_bf16_kernels()
+    with ops.implementations(cpu_kernels.ATTENTION_FORMS[request.param]):
+        yield request.param
+
+
+@pytest.fixture
+def dot_kernel():
+    """The ``dot`` form registered (the tests of its own limits)."""
+    _skip_without_bf16_kernels()
+    with ops.implementations(cpu_kernels.ATTENTION_FORMS["dot"]):
         yield
 
 
@@ -135,7 +155,7 @@ def test_without_the_kernel_gradients_are_eager_ones():
         assert torch.equal(got, want)
 
 
-def test_kernel_backward_rejects_a_gradient_of_another_shape(kernel):
+def test_kernel_backward_rejects_a_gradient_of_another_shape(dot_kernel):
     q, k, v, mask = _inputs(1, 2, 1, 8, 64, torch.bfloat16)
     library = getattr(torch.ops, cpu_kernels.LIBRARY)
     _, probs = library.decoder_attention_train(q, k, v, mask, 0.125)
@@ -143,7 +163,7 @@ def test_kernel_backward_rejects_a_gradient_of_another_shape(kernel):
         library.decoder_attention_backward(torch.zeros(1, 8, 2, 32).bfloat16(), q, k, v, mask, probs, 0.125)
 
 
-def test_kernel_takes_only_what_it_computes(kernel):
+def test_kernel_takes_only_what_it_computes(dot_kernel):
     q, k, v, mask = _inputs(2, 4, 2, 9, 64, torch.bfloat16)
     accepts = cpu_kernels.accepts_decoder_attention
     assert accepts(q, k, v, mask, 0.1) and accepts(q, k, v, None, 0.1)
@@ -152,6 +172,73 @@ def test_kernel_takes_only_what_it_computes(kernel):
     assert not accepts(q, k, v, mask.expand(2, 4, 9, 9), 0.1)  # a per-head mask
     with pytest.raises(RuntimeError, match="decoder_attention: shapes"):
         cpu_kernels.decoder_attention(q[..., :32], k[..., :32], v[..., :32], mask, 0.1)
+
+
+def test_matmul_form_takes_any_head_width_and_equals_eager_there():
+    """The ``matmul`` form's products have no block width: a head width of 32 runs it (the ``dot`` form
+    leaves it to eager's ops), forward and backward, within eager's bf16 error of float64."""
+    _skip_without_bf16_kernels()
+    q, k, v, mask = _inputs(2, 6, 2, 23, 32, torch.bfloat16, seed=5)
+    assert cpu_kernels.accepts_decoder_attention_matmul(q, k, v, mask, 0.2)
+    assert not cpu_kernels.accepts_decoder_attention(q, k, v, mask, 0.2)
+    assert not cpu_kernels.accepts_decoder_attention_matmul(q, k, v, mask, 0.2, 0.1)  # dropout: eager's ops
+    grad = torch.randn(2, 23, 6, 32, generator=torch.Generator().manual_seed(6)).bfloat16()
+
+    def run(fn, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves, mask.to(dtype), 0.2)
+        out.backward(grad.to(dtype))
+        return [out.double()] + [t.grad.double() for t in leaves]
+
+    got = run(cpu_kernels.decoder_attention_matmul, torch.bfloat16)
+    eager = run(_eager, torch.bfloat16)
+    exact = run(_eager, torch.float64)
+    for name, g, e, want in zip(("out", "dq", "dk", "dv"), got, eager, exact, strict=True):
+        assert (g - want).abs().max() <= (e - want).abs().max() + 2 * BF16_EPS * want.abs().max(), name
+
+
+def test_row_passes_reject_mismatched_shapes():
+    _skip_without_bf16_kernels()
+    library = getattr(torch.ops, cpu_kernels.LIBRARY)
+    scores = torch.zeros(2, 3, 5, 5, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="attention_probs: mask"):
+        library.attention_probs(scores, torch.zeros(2, 1, 5, 4, dtype=torch.bfloat16), 0.1)
+    with pytest.raises(RuntimeError, match="attention_probs_backward: probs"):
+        library.attention_probs_backward(scores, scores[:, :2], None, 0.1)
+
+
+@pytest.mark.parametrize(("amx", "expected"), [(True, "matmul"), (False, "dot")])
+def test_auto_form_is_matmul_exactly_where_the_cpu_has_amx(monkeypatch, amx, expected):
+    _skip_without_bf16_kernels()
+    monkeypatch.setattr(cpu_kernels, "cpu_has_amx", lambda: amx)
+    with ops.implementations({}):
+        extras = enable_cpu_extras(attention=True)
+        assert extras.attention and extras.attention_form == expected == cpu_kernels.attention_form()
+        explicit = "dot" if expected == "matmul" else "matmul"
+        assert enable_cpu_extras(attention=True, attention_form=explicit).attention_form == explicit
+
+
+def test_an_explicit_form_the_run_cannot_use_is_an_error_naming_the_key(monkeypatch):
+    cfg = PLoRATrainConfig(data_dir="d", output_dir="o", cpu_attention_form="matmul")
+    cpu = torch.device("cpu")
+    check_attention_form(cfg, cpu, (EAGER_FUSED, "sdpa"))  # the kernel runs: nothing to say
+    with pytest.raises(AttentionFormError, match=r"plora.cpu_attention_form=matmul: .* attention is sdpa"):
+        check_attention_form(cfg, cpu, ("sdpa", "sdpa"))
+    with pytest.raises(AttentionFormError, match="plora.cpu_attention_form=matmul: a cuda run"):
+        check_attention_form(cfg, torch.device("cuda"), (EAGER_FUSED,))
+    auto = PLoRATrainConfig(data_dir="d", output_dir="o")
+    check_attention_form(auto, torch.device("cuda"), ("sdpa",))  # auto never fails
+    assert AttentionFormError in user_error_types()
+    with pytest.raises(ValueError, match="cpu_attention_form must be one of"):
+        PLoRATrainConfig(data_dir="d", output_dir="o", cpu_attention_form="amx")
+    assert CPU_ATTENTION_FORMS == cpu_kernels.ATTENTION_FORM_CHOICES  # the config's choices are the kernel's
+    # a CPU without AVX512-BF16: auto keeps eager's ops, an explicit form fails naming the key
+    cpu_kernels.load(required=True)
+    monkeypatch.setattr(cpu_kernels, "_cpu_has_bf16_dot", False)
+    with ops.implementations({}):
+        assert enable_backbone_kernels(auto, (EAGER_FUSED,)).attention_form is None
+        with pytest.raises(AttentionFormError, match="plora.cpu_attention_form=matmul: .*AVX512-BF16"):
+            enable_backbone_kernels(cfg, (EAGER_FUSED,))
 
 
 def test_enable_cpu_extras_registers_only_the_attention_kernel():

@@ -184,14 +184,16 @@ def test_scoring_on_a_cpu_keeps_freed_memory_in_the_process(plora_assets, tmp_pa
     """The CPU scoring path asks for glibc's freed memory to be kept, for the attention kernel when the
     backbone scores with eager_fused and for the RMSNorm kernel when its norms are fused (the quickstart's
     settings; what they buy: docs/PLORA_BENCH.md)."""
+    import reclora_ds.training.plora_recipe as recipe_module
     import reclora_ds.training.scoring as scoring_module
 
     calls = []
-    monkeypatch.setattr(scoring_module, "enable_cpu_extras", lambda **kwargs: calls.append(kwargs))
+    for module in (scoring_module, recipe_module):  # scoring's own call, and enable_backbone_kernels'
+        monkeypatch.setattr(module, "enable_cpu_extras", lambda **kwargs: calls.append(kwargs))
     argv = ["--mode", "zero_shot", "--config", str(QUICKSTART), "--split", "valid", "--max-samples", "4"]
     out = tmp_path / "s.parquet"
     assert main([*argv, "--device", "cpu", "--out", str(out), *settings(plora_assets)]) == 0
-    assert calls == [{"allocator": True, "attention": True, "rms_norm": True}]
+    assert calls == [{"allocator": True}, {"attention": True, "attention_form": "auto", "rms_norm": True}]
     assert pq.read_table(out).num_rows == 4
 
 

@@ -18,8 +18,13 @@ in fewer passes over memory: the CRM's two for float32 CPU tensors, the LLM's at
   rounding as eager attention's bf16 ops do, and skips the keys a query row cannot see (the causal future):
   for scoring no [B, H, T, T] tensor is written; for training the forward keeps the bf16 probabilities and
   the backward (:class:`_DecoderAttention`) computes the query, key and value gradients the same way. bf16,
-  head width a multiple of 64, a CPU with AVX512-BF16. It is registered on its own
-  (:func:`enable_attention`): stage 2 runs its frozen CRM in the PyTorch forms.
+  head width a multiple of 64, a CPU with AVX512-BF16. That is its ``dot`` form; its ``matmul`` form
+  (:func:`decoder_attention_matmul`) runs the same function's products as batched bf16 matrix
+  multiplications (``torch.matmul``: oneDNN, which computes them on AMX tiles where the CPU has them) over
+  every key, and only the softmax and its backward as the C++ row passes, with the same roundings. Which
+  form runs: :func:`enable_attention`'s ``form`` (``auto``: ``matmul`` on a CPU with AMX-BF16, else
+  ``dot``). It is registered on its own (:func:`enable_attention`): stage 2 runs its frozen CRM in the
+  PyTorch forms.
 
 Results agree with the PyTorch forms to float rounding (the sums run in another order);
 ``tests/models/test_cpu_kernels.py`` checks values and gradients against float64 references and the
@@ -135,6 +140,41 @@ def decoder_attention(
     return getattr(torch.ops, LIBRARY).decoder_attention(query, key, value, mask, scaling)
 
 
+def decoder_attention_matmul(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    _dropout: float = 0.0,
+) -> torch.Tensor:
+    """:func:`reclora_ds.models.ops.decoder_attention`'s ``matmul`` form, forward and backward
+    (:class:`_DecoderAttentionMatmul`): the products as bf16 matrix multiplications, the softmax as the
+    kernel's row pass (:func:`_matmul_attention_forward`). No attention dropout."""
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        return _DecoderAttentionMatmul.apply(query, key, value, mask, scaling)
+    return _matmul_attention_forward(query, key, value, mask, scaling)[0]
+
+
+def _matmul_attention_forward(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """query [B, H, Tq, d], key / value [B, Hk, Tk, d], mask [B or 1, 1, Tq, Tk] or None -> (out [B, Tq, H,
+    d], the query as [B, Hk, G Tq, d], the probabilities P [B, H, Tq, Tk]), G = H / Hk the query heads per
+    key head, whose rows are stacked so that one matrix product per (batch, key head) serves them all:
+
+    S = bf16(Q K^T) (as eager's matmul rounds it), P = bf16(softmax_fp32(bf16(bf16(S s) + M))) (the row
+    pass), O = bf16(P V)."""
+    batch, heads, tq, width = query.shape
+    kv_heads, tk = key.shape[1], key.shape[2]
+    rows = heads // kv_heads * tq
+    grouped = query.reshape(batch, kv_heads, rows, width)
+    scores = torch.matmul(grouped, key.transpose(2, 3))  # [B, Hk, G Tq, Tk]
+    probs = getattr(torch.ops, LIBRARY).attention_probs(scores.view(batch, heads, tq, tk), mask, scaling)
+    out = torch.matmul(probs.view(batch, kv_heads, rows, tk), value)  # [B, Hk, G Tq, d]
+    return out.view(batch, heads, tq, width).transpose(1, 2).contiguous(), grouped, probs
+
+
 def decoder_attention_supported() -> bool:
     """True when the kernels are loaded and this CPU has AVX512-BF16 (the attention kernel's dot products)."""
     return loaded() and bool(getattr(torch.ops, LIBRARY).decoder_attention_supported())
@@ -148,9 +188,24 @@ def accepts_decoder_attention(
     _scaling: float,
     dropout: float = 0.0,
 ) -> bool:
-    """True when the attention kernel can take these arguments: bf16 CPU tensors, head width a multiple of
-    64, query heads a multiple of key heads, a [B or 1, 1, Tq, Tk] mask (or none), no attention dropout,
-    and a CPU that has AVX512-BF16."""
+    """True when the attention kernel's ``dot`` form can take these arguments: bf16 CPU tensors, head width
+    a multiple of 64, query heads a multiple of key heads, a [B or 1, 1, Tq, Tk] mask (or none), no
+    attention dropout, and a CPU that has AVX512-BF16."""
+    return query.shape[-1] % 64 == 0 and accepts_decoder_attention_matmul(
+        query, key, value, mask, _scaling, dropout
+    )
+
+
+def accepts_decoder_attention_matmul(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    _scaling: float,
+    dropout: float = 0.0,
+) -> bool:
+    """True when the ``matmul`` form can take these arguments: :func:`accepts_decoder_attention`'s, any
+    head width."""
     if dropout:
         return False
     tensors = (query, key, value) if mask is None else (query, key, value, mask)
@@ -158,8 +213,7 @@ def accepts_decoder_attention(
         return False
     batch, heads, queries, width = query.shape
     shape_ok = (
-        width % 64 == 0
-        and key.shape == value.shape
+        key.shape == value.shape
         and key.shape[0] == batch
         and key.shape[3] == width
         and heads % key.shape[1] == 0
@@ -213,10 +267,16 @@ IMPLEMENTATIONS = {
 }
 """What :func:`enable` registers, by op name: the CRM's ops."""
 
-ATTENTION_IMPLEMENTATIONS = {
-    "decoder_attention": ops.Implementation(decoder_attention, accepts_decoder_attention),
+ATTENTION_FORMS = {
+    "dot": {"decoder_attention": ops.Implementation(decoder_attention, accepts_decoder_attention)},
+    "matmul": {
+        "decoder_attention": ops.Implementation(decoder_attention_matmul, accepts_decoder_attention_matmul)
+    },
 }
-"""What :func:`enable_attention` registers: the LLM's attention (``attn_implementation=eager_fused``)."""
+"""What :func:`enable_attention` registers for the LLM's attention (``attn_implementation=eager_fused``), by
+form: ``dot`` (the products as AVX512-BF16 dot products in the core's caches, the causal future skipped)
+or ``matmul`` (the products as bf16 matrix multiplications over every key, AMX where the CPU has it)."""
+ATTENTION_FORM_CHOICES = ("auto", *ATTENTION_FORMS)
 
 NORM_IMPLEMENTATIONS = {
     "rms_norm": ops.Implementation(rms_norm, accepts_rms_norm),
@@ -236,14 +296,28 @@ def enable(required: bool = False) -> bool:
     return True
 
 
-def enable_attention(required: bool = False) -> bool:
-    """:func:`load` the kernels and register the attention kernel as ``decoder_attention``'s implementation;
-    True when the kernel will run (the library loaded and the CPU has AVX512-BF16).
+def enable_attention(required: bool = False, form: str = "auto") -> bool:
+    """:func:`load` the kernels and register the attention kernel as ``decoder_attention``'s implementation,
+    in ``form`` (:data:`ATTENTION_FORMS`; ``auto``: ``matmul`` on a CPU with AMX-BF16, whose tiles multiply
+    bf16 matrices several times faster than the dot products, else ``dot``); True when the kernel will run
+    (the library loaded and the CPU has AVX512-BF16, which both forms' row passes use).
 
     Where it cannot, the op keeps its PyTorch form (eager attention's ops): a logged note, or a
     RuntimeError when ``required``.
     """
-    return _enable_bf16_kernel(ATTENTION_IMPLEMENTATIONS, "attention", "eager attention's", required)
+    if form not in ATTENTION_FORM_CHOICES:
+        raise ValueError(f"form must be one of {ATTENTION_FORM_CHOICES}, got {form!r}")
+    if not load(required):
+        return False
+    if form == "auto":
+        form = "matmul" if cpu_has_amx() else "dot"
+    return _enable_bf16_kernel(ATTENTION_FORMS[form], "attention", "eager attention's", required)
+
+
+def cpu_has_amx() -> bool:
+    """True when the kernels are loaded and this CPU has AMX-BF16 (CPUID; oneDNN's matrix multiplications
+    use its tiles where the operating system allows them)."""
+    return loaded() and bool(getattr(torch.ops, LIBRARY).cpu_has_amx())
 
 
 def enable_rms_norm(required: bool = False) -> bool:
@@ -274,9 +348,19 @@ def rms_norm_enabled() -> bool:
     return ops.registered().get("rms_norm") is NORM_IMPLEMENTATIONS["rms_norm"]
 
 
+def attention_form() -> str | None:
+    """The form of the kernel ``decoder_attention`` uses (a key of :data:`ATTENTION_FORMS`), None when it
+    runs its PyTorch form."""
+    current = ops.registered().get("decoder_attention")
+    for form, implementations in ATTENTION_FORMS.items():
+        if current is implementations["decoder_attention"]:
+            return form
+    return None
+
+
 def attention_enabled() -> bool:
-    """True when ``decoder_attention`` uses the kernel."""
-    return ops.registered().get("decoder_attention") is ATTENTION_IMPLEMENTATIONS["decoder_attention"]
+    """True when ``decoder_attention`` uses the kernel (either form)."""
+    return attention_form() is not None
 
 
 def disable() -> None:
@@ -312,6 +396,37 @@ class _DecoderAttention(torch.autograd.Function):
         d_query, d_key, d_value = getattr(torch.ops, LIBRARY).decoder_attention_backward(
             grad_out, query, key, value, mask, probs, ctx.scaling
         )
+        return d_query, d_key, d_value, None, None
+
+
+class _DecoderAttentionMatmul(torch.autograd.Function):
+    """:func:`decoder_attention_matmul`: the forward keeps the grouped query and the bf16 probabilities; the
+    backward runs, per (batch, key head) with the G query heads' rows stacked (Q_g [G Tq, d], dO_g, P_g,
+    dS_g [G Tq, Tk]): ``dV = P_g^T dO_g`` and ``dK = dS_g^T Q_g`` (the products sum over the heads that read
+    the key head), ``dP = dO_g V^T``, ``dS = bf16(bf16(P (dP - sum_j dP P)) s)`` (the row pass: eager's
+    softmax backward from the bf16 P, as the ``dot`` form), ``dQ = dS_g K``."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, mask, scaling):  # noqa: ANN001, ANN205 (autograd's)
+        out, grouped, probs = _matmul_attention_forward(query, key, value, mask, scaling)
+        ctx.save_for_backward(grouped, key, value, mask, probs)
+        ctx.scaling = scaling
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        grouped, key, value, mask, probs = ctx.saved_tensors
+        batch, kv_heads, rows, width = grouped.shape
+        heads, tq, tk = probs.shape[1], probs.shape[2], probs.shape[3]
+        grad = grad_out.transpose(1, 2).reshape(batch, kv_heads, rows, width)  # dO_g
+        probs_g = probs.view(batch, kv_heads, rows, tk)
+        d_value = torch.matmul(probs_g.transpose(2, 3), grad)  # [B, Hk, Tk, d]
+        d_probs = torch.matmul(grad, value.transpose(2, 3)).view(batch, heads, tq, tk)
+        d_scores = getattr(torch.ops, LIBRARY).attention_probs_backward(d_probs, probs, mask, ctx.scaling)
+        d_scores = d_scores.view(batch, kv_heads, rows, tk)
+        d_query = torch.matmul(d_scores, key).view(batch, heads, tq, width)
+        d_key = torch.matmul(d_scores.transpose(2, 3), grouped)  # [B, Hk, Tk, d]
         return d_query, d_key, d_value, None, None
 
 

@@ -29,6 +29,14 @@
 //       dq = dS k, dk = sum over the group's query heads of dS^T q, dv = sum of p^T dO; one (batch, key head)
 //       at a time in the core's caches.
 //
+//   attention_probs(scores [B, H, Tq, Tk], mask, scale) -> probs [B, H, Tq, Tk]
+//   attention_probs_backward(dP [B, H, Tq, Tk], probs, mask, scale) -> dS [B, H, Tq, Tk]
+//       The two row passes of the same attention when its products run as matrix multiplications
+//       (reclora_ds.cpu.kernels' matmul form: S = q k^T and the rest through oneDNN, on AMX tiles where the CPU
+//       has them): p = bf16(softmax_fp32(bf16(bf16(S) * scale) + mask)) and
+//       dS = bf16(bf16(p (dP - sum_j dP p)) * scale), each row once, zeros past its visible keys. bf16,
+//       AVX512-BF16. cpu_has_amx() says whether the CPU has AMX-BF16.
+//
 //   rms_norm(x [..., D], w [D], eps) -> out [..., D]
 //       transformers' LlamaRMSNorm in bf16, with its roundings: r = 1 / sqrt(mean_j x_j^2 + eps) (fp32),
 //       out = bf16(w * bf16(x r)); one pass over a row instead of one op per step. Needs AVX512-BF16.
@@ -614,6 +622,25 @@ void visible_keys(const uint16_t* mask, int64_t m_st, int64_t tq, int64_t tk, in
 
 bool decoder_attention_supported() { return __builtin_cpu_supports("avx512bf16"); }
 
+// The mask [B or 1, 1, Tq, Tk] bf16 (checked) expanded to B rows with unit key stride, or an undefined tensor
+// when there is none; limits[b * Tq + i] receives one past the last key query row i of batch b can see
+// (visible_keys; Tk without a mask).
+at::Tensor batch_mask(const char* op, const c10::optional<at::Tensor>& mask_in, int64_t batch, int64_t tq,
+                      int64_t tk, std::vector<int64_t>& limits) {
+  limits.assign(batch * tq, tk);
+  if (!mask_in.has_value() || !mask_in->defined()) return at::Tensor();
+  const at::Tensor& m = *mask_in;
+  TORCH_CHECK(m.dim() == 4 && m.size(1) == 1 && m.size(2) == tq && m.size(3) == tk &&
+                  (m.size(0) == batch || m.size(0) == 1) && m.scalar_type() == at::kBFloat16,
+              op, ": mask ", m.sizes(), " must be bf16 [B or 1, 1, Tq, Tk]");
+  at::Tensor mask = m.expand({batch, 1, tq, tk});
+  if (mask.stride(3) != 1 || mask.stride(2) < tk) mask = mask.contiguous();
+  for (int64_t b = 0; b < batch; ++b)
+    visible_keys(reinterpret_cast<const uint16_t*>(mask.data_ptr<at::BFloat16>()) + b * mask.stride(0),
+                 mask.stride(2), tq, tk, limits.data() + b * tq);
+  return mask;
+}
+
 // The checked inputs of the attention ops: q [B, H, Tq, d], k / v [B, Hk, Tk, d] (bf16, last dim contiguous),
 // mask [B or 1, 1, Tq, Tk] bf16 or none, and each query row's visible keys.
 struct Inputs {
@@ -652,18 +679,7 @@ Inputs check_inputs(const char* op, const at::Tensor& q_in, const at::Tensor& k_
   TORCH_CHECK(in.heads % in.kv_heads == 0 && in.d % kCols == 0 && in.k.size(3) == in.d &&
                   in.v.sizes() == in.k.sizes() && in.k.size(0) == in.batch,
               op, ": shapes q ", in.q.sizes(), " k ", in.k.sizes(), " v ", in.v.sizes());
-  in.limits.assign(in.batch * in.tq, in.tk);
-  if (mask_in.has_value() && mask_in->defined()) {
-    const at::Tensor& m = *mask_in;
-    TORCH_CHECK(m.dim() == 4 && m.size(1) == 1 && m.size(2) == in.tq && m.size(3) == in.tk &&
-                    (m.size(0) == in.batch || m.size(0) == 1) && m.scalar_type() == at::kBFloat16,
-                op, ": mask ", m.sizes(), " must be bf16 [B or 1, 1, Tq, Tk]");
-    in.mask = m.expand({in.batch, 1, in.tq, in.tk});
-    if (in.mask.stride(3) != 1 || in.mask.stride(2) < in.tk) in.mask = in.mask.contiguous();
-    for (int64_t b = 0; b < in.batch; ++b)
-      visible_keys(Inputs::ptr(in.mask) + b * in.mask.stride(0), in.mask.stride(2), in.tq, in.tk,
-                   in.limits.data() + b * in.tq);
-  }
+  in.mask = batch_mask(op, mask_in, in.batch, in.tq, in.tk, in.limits);
   return in;
 }
 
@@ -732,6 +748,87 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decoder_attention_backward(
   });
   return {dq, dk, dv};
 }
+
+constexpr int64_t kScoreRowsPerTask = 16;  // rows of attention_probs(_backward) per task of a parallel run
+
+// The rows of a [B, H, Tq, Tk] bf16 tensor (checked, contiguous) and each row's visible keys, for the two row
+// passes of the matmul form of the attention.
+struct ScoreRows {
+  at::Tensor x, mask;
+  int64_t batch, heads, tq, tk;
+  std::vector<int64_t> limits;  // [B * Tq]
+
+  ScoreRows(const char* op, const at::Tensor& x_in, const c10::optional<at::Tensor>& mask_in) {
+    TORCH_CHECK(decoder_attention_supported(), op, " needs a CPU with AVX512-BF16");
+    TORCH_CHECK(x_in.dim() == 4 && x_in.scalar_type() == at::kBFloat16, op, ": ", x_in.sizes(),
+                " must be 4-D bf16 [B, H, Tq, Tk]");
+    x = x_in.contiguous();
+    batch = x.size(0), heads = x.size(1), tq = x.size(2), tk = x.size(3);
+    mask = batch_mask(op, mask_in, batch, tq, tk, limits);
+  }
+  // row r = ((b * H) + h) * Tq + i: its mask row (or null) and its visible keys
+  const uint16_t* mask_row(int64_t r) const {
+    if (!mask.defined()) return nullptr;
+    const int64_t b = r / (heads * tq), i = r % tq;
+    return reinterpret_cast<const uint16_t*>(mask.data_ptr<at::BFloat16>()) + b * mask.stride(0) + i * mask.stride(2);
+  }
+  int64_t visible(int64_t r) const { return limits[r / (heads * tq) * tq + r % tq]; }
+};
+
+// a bf16 row of n values as floats (16 lanes at a time)
+AVX512BF16
+void row_to_float(const uint16_t* x, int64_t n, float* out) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = first_lanes(n - j);
+    _mm512_mask_storeu_ps(out + j, k, bf16x16_to_ps(_mm256_maskz_loadu_epi16(k, x + j)));
+  }
+}
+
+// scores [B, H, Tq, Tk] bf16 (S = Q K^T from a matmul, rounded to bf16 as eager's is), mask, scale -> the
+// probabilities [B, H, Tq, Tk]: softmax_row on each row (eager's roundings), zeros past its visible keys
+at::Tensor attention_probs(const at::Tensor& scores, const c10::optional<at::Tensor>& mask, double scale) {
+  const ScoreRows in("attention_probs", scores, mask);
+  at::Tensor probs = at::empty_like(in.x);
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(in.x.data_ptr<at::BFloat16>());
+  uint16_t* pp = reinterpret_cast<uint16_t*>(probs.data_ptr<at::BFloat16>());
+  const int64_t tk = in.tk;
+  at::parallel_for(0, in.batch * in.heads * in.tq, kScoreRowsPerTask, [&](int64_t begin, int64_t end) {
+    std::vector<float> s(tk);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = in.visible(r);
+      row_to_float(sp + r * tk, n, s.data());
+      softmax_row(s.data(), in.mask_row(r), static_cast<float>(scale), n, tk, pp + r * tk);
+    }
+  });
+  return probs;
+}
+
+// dP [B, H, Tq, Tk] bf16 (dO V^T from a matmul), the probabilities, mask, scale -> dS [B, H, Tq, Tk]:
+// softmax_backward_row on each row (eager's softmax backward from the bf16 p, then the scale's), zeros past
+// its visible keys
+at::Tensor attention_probs_backward(const at::Tensor& grad_probs, const at::Tensor& probs_in,
+                                   const c10::optional<at::Tensor>& mask, double scale) {
+  const ScoreRows in("attention_probs_backward", grad_probs, mask);
+  const at::Tensor probs = probs_in.contiguous();
+  TORCH_CHECK(probs.scalar_type() == at::kBFloat16 && probs.sizes() == in.x.sizes(),
+              "attention_probs_backward: probs ", probs.sizes(), " disagree with grad ", in.x.sizes());
+  at::Tensor ds = at::empty_like(in.x);
+  const uint16_t* gp = reinterpret_cast<const uint16_t*>(in.x.data_ptr<at::BFloat16>());
+  const uint16_t* pp = reinterpret_cast<const uint16_t*>(probs.data_ptr<at::BFloat16>());
+  uint16_t* dsp = reinterpret_cast<uint16_t*>(ds.data_ptr<at::BFloat16>());
+  const int64_t tk = in.tk;
+  at::parallel_for(0, in.batch * in.heads * in.tq, kScoreRowsPerTask, [&](int64_t begin, int64_t end) {
+    std::vector<float> dp(tk);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = in.visible(r);
+      row_to_float(gp + r * tk, n, dp.data());
+      softmax_backward_row(dp.data(), pp + r * tk, static_cast<float>(scale), n, tk, dsp + r * tk);
+    }
+  });
+  return ds;
+}
+
+bool cpu_has_amx() { return __builtin_cpu_supports("amx-bf16"); }
 
 constexpr int64_t kNormRowsPerTask = 64;  // rows of rms_norm per task of a parallel run
 
@@ -847,6 +944,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decoder_attention_backward(const 
   TORCH_CHECK(false, "decoder_attention_backward ", kNoBf16Build);
 }
 
+at::Tensor attention_probs(const at::Tensor&, const c10::optional<at::Tensor>&, double) {
+  TORCH_CHECK(false, "attention_probs ", kNoBf16Build);
+}
+
+at::Tensor attention_probs_backward(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, double) {
+  TORCH_CHECK(false, "attention_probs_backward ", kNoBf16Build);
+}
+
+bool cpu_has_amx() { return false; }
+
 at::Tensor rms_norm(const at::Tensor&, const at::Tensor&, double) { TORCH_CHECK(false, "rms_norm ", kNoBf16Build); }
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_train(const at::Tensor&, const at::Tensor&, double) {
@@ -859,6 +966,7 @@ at::Tensor rms_norm_backward(const at::Tensor&, const at::Tensor&, const at::Ten
 #endif
 
 bool decoder_attention_supported_op() { return decoder_attention_supported(); }
+bool cpu_has_amx_op() { return cpu_has_amx(); }
 
 }  // namespace
 
@@ -874,6 +982,9 @@ TORCH_LIBRARY(reclora_ds_cpu_kernels, m) {
       "decoder_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor probs, float scale) "
       "-> (Tensor, Tensor, Tensor)");
   m.def("decoder_attention_supported() -> bool", decoder_attention_supported_op);
+  m.def("attention_probs(Tensor scores, Tensor? mask, float scale) -> Tensor");
+  m.def("attention_probs_backward(Tensor grad_probs, Tensor probs, Tensor? mask, float scale) -> Tensor");
+  m.def("cpu_has_amx() -> bool", cpu_has_amx_op);
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("rms_norm_train(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor weight, Tensor r) -> Tensor");
@@ -886,6 +997,8 @@ TORCH_LIBRARY_IMPL(reclora_ds_cpu_kernels, CPU, m) {
   m.impl("decoder_attention", decoder_attention);
   m.impl("decoder_attention_train", decoder_attention_train);
   m.impl("decoder_attention_backward", decoder_attention_backward);
+  m.impl("attention_probs", attention_probs);
+  m.impl("attention_probs_backward", attention_probs_backward);
   m.impl("rms_norm", rms_norm);
   m.impl("rms_norm_train", rms_norm_train);
   m.impl("rms_norm_backward", rms_norm_backward);
