@@ -265,7 +265,13 @@ def score_table(
     model = scoring.model
     if device.type == "cpu":  # else each batch page-faults its temporaries back in (docs/PLORA_BENCH.md)
         enable_cpu_extras(allocator=True)
-        enable_backbone_kernels(scoring.cfg, (scoring.cfg.attn_implementation,))
+        extras = enable_backbone_kernels(scoring.cfg, (scoring.cfg.attn_implementation,))
+        if info.is_main:
+            log.info(
+                "attention %s, CPU attention kernel %s",
+                scoring.cfg.attn_implementation,
+                extras.attention_form or "none",
+            )
     _place(model, device, scoring.cfg.load_in_8bit)
     model.eval()
     ids, labels, probs = [], [], []

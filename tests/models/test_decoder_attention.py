@@ -8,6 +8,9 @@ The kernel tests need a CPU with AVX512-BF16 (this project's machines have it) a
 
 from __future__ import annotations
 
+import platform
+import re
+
 import pytest
 import torch
 from transformers.models.llama.modeling_llama import eager_attention_forward
@@ -15,6 +18,7 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 from reclora_ds.config import user_error_types
 from reclora_ds.cpu import enable_cpu_extras
 from reclora_ds.cpu import kernels as cpu_kernels
+from reclora_ds.llm_loader import cpu_bf16_flags
 from reclora_ds.models import ops
 from reclora_ds.models.attention import EAGER_FUSED, eager_fused_attention, register
 from reclora_ds.training.plora_config import CPU_ATTENTION_FORMS, PLoRATrainConfig
@@ -323,3 +327,14 @@ def test_config_accepts_eager_fused_and_names_the_key_of_a_bad_kernel():
     assert cfg.attn_implementation == EAGER_FUSED
     with pytest.raises(ValueError, match="attn_implementation must be one of"):
         PLoRATrainConfig(data_dir="d", output_dir="o", attn_implementation="fused")
+
+
+def test_cpu_has_amx_agrees_with_the_flags_linux_lists():
+    """``auto``'s question (CPUID and the OS's permission for the tiles) against /proc/cpuinfo's ``amx_bf16``
+    and the kernel version that grants the permission (Linux 5.16)."""
+    _skip_without_bf16_kernels()
+    if platform.system() != "Linux":
+        pytest.skip("reads /proc/cpuinfo")
+    release = tuple(int(part) for part in re.findall(r"\d+", platform.release())[:2])
+    listed = "amx_bf16" in cpu_bf16_flags()
+    assert cpu_kernels.cpu_has_amx() == (listed and release >= (5, 16))

@@ -23,6 +23,7 @@ from sklearn.metrics import roc_auc_score
 
 from reclora_ds.commands.score import main
 from reclora_ds.config import load_config, save_config
+from reclora_ds.cpu import CPUExtras
 from reclora_ds.data.loader import uniform_sample_ids
 from reclora_ds.data.processed import ProcessedDataset
 from reclora_ds.data.prompts import PromptEncoder, resolve_answer_tokens
@@ -188,8 +189,13 @@ def test_scoring_on_a_cpu_keeps_freed_memory_in_the_process(plora_assets, tmp_pa
     import reclora_ds.training.scoring as scoring_module
 
     calls = []
+
+    def record(**kwargs):
+        calls.append(kwargs)
+        return CPUExtras(kernels=False, allocator=False)
+
     for module in (scoring_module, recipe_module):  # scoring's own call, and enable_backbone_kernels'
-        monkeypatch.setattr(module, "enable_cpu_extras", lambda **kwargs: calls.append(kwargs))
+        monkeypatch.setattr(module, "enable_cpu_extras", record)
     argv = ["--mode", "zero_shot", "--config", str(QUICKSTART), "--split", "valid", "--max-samples", "4"]
     out = tmp_path / "s.parquet"
     assert main([*argv, "--device", "cpu", "--out", str(out), *settings(plora_assets)]) == 0

@@ -315,8 +315,9 @@ def enable_attention(required: bool = False, form: str = "auto") -> bool:
 
 
 def cpu_has_amx() -> bool:
-    """True when the kernels are loaded and this CPU has AMX-BF16 (CPUID; oneDNN's matrix multiplications
-    use its tiles where the operating system allows them)."""
+    """True when the kernels are loaded, this CPU has AMX-BF16 (CPUID) and the operating system lets the
+    process use its tiles (Linux's ``arch_prctl`` permission for XTILEDATA, which oneDNN also asks for before
+    it multiplies on them)."""
     return loaded() and bool(getattr(torch.ops, LIBRARY).cpu_has_amx())
 
 

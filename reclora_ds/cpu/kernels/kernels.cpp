@@ -35,7 +35,7 @@
 //       (reclora_ds.cpu.kernels' matmul form: S = q k^T and the rest through oneDNN, on AMX tiles where the CPU
 //       has them): p = bf16(softmax_fp32(bf16(bf16(S) * scale) + mask)) and
 //       dS = bf16(bf16(p (dP - sum_j dP p)) * scale), each row once, zeros past its visible keys. bf16,
-//       AVX512-BF16. cpu_has_amx() says whether the CPU has AMX-BF16.
+//       AVX512-BF16. cpu_has_amx() says whether the CPU has AMX-BF16 and the OS lets the process use it.
 //
 //   rms_norm(x [..., D], w [D], eps) -> out [..., D]
 //       transformers' LlamaRMSNorm in bf16, with its roundings: r = 1 / sqrt(mean_j x_j^2 + eps) (fp32),
@@ -60,6 +60,10 @@
 #if defined(__GNUC__) && defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 10)
 #define RECLORA_AVX512_BF16 1
 #include <immintrin.h>
+#endif
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 namespace {
@@ -828,7 +832,18 @@ at::Tensor attention_probs_backward(const at::Tensor& grad_probs, const at::Tens
   return ds;
 }
 
-bool cpu_has_amx() { return __builtin_cpu_supports("amx-bf16"); }
+// The CPU has AMX-BF16 (CPUID) and the kernel lets this process use its tile registers: Linux hands them out
+// on request (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA, as oneDNN asks before its AMX kernels); a kernel
+// that refuses (older than 5.16) leaves oneDNN on AVX-512 and this false.
+bool cpu_has_amx() {
+  if (!__builtin_cpu_supports("amx-bf16")) return false;
+#if defined(__linux__)
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
 
 constexpr int64_t kNormRowsPerTask = 64;  // rows of rms_norm per task of a parallel run
 
