@@ -28,6 +28,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import LlamaForCausalLM
 
 from reclora_ds.config import load_config
+from reclora_ds.cpu import kernels as cpu_kernels
 from reclora_ds.cpu.allocator import MMAP_THRESHOLD
 from reclora_ds.data.processed import ProcessedDataset
 from reclora_ds.data.prompts import PromptEncoder, TextView
@@ -441,9 +442,15 @@ def test_ranks_under_a_preloaded_malloc_train_exactly_as_under_the_system_one(pl
     say which malloc ran). The same arithmetic on other addresses: the same losses, adapter and predictions,
     bit for bit (a kernel that read memory it never wrote would differ between the two allocators)."""
     logs = train_once_per_setting(plora_assets, tmp_path, "cpu_allocator", ("system", "mimalloc"))
+    # the attention kernel's form the ranks resolved from cpu_attention_form=auto, as this process resolves it
+    form = None
+    if cpu_kernels.load() and cpu_kernels.decoder_attention_supported():
+        form = "matmul" if cpu_kernels.cpu_has_amx() else "dot"
     for value, log in logs.items():
         assert f"malloc {value}" in log, log[-4000:]
-        assert json.loads((tmp_path / value / "metrics.json").read_text())["malloc"] == value
+        assert f"CPU attention kernel {form or 'none'}" in log, log[-4000:]
+        metrics = json.loads((tmp_path / value / "metrics.json").read_text())
+        assert metrics["malloc"] == value and metrics["cpu_attention_form"] == form
 
 
 # ----------------------------------------------------------------------------------------------------------
