@@ -31,6 +31,7 @@ from reclora_ds.package_data import resolve_launch_config
 from reclora_ds.training.adapter_io import AdapterConfigMismatchError, AdapterKeyError
 from reclora_ds.training.checkpoint import CheckpointError
 from reclora_ds.training.plora_config import PLoRATrainConfig
+from reclora_ds.training.plora_recipe import AttentionFormError
 from reclora_ds.training.scoring import (
     ScoringError,
     check_output_path,
@@ -42,6 +43,7 @@ from reclora_ds.training.scoring import (
 BAD_INPUT = (
     ScoringError,
     AllocatorError,
+    AttentionFormError,
     ConfigError,
     BackboneError,
     CheckpointError,

@@ -61,12 +61,16 @@ class CPUExtras:
     kernels: bool
     allocator: bool
     shm_allreduce: bool = False
-    attention: bool = False
-    """``decoder_attention`` (the backbone's ``eager_fused`` attention) uses the C++ kernel."""
     attention_form: str | None = None
-    """Its form (``dot`` / ``matmul``: :data:`reclora_ds.cpu.kernels.ATTENTION_FORMS`); None without it."""
+    """The form (``dot`` / ``matmul``: :data:`reclora_ds.cpu.kernels.ATTENTION_FORMS`) of the C++ kernel
+    ``decoder_attention`` (the backbone's ``eager_fused`` attention) uses; None: its PyTorch form."""
     rms_norm: bool = False
     """``rms_norm`` (the backbone's RMSNorm under ``norm_implementation=fused``) uses the C++ kernel."""
+
+    @property
+    def attention(self) -> bool:
+        """``decoder_attention`` uses the C++ kernel (either form)."""
+        return self.attention_form is not None
 
 
 def enable_cpu_extras(
@@ -147,7 +151,6 @@ def enable_cpu_extras(
         kernels=_kernels.enabled(),
         allocator=_allocator.keeping_freed_memory(),
         shm_allreduce=shm,
-        attention=_kernels.attention_enabled(),
         attention_form=_kernels.attention_form(),
         rms_norm=_kernels.rms_norm_enabled(),
     )

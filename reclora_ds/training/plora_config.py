@@ -134,9 +134,11 @@ class PLoRATrainConfig(RecLLMConfig):
     caches, skipping the causal future; for scoring no [B, H, T, T] tensor), ``matmul`` (the four products
     as batched bf16 matrix multiplications over every key, which oneDNN runs on AMX tiles where the CPU has
     them, and the softmax and its backward as row passes), or ``auto`` (``matmul`` on a CPU with AMX-BF16,
-    else ``dot``). Measured in docs/PLORA_BENCH.md, "The attention's products on AMX". An explicit form
-    the run cannot use (no ``eager_fused`` attention, a GPU, a CPU without AVX512-BF16) is an error; see
-    ``reclora_ds.cpu.kernels.enable_attention``."""
+    else ``dot``). Measured in docs/PLORA_BENCH.md, "The attention's products on AMX". An explicit form a
+    training run cannot use (no ``eager_fused`` attention, a GPU, a CPU without AVX512-BF16) is an error;
+    scoring a trained run follows its config (the form where its scoring attention is ``eager_fused`` on a
+    CPU, an error only where that CPU lacks AVX512-BF16) and logs which form ran; see
+    ``reclora_ds.training.plora_recipe.check_attention_form``."""
     norm_implementation: str = "fused"
     """The backbone's RMSNorm layers: ``transformers`` (its modules as they are) or ``fused``
     (:mod:`reclora_ds.models.norms`: the same function as one op, which on a CPU with AVX512-BF16 and bf16

@@ -80,7 +80,7 @@ from tqdm.auto import tqdm
 
 from reclora_ds import distributed as dist_utils
 from reclora_ds.config import config_to_dict, save_config
-from reclora_ds.cpu import CPUExtras, enable_cpu_extras
+from reclora_ds.cpu import enable_cpu_extras
 from reclora_ds.data.loader import uniform_sample_ids
 from reclora_ds.data.processed import ProcessedDataset
 from reclora_ds.data.prompts import PromptEncoder
@@ -348,6 +348,9 @@ class AttentionFormError(ValueError):
     """``plora.cpu_attention_form`` names a form this run cannot use; the message names the key and why."""
 
 
+ATTENTION_FORM_HINT = "cpu_attention_form=auto takes what this machine can run"
+
+
 def check_attention_form(cfg: PLoRATrainConfig, device: torch.device, attentions: tuple[str, ...]) -> None:
     """Fail early (:class:`AttentionFormError`) where ``cpu_attention_form`` is explicit and no CPU kernel
     will run: a GPU, or none of ``attentions`` (the kernels the run uses) is ``eager_fused``."""
@@ -355,27 +358,32 @@ def check_attention_form(cfg: PLoRATrainConfig, device: torch.device, attentions
     if form == "auto":
         return
     if device.type != "cpu":
-        raise AttentionFormError(f"plora.cpu_attention_form={form}: a {device.type} run has no CPU kernel")
+        raise AttentionFormError(
+            f"plora.cpu_attention_form={form}: a {device.type} run has no CPU kernel ({ATTENTION_FORM_HINT})"
+        )
     if EAGER_FUSED not in attentions:
         raise AttentionFormError(
             f"plora.cpu_attention_form={form}: the form is {EAGER_FUSED}'s, and this run's attention is "
-            f"{' / '.join(sorted(set(attentions)))}"
+            f"{' / '.join(sorted(set(attentions)))} ({ATTENTION_FORM_HINT})"
         )
 
 
-def enable_backbone_kernels(cfg: PLoRATrainConfig, attentions: tuple[str, ...]) -> CPUExtras:
+def enable_backbone_kernels(cfg: PLoRATrainConfig, attentions: tuple[str, ...]) -> str | None:
     """Switch on the backbone's CPU kernels in this process: the attention kernel in ``cpu_attention_form``
-    where one of ``attentions`` is ``eager_fused``, the RMSNorm kernel under ``norm_implementation=fused``.
-    An explicit form whose kernel cannot run here: :class:`AttentionFormError` with the reason."""
+    where one of ``attentions`` (the kernels the run uses) is ``eager_fused``, the RMSNorm kernel under
+    ``norm_implementation=fused``. Returns the attention kernel's form the run uses (None: no kernel for
+    it, or eager's ops). An explicit form whose kernel cannot run here: :class:`AttentionFormError`."""
     fused = EAGER_FUSED in attentions
     try:
-        return enable_cpu_extras(
+        extras = enable_cpu_extras(
             attention=fused,
             attention_form=cfg.cpu_attention_form,
             rms_norm=cfg.norm_implementation == "fused",
         )
     except RuntimeError as exc:  # only an explicit form makes the kernel required
-        raise AttentionFormError(f"plora.cpu_attention_form={cfg.cpu_attention_form}: {exc}") from exc
+        form = cfg.cpu_attention_form
+        raise AttentionFormError(f"plora.cpu_attention_form={form}: {exc} ({ATTENTION_FORM_HINT})") from exc
+    return extras.attention_form if fused else None  # a kernel registered earlier in the process is not ours
 
 
 def set_attention(model: nn.Module, implementation: str) -> None:
@@ -459,7 +467,11 @@ class PLoRARecipe:
         self.model, self.tokenizer, self.crm_info = build_rec_llm(cfg, dtype)
         self.dtype = dtype
         self.train_attention = train_attention(cfg, self._device())
-        check_attention_form(cfg, self._device(), (self.train_attention, cfg.attn_implementation))
+        # the attention kernels this run uses: zero-shot only scores
+        self.attentions = (cfg.attn_implementation,) + (
+            (self.train_attention,) if cfg.mode != "zero_shot" else ()
+        )
+        check_attention_form(cfg, self._device(), self.attentions)
         torch.manual_seed(cfg.seed + self.info.rank)  # dropout masks differ between ranks
 
         self.dataset = ProcessedDataset(cfg.data_dir)
@@ -474,8 +486,7 @@ class PLoRARecipe:
             if not cfg.load_in_8bit:  # an 8-bit model is placed on its GPU when it is loaded
                 self.model.to(self.device)
             if self.device.type == "cpu":  # scoring alone: the backbone's kernels, as _build_engine's
-                attentions = (self.train_attention, cfg.attn_implementation)
-                self.attention_form = enable_backbone_kernels(cfg, attentions).attention_form
+                self.attention_form = enable_backbone_kernels(cfg, self.attentions)
         resumed = self._maybe_resume()
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -600,8 +611,7 @@ class PLoRARecipe:
             # frozen CRM keeps its PyTorch forms, as every reader of a trained CRM does (reclora_ds.cpu); the
             # backbone's eager_fused attention and fused norms get their CPU kernels.
             enable_cpu_extras(kernels=False, deepspeed_comm=True, allreduce=self.cfg.cpu_allreduce)
-            extras = enable_backbone_kernels(self.cfg, (self.train_attention, self.cfg.attn_implementation))
-            self.attention_form = extras.attention_form
+            self.attention_form = enable_backbone_kernels(self.cfg, self.attentions)
 
     def _maybe_resume(self) -> bool:
         latest = self.ckpt_dir / LATEST_FILE

@@ -61,7 +61,6 @@ from reclora_ds.training.plora_config import PLoRATrainConfig
 from reclora_ds.training.plora_data import PLoRABatchLoader, history_settings
 from reclora_ds.training.plora_recipe import (
     ADAPTER_DIR,
-    check_attention_form,
     enable_backbone_kernels,
     find_ds_config,
     stage2_dtype,
@@ -246,7 +245,6 @@ def score_table(
         )
     info = dist_utils.dist_info()
     device = torch.device(device) if device is not None else rank_device()
-    check_attention_form(cfg, device, (cfg.attn_implementation,))
     samples = dataset.read_split(split, ["sample_id", "user_index", "item_index", "label"])
     subset = None
     if max_samples and max_samples < samples.num_rows:
@@ -263,15 +261,20 @@ def score_table(
         scoring, dataset, split, batch_size or cfg.eval_batch_size, info.rank, info.world_size, subset
     )
     model = scoring.model
+    # a run's config is scored as it trained: its cpu_attention_form is not judged again (it was when it
+    # trained), it only says how the CPU kernel runs where the scoring attention is eager_fused
+    form = None
     if device.type == "cpu":  # else each batch page-faults its temporaries back in (docs/PLORA_BENCH.md)
         enable_cpu_extras(allocator=True)
-        extras = enable_backbone_kernels(scoring.cfg, (scoring.cfg.attn_implementation,))
-        if info.is_main:
-            log.info(
-                "attention %s, CPU attention kernel %s",
-                scoring.cfg.attn_implementation,
-                extras.attention_form or "none",
-            )
+        form = enable_backbone_kernels(scoring.cfg, (scoring.cfg.attn_implementation,))
+    if info.is_main:
+        log.info(
+            "attention %s on %s, CPU attention kernel %s (plora.cpu_attention_form=%s)",
+            scoring.cfg.attn_implementation,
+            device.type,
+            form or "none",
+            scoring.cfg.cpu_attention_form,
+        )
     _place(model, device, scoring.cfg.load_in_8bit)
     model.eval()
     ids, labels, probs = [], [], []

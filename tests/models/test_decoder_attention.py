@@ -220,6 +220,10 @@ def test_auto_form_is_matmul_exactly_where_the_cpu_has_amx(monkeypatch, amx, exp
         assert extras.attention and extras.attention_form == expected == cpu_kernels.attention_form()
         explicit = "dot" if expected == "matmul" else "matmul"
         assert enable_cpu_extras(attention=True, attention_form=explicit).attention_form == explicit
+        # a run whose attention is not eager_fused uses no form, whatever this process registered before
+        cfg = PLoRATrainConfig(data_dir="d", output_dir="o")
+        assert enable_backbone_kernels(cfg, ("sdpa",)) is None
+        assert enable_backbone_kernels(cfg, ("sdpa", EAGER_FUSED)) == expected
 
 
 def test_an_explicit_form_the_run_cannot_use_is_an_error_naming_the_key(monkeypatch):
@@ -240,7 +244,7 @@ def test_an_explicit_form_the_run_cannot_use_is_an_error_naming_the_key(monkeypa
     cpu_kernels.load(required=True)
     monkeypatch.setattr(cpu_kernels, "_cpu_has_bf16_dot", False)
     with ops.implementations({}):
-        assert enable_backbone_kernels(auto, (EAGER_FUSED,)).attention_form is None
+        assert enable_backbone_kernels(auto, (EAGER_FUSED,)) is None
         with pytest.raises(AttentionFormError, match="plora.cpu_attention_form=matmul: .*AVX512-BF16"):
             enable_backbone_kernels(cfg, (EAGER_FUSED,))
 

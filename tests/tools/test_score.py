@@ -24,6 +24,7 @@ from sklearn.metrics import roc_auc_score
 from reclora_ds.commands.score import main
 from reclora_ds.config import load_config, save_config
 from reclora_ds.cpu import CPUExtras
+from reclora_ds.cpu import kernels as cpu_kernels
 from reclora_ds.data.loader import uniform_sample_ids
 from reclora_ds.data.processed import ProcessedDataset
 from reclora_ds.data.prompts import PromptEncoder, resolve_answer_tokens
@@ -283,3 +284,31 @@ def test_two_ranks_with_torchrun_equal_one_process(trained_run, tmp_path):
     assert a["label"].to_pylist() == b["label"].to_pylist()
     np.testing.assert_allclose(b["p"].to_numpy(), a["p"].to_numpy(), rtol=0, atol=1e-6)
     assert json.loads(b.schema.metadata[b"reclora_ds.scores"])["split"] == "test"
+
+
+@pytest.mark.parametrize(
+    ("attention", "form", "logged"),
+    [
+        (
+            "sdpa",
+            "matmul",
+            "attention sdpa on cpu, CPU attention kernel none (plora.cpu_attention_form=matmul)",
+        ),
+        ("eager_fused", "dot", "attention eager_fused on cpu, CPU attention kernel dot"),
+    ],
+)
+def test_scoring_follows_the_configs_attention_form_and_says_which_ran(
+    plora_assets, tmp_path, caplog, attention, form, logged
+):
+    """A run trained with an explicit cpu_attention_form scores with it where the scoring attention is
+    eager_fused; where it is not (the run's scoring attention is sdpa) scoring still runs, and the log says
+    that no kernel ran for that setting."""
+    if form == "dot" and not (cpu_kernels.load() and cpu_kernels.decoder_attention_supported()):
+        pytest.skip("this CPU lacks AVX512-BF16")
+    argv = ["--mode", "zero_shot", "--config", str(QUICKSTART), "--split", "valid", "--max-samples", "4"]
+    overrides = [f"attn_implementation={attention}", f"cpu_attention_form={form}"]
+    out = tmp_path / "s.parquet"
+    with caplog.at_level("INFO", logger="reclora_ds.training.scoring"):
+        assert main([*argv, "--device", "cpu", "--out", str(out), *settings(plora_assets, *overrides)]) == 0
+    assert logged in caplog.text
+    assert pq.read_table(out).num_rows == 4

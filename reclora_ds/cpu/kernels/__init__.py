@@ -359,11 +359,6 @@ def attention_form() -> str | None:
     return None
 
 
-def attention_enabled() -> bool:
-    """True when ``decoder_attention`` uses the kernel (either form)."""
-    return attention_form() is not None
-
-
 def disable() -> None:
     """Put the ops' PyTorch forms back (the library stays loaded)."""
     for name in IMPLEMENTATIONS:

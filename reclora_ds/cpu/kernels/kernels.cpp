@@ -755,6 +755,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decoder_attention_backward(
 
 constexpr int64_t kScoreRowsPerTask = 16;  // rows of attention_probs(_backward) per task of a parallel run
 
+// a bf16 row of n values as floats (16 lanes at a time)
+AVX512BF16
+void row_to_float(const uint16_t* x, int64_t n, float* out) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = first_lanes(n - j);
+    _mm512_mask_storeu_ps(out + j, k, bf16x16_to_ps(_mm256_maskz_loadu_epi16(k, x + j)));
+  }
+}
+
 // The rows of a [B, H, Tq, Tk] bf16 tensor (checked, contiguous) and each row's visible keys, for the two row
 // passes of the matmul form of the attention.
 struct ScoreRows {
@@ -777,32 +786,30 @@ struct ScoreRows {
     return reinterpret_cast<const uint16_t*>(mask.data_ptr<at::BFloat16>()) + b * mask.stride(0) + i * mask.stride(2);
   }
   int64_t visible(int64_t r) const { return limits[r / (heads * tq) * tq + r % tq]; }
-};
-
-// a bf16 row of n values as floats (16 lanes at a time)
-AVX512BF16
-void row_to_float(const uint16_t* x, int64_t n, float* out) {
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 k = first_lanes(n - j);
-    _mm512_mask_storeu_ps(out + j, k, bf16x16_to_ps(_mm256_maskz_loadu_epi16(k, x + j)));
+  // op(r, n, row) for every row r of x, in parallel: n its visible keys, row its first n values as floats
+  template <typename RowOp>
+  void for_each_row(RowOp op) const {
+    const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+    at::parallel_for(0, batch * heads * tq, kScoreRowsPerTask, [&](int64_t begin, int64_t end) {
+      std::vector<float> row(tk);
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t n = visible(r);
+        row_to_float(xp + r * tk, n, row.data());
+        op(r, n, row.data());
+      }
+    });
   }
-}
+};
 
 // scores [B, H, Tq, Tk] bf16 (S = Q K^T from a matmul, rounded to bf16 as eager's is), mask, scale -> the
 // probabilities [B, H, Tq, Tk]: softmax_row on each row (eager's roundings), zeros past its visible keys
 at::Tensor attention_probs(const at::Tensor& scores, const c10::optional<at::Tensor>& mask, double scale) {
   const ScoreRows in("attention_probs", scores, mask);
   at::Tensor probs = at::empty_like(in.x);
-  const uint16_t* sp = reinterpret_cast<const uint16_t*>(in.x.data_ptr<at::BFloat16>());
   uint16_t* pp = reinterpret_cast<uint16_t*>(probs.data_ptr<at::BFloat16>());
   const int64_t tk = in.tk;
-  at::parallel_for(0, in.batch * in.heads * in.tq, kScoreRowsPerTask, [&](int64_t begin, int64_t end) {
-    std::vector<float> s(tk);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t n = in.visible(r);
-      row_to_float(sp + r * tk, n, s.data());
-      softmax_row(s.data(), in.mask_row(r), static_cast<float>(scale), n, tk, pp + r * tk);
-    }
+  in.for_each_row([&](int64_t r, int64_t n, float* s) {
+    softmax_row(s, in.mask_row(r), static_cast<float>(scale), n, tk, pp + r * tk);
   });
   return probs;
 }
@@ -817,17 +824,11 @@ at::Tensor attention_probs_backward(const at::Tensor& grad_probs, const at::Tens
   TORCH_CHECK(probs.scalar_type() == at::kBFloat16 && probs.sizes() == in.x.sizes(),
               "attention_probs_backward: probs ", probs.sizes(), " disagree with grad ", in.x.sizes());
   at::Tensor ds = at::empty_like(in.x);
-  const uint16_t* gp = reinterpret_cast<const uint16_t*>(in.x.data_ptr<at::BFloat16>());
   const uint16_t* pp = reinterpret_cast<const uint16_t*>(probs.data_ptr<at::BFloat16>());
   uint16_t* dsp = reinterpret_cast<uint16_t*>(ds.data_ptr<at::BFloat16>());
   const int64_t tk = in.tk;
-  at::parallel_for(0, in.batch * in.heads * in.tq, kScoreRowsPerTask, [&](int64_t begin, int64_t end) {
-    std::vector<float> dp(tk);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t n = in.visible(r);
-      row_to_float(gp + r * tk, n, dp.data());
-      softmax_backward_row(dp.data(), pp + r * tk, static_cast<float>(scale), n, tk, dsp + r * tk);
-    }
+  in.for_each_row([&](int64_t r, int64_t n, float* dp) {
+    softmax_backward_row(dp, pp + r * tk, static_cast<float>(scale), n, tk, dsp + r * tk);
   });
   return ds;
 }
