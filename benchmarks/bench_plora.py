@@ -93,6 +93,8 @@ import numpy as np
 import psutil
 import torch
 import torch.nn.functional as F
+import yaml
+from gemm_replay import BackboneProducts, replay_seconds
 from torch import nn
 
 from reclora_ds.batch import IGNORE_INDEX
@@ -829,34 +831,6 @@ def matmul_gflops(dtype: torch.dtype, threads: int, repeats: int = 20) -> float:
     return 2 * m * k * n / best / 1e9
 
 
-@dataclass
-class ModelShape:
-    """What the FLOP floor needs of the backbone: non-embedding decoder weights, layers, width."""
-
-    decoder_weights: int
-    layers: int
-    hidden: int
-
-    @classmethod
-    def of(cls, backbone: str) -> ModelShape:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        from reclora_ds.backbone import resolve_backbone
-
-        config = AutoConfig.from_pretrained(str(resolve_backbone(backbone)))
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-        weights = sum(
-            m.weight.numel() for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n
-        )
-        return cls(weights, config.num_hidden_layers, config.hidden_size)
-
-    def flops(self, tokens: float, train: bool) -> float:
-        """FLOPs of one sample of ``tokens`` real tokens: 2 P T + 4 n T^2 d forward; x2 for training."""
-        forward = 2 * self.decoder_weights * tokens + 4 * self.layers * tokens**2 * self.hidden
-        return 2 * forward if train else forward
-
-
 BASELINE_REDUCE_BUCKET = 50_000_000  # the shipped ZeRO-2 configs' reduce_bucket_size until they took 5e6
 
 
@@ -921,6 +895,7 @@ def run_stage2_variant(args: argparse.Namespace, name: str, extra: tuple[str, ..
     metrics = json.loads((out / "metrics.json").read_text())
     metrics["launch_s"] = time.perf_counter() - started
     metrics["dtype"] = json.loads((out / "adapter" / "rec_llm.json").read_text())["load"]["dtype"]
+    metrics["config"] = yaml.safe_load((out / "config.yaml").read_text())["plora"]
     import pyarrow.parquet as pq
 
     from reclora_ds.training.plora_recipe import PREDICTIONS_FILE
@@ -958,6 +933,55 @@ def print_prediction_agreement(results: dict[str, dict]) -> None:
         )
 
 
+def print_products_alone(results: dict[str, dict], shape: BackboneProducts, probe: dict) -> None:
+    """Each variant against the backbone's matrix products alone (``gemm_replay.py``), replayed at the
+    variant's micro-batch and evaluation batch and its mean padded prompt length, one thread, after the
+    variants' runs: ``x products`` is how much more than its products a sample costs, ``products x floor``
+    how far the products themselves run from the floor."""
+    replays: dict[tuple, float] = {}
+
+    def replay(dtype: str, batch: int, tokens: int, train: bool) -> float:
+        key = (dtype, batch, tokens, train)
+        if key not in replays:
+            seconds = replay_seconds(shape, batch, tokens, train=train, dtype=DTYPES[dtype])
+            replays[key] = seconds / batch
+        return replays[key]
+
+    print(
+        "\nthe backbone's matrix products alone (benchmarks/gemm_replay.py: the frozen layers' GEMMs and the "
+        "attention's products of one micro-batch, B prompts x T padded tokens, nothing between them, one thread; "
+        "no adapter products), per sample:"
+    )
+    print(
+        "| variant | train B x T | train products s/sample | train x products | products x floor | "
+        "infer B x T | infer products s/sample | infer x products | products x floor |"
+    )
+    print("|---|---|---:|---:|---:|---|---:|---:|---:|")
+    for name, metrics in results.items():
+        dtype, perf = metrics["dtype"], metrics["perf"]
+        if dtype not in ("float32", "bfloat16"):
+            continue
+        gflops = probe[(dtype, 1)] * 1e9
+        cells = []
+        for prefix, batch_key, train in (
+            ("train", "micro_batch_size", True),
+            ("eval_test", "eval_batch_size", False),
+        ):
+            real = perf[f"{prefix}_tokens_per_sample"]
+            padded = round(real / (1 - perf[f"{prefix}_padding_fraction"]))
+            batch = metrics["config"][batch_key]
+            alone = replay(dtype, batch, padded, train)
+            measured = perf["train_s_per_sample" if train else "eval_s_per_sample_test"]
+            floor = shape.floor_flops(real, train) / gflops
+            cells += [
+                f"{batch} x {padded}",
+                f"{alone:.3f}",
+                f"{measured / alone:.2f}",
+                f"{alone / floor:.2f}",
+            ]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
 def stage2_main(args: argparse.Namespace) -> None:
     import tempfile
 
@@ -978,10 +1002,11 @@ def stage2_main(args: argparse.Namespace) -> None:
         f"matmul probe [{m} x {k}] @ [{k} x {n}], best of 20, GFLOP/s: "
         + ", ".join(f"{dtype} {threads} thread(s) {g:.0f}" for (dtype, threads), g in probe.items())
     )
-    shape = ModelShape.of(args.backbone)
+    shape = BackboneProducts.of(args.backbone)
     print(
-        f"backbone: {shape.decoder_weights:,} decoder weights (non-embedding), {shape.layers} layers, width "
-        f"{shape.hidden}; floor FLOPs per sample = 4 P T + 8 n T^2 d (train), 2 P T + 4 n T^2 d (inference)"
+        f"backbone: {shape.decoder_weights:,} decoder weights (non-embedding), {shape.layers} layers, attention "
+        f"width {shape.heads * shape.head_dim}; floor FLOPs per sample = 4 P T + 8 n T^2 d (train), "
+        "2 P T + 4 n T^2 d (inference)"
     )
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench_stage2_") as tmp:
@@ -1007,8 +1032,8 @@ def stage2_main(args: argparse.Namespace) -> None:
         perf = metrics["perf"]
         gflops = probe[(metrics["dtype"], 1)] if metrics["dtype"] in ("float32", "bfloat16") else math.nan
         train_tokens, infer_tokens = perf["train_tokens_per_sample"], perf["eval_test_tokens_per_sample"]
-        train_floor = shape.flops(train_tokens, True) / (gflops * 1e9)
-        infer_floor = shape.flops(infer_tokens, False) / (gflops * 1e9)
+        train_floor = shape.floor_flops(train_tokens, True) / (gflops * 1e9)
+        infer_floor = shape.floor_flops(infer_tokens, False) / (gflops * 1e9)
         train_s, infer_s = perf["train_s_per_sample"], perf["eval_s_per_sample_test"]
         losses = [loss for _, loss in metrics["train_loss"]]
         print(
@@ -1023,6 +1048,7 @@ def stage2_main(args: argparse.Namespace) -> None:
         "\nrank = one rank's seconds per sample of its own samples (metrics.json perf); job = rank / "
         f"{args.ranks} rank(s); floor = FLOPs per sample / the 1-thread probe of the variant's weight dtype"
     )
+    print_products_alone(results, shape, probe)
     print("\nwhere a training sample's time goes (rank seconds per sample; the recipe's perf, TRAIN_PHASES):")
     print("| variant | data | forward | backward | optimizer | sum / train s/sample |")
     print("|---|---:|---:|---:|---:|---:|")
