@@ -60,7 +60,10 @@ weight gradients) and an inference sample ``2 P T``, with P the non-embedding we
 and T the real (unpadded) tokens per sample; the attention scores add ``4 n_layers T^2 d`` (training x2). The
 floor divides that by a matmul probe measured in the same run (a [1024, 576] @ [576, 1536] GEMM, fp32 and
 bf16, best of several, one thread as each rank runs); measured / floor shows how far a variant is from what
-the cores can do. Job seconds per sample = a rank's seconds per sample / the number of ranks.
+the cores can do. Job seconds per sample = a rank's seconds per sample / the number of ranks. A second table
+replays the frozen backbone's matrix products alone at each variant's micro-batch, evaluation batch and mean
+padded prompt length (``gemm_replay.py``, after the variants' runs): measured / replay is what the rest of a
+step costs, replay / floor how far the products themselves run from the probe.
 
 Memory: on CPU, the peak of the process RSS sampled every millisecond by a thread during one training step,
 minus the RSS just before it (after ``gc.collect()`` and glibc ``malloc_trim(0)``, so heap memory freed by
