@@ -19,8 +19,9 @@ them (the adapters' products are not counted: the floor does not count them eith
   ``dP = dO_g V^T``, ``dQ = dS K``, ``dK = dS^T Q_g``. Full T x T squares, as the matmul form computes them.
 
 FLOPs: 2 m k n per [m, k] x [k, n] product, so a training micro-batch counts ``4 P M`` for the projections
-(P the layers' linear weights) and ``12 L H T^2 d B`` for the attention (L layers), an inference one half
-of each (``tests/test_gemm_replay.py`` checks the count against ``torch.utils.flop_counter`` on a real model).
+(P the layers' linear weights) and ``12 L H T^2 d B`` for the attention (L layers), an inference one ``2 P M``
+and ``4 L H T^2 d B`` (``tests/test_gemm_replay.py`` checks the count against ``torch.utils.flop_counter`` on a
+real model).
 
 Each layer has its own weights (the real model's size: streamed from memory as the step streams them); the
 activations are allocated once per shape and reused, the products' outputs are fresh tensors. The result is
