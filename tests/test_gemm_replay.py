@@ -17,11 +17,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_gemm_replay():
-    spec = importlib.util.spec_from_file_location("gemm_replay", ROOT / "benchmarks" / "gemm_replay.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)  # its dataclass resolves annotations through sys.modules
-    spec.loader.exec_module(sys.modules[spec.name])
-    return sys.modules[spec.name]
+    """The benchmark script as a module (loaded once; its dataclass resolves annotations through sys.modules)."""
+    if "gemm_replay" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("gemm_replay", ROOT / "benchmarks" / "gemm_replay.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules["gemm_replay"]
 
 
 def grouped_llama() -> LlamaForCausalLM:
